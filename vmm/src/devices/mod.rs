@@ -1,0 +1,7 @@
+//! Userspace devices: the I/O and MMIO buses, legacy PC devices and virtio.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice};

@@ -1,0 +1,239 @@
+//! The virtio-mmio transport (version 2, virtio 1.x): the register window the guest programs, and
+//! the queues it sets up. Every guest-written value is checked; a hostile guest can only break
+//! its own device.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::BusDevice;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x004d_4d56; // "VMM"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Interrupt status bit: a used ring was updated.
+pub const INT_USED_RING: u32 = 1;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: EventFd,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: EventFd) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("queue sizes are powers of two"))
+            .collect();
+        Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0
+    }
+
+    /// Queue registers may only change while the driver sets up and the queue is not live.
+    fn queue_config_allowed(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let new_bits = value & !self.status;
+        if new_bits & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                // Leave FEATURES_OK clear: the driver reads it back and gives up.
+                self.status = value & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        if new_bits & STATUS_DRIVER_OK != 0 {
+            if self.status & STATUS_FEATURES_OK == 0 {
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+            let mem = &self.mem;
+            if self.queues.iter().any(|q| q.ready() && !q.is_valid(mem)) {
+                tracing::warn!("virtio: driver enabled an invalid queue; device needs reset");
+                self.status = value | STATUS_NEEDS_RESET;
+                return;
+            }
+            self.device.activate(self.driver_features);
+        }
+        self.status = value;
+    }
+
+    fn notify(&mut self, index: u32) {
+        if !self.driver_ok() {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index as usize) else { return };
+        if !queue.ready() {
+            return;
+        }
+        if self.device.process_queue(index as usize, queue, &self.mem) {
+            self.raise_interrupt(INT_USED_RING);
+        }
+    }
+
+    fn raise_interrupt(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        if let Err(e) = self.interrupt.write(1) {
+            tracing::warn!("virtio: cannot signal interrupt: {e}");
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            REG_INTERRUPT_STATUS => self.interrupt_status,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NOTIFY => self.notify(value & 0xffff),
+            REG_INTERRUPT_ACK => self.interrupt_status &= !value,
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW..=REG_QUEUE_DEVICE_HIGH => {
+                if !self.queue_config_allowed() {
+                    return;
+                }
+                let Some(q) = self.selected_queue() else { return };
+                match offset {
+                    REG_QUEUE_NUM => q.set_size(value as u16),
+                    REG_QUEUE_READY => q.set_ready(value == 1),
+                    REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+                    REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+                    REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+                    REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+                    REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+                    REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+                    _ => {}
+                }
+            }
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to {offset:#x} ignored"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        // Registers are 32-bit and aligned; anything else is a driver bug we ignore.
+        if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}

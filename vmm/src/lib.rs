@@ -1,0 +1,16 @@
+//! vmm: a small virtual machine monitor on Linux KVM, built around checkpoint/restart.
+//!
+//! The library builds and runs a VM (`machine`), from KVM objects (`vstate`), x86_64 boot
+//! code (`arch`) and userspace devices (`devices`). The binary in `main.rs` is a thin CLI.
+
+pub mod arch;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod exit;
+pub mod machine;
+pub mod vstate;
+
+pub use config::{DiskConfig, VmConfig};
+pub use exit::ExitReason;
+pub use machine::{Machine, MachineError};

@@ -1,0 +1,92 @@
+//! The KVM VM: memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs), PIT and irqfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// KVM needs three pages for the TSS of real-mode emulation somewhere outside RAM.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (12 expected)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM call {call} failed: {err}")]
+    Kvm { call: &'static str, err: kvm_ioctls::Error },
+}
+
+fn kvm_err(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { call, err }
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl Vm {
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::KvmApiVersion(version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        Ok(Self { kvm, fd })
+    }
+
+    /// Largest number of vCPUs KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// Registers every guest memory region as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region.as_ptr() as u64;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+                flags: 0,
+            };
+            // SAFETY: the region's mapping lives as long as `mem`, which the machine keeps for
+            // the VM's whole life, and slots do not overlap.
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the in-kernel PIC, IOAPIC and PIT. Must come before the vCPUs.
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        self.fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        self.fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(())
+    }
+
+    /// Returns an eventfd that raises `gsi` when written.
+    pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Kvm { call: "eventfd", err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)) })?;
+        self.fd.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(evt)
+    }
+}
