@@ -1,0 +1,55 @@
+//! The stock Debian cloud kernel (PVH vmlinux from images/build.sh) on the machine vmm describes.
+//!
+//! With hardware KVM it boots to the initramfs's ready line. On a PVM host (no VMX/SVM) the kernel
+//! runs in KVM's instruction emulator and dies early; there this test checks everything Linux
+//! prints about our machine before that (memory map, ACPI tables, CPUs) and that vmm then ends
+//! with status 1 and an emulation-failure message.
+
+use std::time::Duration;
+
+use tests::{hardware_kvm, images_dir, require_kvm, TempDir, Vmm};
+
+const VCPUS: &str = "2";
+const MEM: &str = "256M";
+
+#[test]
+fn linux_sees_the_machine_vmm_describes() {
+    require_kvm();
+    let linux = images_dir().join("linux");
+    let vmlinux = linux.join("vmlinux");
+    assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
+    let initrd = linux.join("initramfs.cpio.gz");
+    let dir = TempDir::new("linux");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 vmm.run=/usr/bin/vmm-blk-roundtrip";
+    let args = [
+        "run", "--kernel", vmlinux.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
+        "--mem", MEM, "--vcpus", VCPUS, "--cmdline", cmdline, "--disk", disk.to_str().unwrap(),
+    ];
+    let mut vmm = Vmm::spawn(&args);
+
+    // Measured here (PVM): the banner at ~1 s, "Allowing 2 CPUs" at ~6 s of wall time, the
+    // emulation failure at ~35 s. Generous margins for a loaded CI machine.
+    let step = Duration::from_secs(120);
+    vmm.wait_for("Linux version", step);
+    vmm.wait_for("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable", step);
+    for table in ["ACPI: RSDP", "ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC"] {
+        vmm.wait_for(table, step);
+    }
+    vmm.wait_for("Using ACPI (MADT) for SMP configuration information", step);
+    vmm.wait_for(&format!("Allowing {VCPUS} CPUs"), step);
+
+    if hardware_kvm() {
+        let ready = vmm.wait_for("vmm-guest: ready", step);
+        assert!(ready.contains(&format!("nproc={VCPUS}")), "{ready}");
+        vmm.wait_for("vmm-guest: blk ok", step);
+        let (status, _, _) = vmm.wait_exit(step);
+        assert_eq!(status.code(), Some(0));
+    } else {
+        println!("PVM host (no hardware virtualization): reduced Linux test, early boot only");
+        let (status, out, stderr) = vmm.wait_exit(Duration::from_secs(300));
+        assert_eq!(status.code(), Some(1), "stdout:\n{}\nstderr: {stderr}", out.join("\n"));
+        assert!(stderr.contains("emulation failure") && stderr.contains("RIP 0x"), "stderr: {stderr}");
+    }
+}
