@@ -19,9 +19,14 @@ pub fn vmm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("VMM_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let bin = target.join("release/vmm");
-    assert!(bin.is_file(), "{} not found: build it first (tests/run.sh does: cargo build --release -p vmm)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (tests/run.sh does: cargo build --release -p vmm)",
+        bin.display()
+    );
     bin
 }
 
@@ -139,7 +144,10 @@ impl Vmm {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!("timed out after {timeout:?} waiting for {needles:?}\n--- output ---\n{}", self.seen.join("\n"))
+                    panic!(
+                        "timed out after {timeout:?} waiting for {needles:?}\n--- output ---\n{}",
+                        self.seen.join("\n")
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();

@@ -24,8 +24,19 @@ fn linux_sees_the_machine_vmm_describes() {
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 vmm.run=/usr/bin/vmm-blk-roundtrip";
     let args = [
-        "run", "--kernel", vmlinux.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-        "--mem", MEM, "--vcpus", VCPUS, "--cmdline", cmdline, "--disk", disk.to_str().unwrap(),
+        "run",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--mem",
+        MEM,
+        "--vcpus",
+        VCPUS,
+        "--cmdline",
+        cmdline,
+        "--disk",
+        disk.to_str().unwrap(),
     ];
     let mut vmm = Vmm::spawn(&args);
 

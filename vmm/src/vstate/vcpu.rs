@@ -94,7 +94,9 @@ impl Vcpu {
                     Step::Continue
                 }
                 Ok(VcpuExit::Hlt) => Step::Continue,
-                Ok(VcpuExit::Shutdown) => Step::Stop(ExitReason::Fatal(self.describe("triple fault (KVM_EXIT_SHUTDOWN)"))),
+                Ok(VcpuExit::Shutdown) => {
+                    Step::Stop(ExitReason::Fatal(self.describe("triple fault (KVM_EXIT_SHUTDOWN)")))
+                }
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Step::Stop(ExitReason::PowerOff),
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Stop(ExitReason::Reset),
                 Ok(VcpuExit::InternalError) => {

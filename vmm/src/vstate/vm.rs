@@ -84,8 +84,10 @@ impl Vm {
 
     /// Returns an eventfd that raises `gsi` when written.
     pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmError::Kvm { call: "eventfd", err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)) })?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
+            call: "eventfd",
+            err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+        })?;
         self.fd.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
         Ok(evt)
     }

@@ -5,19 +5,19 @@
 
 use acpi_tables::{
     aml,
-    Aml,
     fadt::{FADTBuilder, Flags},
     gas::{AccessSize, AddressSpace, GAS},
     madt::{EnabledStatus, IoApic, ProcessorLocalApic},
     rsdp::Rsdp,
     sdt::Sdt,
     xsdt::XSDT,
+    Aml,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
-    ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
+    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, COM1_IRQ,
+    COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
 };
 
 const OEM_ID: [u8; 6] = *b"VMMVMM";
@@ -98,10 +98,8 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         )));
     }
 
-    let s5 = aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]),
-    );
+    let s5 =
+        aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]));
     body.extend(to_bytes(&s5));
 
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);

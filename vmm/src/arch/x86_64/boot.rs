@@ -13,8 +13,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START, PVH_INFO_START, PVH_MEMMAP_START,
-    ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START,
 };
 use super::memory_map::{guest_memory_map, MapEntry};
 
@@ -161,8 +160,7 @@ pub fn load_initrd(
         return Err(BootError::InitrdTooLarge { size, limit });
     }
     initrd.seek(SeekFrom::Start(0)).map_err(BootError::ReadInitrd)?;
-    mem.read_exact_volatile_from(GuestAddress(start), initrd, size as usize)
-        .map_err(BootError::GuestMemory)?;
+    mem.read_exact_volatile_from(GuestAddress(start), initrd, size as usize).map_err(BootError::GuestMemory)?;
     Ok(InitrdRegion { addr: GuestAddress(start), size })
 }
 
@@ -208,8 +206,7 @@ fn write_boot_params(
     rsdp: GuestAddress,
     map: &[MapEntry],
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
-    params.hdr = kernel.setup_header.unwrap_or_default();
+    let mut params = boot_params { hdr: kernel.setup_header.unwrap_or_default(), ..Default::default() };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
     params.hdr.header = HDRS_MAGIC;
@@ -305,8 +302,7 @@ mod tests {
         assert_eq!(info.0.magic, PVH_START_MAGIC);
         assert_eq!(info.0.memmap_entries as usize, map.len());
         assert_eq!(info.0.rsdp_paddr, 0xe0000);
-        let last: MemmapEntry =
-            mem.read_obj(GuestAddress(PVH_MEMMAP_START + 24 * (map.len() as u64 - 1))).unwrap();
+        let last: MemmapEntry = mem.read_obj(GuestAddress(PVH_MEMMAP_START + 24 * (map.len() as u64 - 1))).unwrap();
         assert_eq!(last.0.addr + last.0.size, 64 << 20);
     }
 

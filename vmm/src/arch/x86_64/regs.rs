@@ -14,13 +14,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 /// Boot GDT: null, 64-bit code, flat data, TSS, 32-bit code.
-const GDT: [u64; 5] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0080_8b00_0000_ffff,
-    0x00cf_9b00_0000_ffff,
-];
+const GDT: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_ffff, 0x00cf_9b00_0000_ffff];
 const GDT_CODE64: usize = 1;
 const GDT_DATA: usize = 2;
 const GDT_TSS: usize = 3;

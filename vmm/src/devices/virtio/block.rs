@@ -58,10 +58,7 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(|err| BlockError::Open { path: path.display().to_string(), err })?;
-        let len = file
-            .metadata()
-            .map_err(|err| BlockError::Open { path: path.display().to_string(), err })?
-            .len();
+        let len = file.metadata().map_err(|err| BlockError::Open { path: path.display().to_string(), err })?.len();
         let mut id = [0u8; ID_BYTES];
         let text = format!("vmm-disk-{index}");
         id[..text.len()].copy_from_slice(text.as_bytes());
