@@ -62,13 +62,13 @@ impl MemoryLayout {
         if self.page_size != PAGE_SIZE {
             return Err(format!("page size {} is not {PAGE_SIZE}", self.page_size));
         }
-        if self.chunk_size == 0 || self.chunk_size % self.page_size != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(self.page_size) {
             return Err(format!("bad chunk size {}", self.chunk_size));
         }
         let mut offset = 0u64;
         let mut last_end = 0u64;
         for r in &self.regions {
-            if r.size == 0 || r.size % self.page_size != 0 || r.guest_addr % self.page_size != 0 {
+            if r.size == 0 || !r.size.is_multiple_of(self.page_size) || !r.guest_addr.is_multiple_of(self.page_size) {
                 return Err(format!("region at {:#x} is not page aligned", r.guest_addr));
             }
             if r.file_offset != offset || r.guest_addr < last_end {
