@@ -11,6 +11,8 @@ pub enum ExitReason {
     Reset,
     /// The user quit from the console (Ctrl-A x).
     UserQuit,
+    /// A snapshot with --stop completed, or the control socket asked for shutdown.
+    Stopped,
     /// The VM cannot go on: triple fault, KVM internal error, a failed KVM call.
     Fatal(String),
 }

@@ -3,12 +3,15 @@
 //! The library builds and runs a VM (`machine`), from KVM objects (`vstate`), x86_64 boot
 //! code (`arch`) and userspace devices (`devices`). The binary in `main.rs` is a thin CLI.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod machine;
+pub mod persist;
 pub mod vstate;
 
 pub use config::{DiskConfig, VmConfig};

@@ -15,11 +15,16 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::regs;
 use crate::config::VmConfig;
 use crate::console;
+use crate::control::VmControl;
+use crate::devices::bus::lock;
+use crate::devices::legacy::SerialSnapshot;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
+use crate::devices::virtio::MmioTransportState;
 use crate::devices::virtio::{block::BlockError, Block, MmioTransport, VirtioDevice};
 use crate::devices::{bus::OverlapError, Bus};
 use crate::exit::{exit_channel, ExitReason, ExitSender, ExitTrigger};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::StateSaver;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -57,6 +62,8 @@ pub enum MachineError {
     Bus(#[from] OverlapError),
     #[error("cannot set up devices: {0}")]
     Device(std::io::Error),
+    #[error("cannot restore machine state: {0}")]
+    State(String),
 }
 
 impl MachineError {
@@ -76,15 +83,35 @@ impl MachineError {
     }
 }
 
-/// A built VM, ready to run.
+/// The VM's devices and the buses the vCPUs reach them through.
+pub struct Devices {
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Saved state of every device that has any.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialSnapshot,
+    pub virtio: Vec<MmioTransportState>,
+}
+
+impl Devices {
+    /// Saves every device; the vCPUs must be paused so that no request is in flight.
+    pub fn save(&self) -> DevicesState {
+        DevicesState { serial: lock(&self.serial).save(), virtio: self.virtio.iter().map(|t| lock(t).save()).collect() }
+    }
+}
+
+/// A built VM, ready to start.
 pub struct Machine {
     pub config: VmConfig,
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
-    vcpus: Vec<Vcpu>,
-    io_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub vcpus: Vec<Vcpu>,
+    pub devices: Devices,
     exit_tx: ExitSender,
     exit_rx: Receiver<ExitReason>,
 }
@@ -93,11 +120,13 @@ pub struct Machine {
 struct Inputs {
     kernel: File,
     initrd: Option<File>,
-    disks: Vec<Block>,
+}
+
+fn display(p: &std::path::Path) -> String {
+    p.display().to_string()
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs, MachineError> {
-    let display = |p: &std::path::Path| p.display().to_string();
     let mut kernel =
         File::open(&config.kernel).map_err(|err| MachineError::OpenKernel { path: display(&config.kernel), err })?;
     boot::detect_kernel_kind(&mut kernel).map_err(|err| MachineError::Kernel { path: display(&config.kernel), err })?;
@@ -105,31 +134,76 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs, MachineError> {
         Some(p) => Some(File::open(p).map_err(|err| MachineError::OpenInitrd { path: display(p), err })?),
         None => None,
     };
-    let disks = config
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| Block::open(&d.path, d.read_only, i))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Inputs { kernel, initrd, disks })
+    Ok(Inputs { kernel, initrd })
+}
+
+/// Opens every disk of the configuration.
+pub fn open_disks(config: &VmConfig) -> Result<Vec<Block>, MachineError> {
+    let disks = config.disks.iter().enumerate().map(|(i, d)| Block::open(&d.path, d.read_only, i));
+    Ok(disks.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Creates the KVM VM and checks the vCPU count against what it allows.
+pub fn create_vm(config: &VmConfig) -> Result<Vm, MachineError> {
+    if config.vcpus == 0 {
+        return Err(MachineError::NoVcpus);
+    }
+    let vm = Vm::new()?;
+    let requested = usize::from(config.vcpus);
+    if requested > vm.max_vcpus() {
+        return Err(MachineError::TooManyVcpus { requested, max: vm.max_vcpus(), why: "KVM_CAP_MAX_VCPUS" });
+    }
+    if requested > MAX_VCPUS_XAPIC {
+        return Err(MachineError::TooManyVcpus { requested, max: MAX_VCPUS_XAPIC, why: "xAPIC limit" });
+    }
+    Ok(vm)
 }
 
 impl Machine {
-    pub fn build(config: VmConfig) -> Result<Self, MachineError> {
+    /// Builds a VM that boots `config.kernel`.
+    pub fn boot(config: VmConfig) -> Result<Self, MachineError> {
         if config.vcpus == 0 {
             return Err(MachineError::NoVcpus);
         }
         let mut inputs = open_inputs(&config)?;
-        let vm = Vm::new()?;
-        let requested = usize::from(config.vcpus);
-        if requested > vm.max_vcpus() {
-            return Err(MachineError::TooManyVcpus { requested, max: vm.max_vcpus(), why: "KVM_CAP_MAX_VCPUS" });
-        }
-        if requested > MAX_VCPUS_XAPIC {
-            return Err(MachineError::TooManyVcpus { requested, max: MAX_VCPUS_XAPIC, why: "xAPIC limit" });
-        }
-
+        let disks = open_disks(&config)?;
+        let vm = create_vm(&config)?;
         let mem = create_guest_memory(config.mem_bytes)?;
+        let (machine, virtio_devices) = Self::assemble(config, vm, mem, disks, None)?;
+        let config = &machine.config;
+        let mem = &machine.mem;
+
+        let kernel = boot::load_kernel(mem, &mut inputs.kernel)
+            .map_err(|err| MachineError::Kernel { path: display(&config.kernel), err })?;
+        let initrd = match inputs.initrd.as_mut() {
+            Some(f) => Some(boot::load_initrd(mem, &kernel, f, config.mem_bytes).map_err(MachineError::Boot)?),
+            None => None,
+        };
+        let rsdp = acpi::write_acpi_tables(mem, &AcpiConfig { num_cpus: config.vcpus, virtio_devices })?;
+        let entry: BootEntry = boot::configure_boot(mem, &kernel, &config.cmdline, initrd, rsdp, config.mem_bytes)
+            .map_err(MachineError::Boot)?;
+        regs::write_boot_tables(mem, &entry).map_err(|e| MachineError::Boot(BootError::GuestMemory(e)))?;
+
+        let supported = machine
+            .vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
+        for vcpu in &machine.vcpus {
+            vcpu.configure(&supported, config.vcpus, (vcpu.index == 0).then_some(&entry))?;
+        }
+        Ok(machine)
+    }
+
+    /// Creates the irqchip, devices and vCPUs of a VM around its memory. With `saved`, devices
+    /// come back in their saved state. Returns the virtio devices for the ACPI tables.
+    pub fn assemble(
+        config: VmConfig,
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        disks: Vec<Block>,
+        saved: Option<&DevicesState>,
+    ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
         vm.register_memory(&mem)?;
         vm.create_irqchip()?;
 
@@ -138,7 +212,12 @@ impl Machine {
         let mut mmio_bus = Bus::default();
 
         let serial_irq = vm.irqfd(COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(std::io::stdout()))));
+        let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+        let serial = match saved {
+            Some(s) => SerialDevice::restore(&s.serial, serial_irq, out).map_err(MachineError::State)?,
+            None => SerialDevice::new(serial_irq, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         io_bus.insert(serial.clone(), COM1_PORT.into(), 8)?;
         let reset = ExitTrigger { sender: exit_tx.clone(), reason: ExitReason::Reset };
         io_bus.insert(Arc::new(Mutex::new(I8042(vm_superio::I8042Device::new(reset)))), I8042_PORT.into(), 5)?;
@@ -148,76 +227,67 @@ impl Machine {
             AcpiPmDevice::PORTS,
         )?;
 
-        let mut virtio_devices = Vec::new();
-        for (i, disk) in inputs.disks.drain(..).enumerate() {
-            let info = Self::add_virtio(&vm, &mem, &mut mmio_bus, i, Box::new(disk))?;
-            virtio_devices.push(info);
-        }
-
-        let kernel_path = config.kernel.display().to_string();
-        let kernel = boot::load_kernel(&mem, &mut inputs.kernel)
-            .map_err(|err| MachineError::Kernel { path: kernel_path, err })?;
-        let initrd = match inputs.initrd.as_mut() {
-            Some(f) => Some(boot::load_initrd(&mem, &kernel, f, config.mem_bytes).map_err(MachineError::Boot)?),
-            None => None,
-        };
-        let rsdp = acpi::write_acpi_tables(&mem, &AcpiConfig { num_cpus: config.vcpus, virtio_devices })?;
-        let entry: BootEntry = boot::configure_boot(&mem, &kernel, &config.cmdline, initrd, rsdp, config.mem_bytes)
-            .map_err(MachineError::Boot)?;
-        regs::write_boot_tables(&mem, &entry).map_err(|e| MachineError::Boot(BootError::GuestMemory(e)))?;
-
-        let supported = vm
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
-        let mut vcpus = Vec::with_capacity(requested);
-        for index in 0..config.vcpus {
-            let vcpu = Vcpu::new(&vm, index)?;
-            vcpu.configure(&supported, config.vcpus, (index == 0).then_some(&entry))?;
-            vcpus.push(vcpu);
-        }
-
-        Ok(Self {
-            config,
-            vm,
-            mem,
-            vcpus,
-            io_bus: Arc::new(io_bus),
-            mmio_bus: Arc::new(mmio_bus),
-            serial,
-            exit_tx,
-            exit_rx,
-        })
-    }
-
-    fn add_virtio(
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        mmio_bus: &mut Bus,
-        index: usize,
-        device: Box<dyn VirtioDevice>,
-    ) -> Result<MmioDeviceInfo, MachineError> {
-        let gsi = VIRTIO_IRQ_BASE + index as u32;
-        if gsi >= IOAPIC_PINS {
-            return Err(MachineError::TooManyDevices(index));
-        }
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let irq = vm.irqfd(gsi)?;
-        let transport = MmioTransport::new(device, mem.clone(), irq);
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
-        Ok(MmioDeviceInfo { base, size: VIRTIO_MMIO_SIZE, gsi })
-    }
-
-    /// Starts every vCPU and the console, and waits until the VM ends.
-    pub fn run(self) -> ExitReason {
-        console::spawn_stdin_reader(self.serial.clone(), self.exit_tx.clone());
-        for vcpu in self.vcpus {
-            let (io, mmio, exit) = (self.io_bus.clone(), self.mmio_bus.clone(), self.exit_tx.clone());
-            let name = format!("vcpu{}", vcpu.index);
-            if let Err(e) = std::thread::Builder::new().name(name).spawn(move || vcpu.run(io, mmio, exit)) {
-                return ExitReason::Fatal(format!("cannot start vCPU thread: {e}"));
+        if let Some(s) = saved {
+            if s.virtio.len() != disks.len() {
+                return Err(MachineError::State(format!(
+                    "snapshot has {} virtio devices, the configuration {}",
+                    s.virtio.len(),
+                    disks.len()
+                )));
             }
         }
+        let mut virtio = Vec::new();
+        let mut infos = Vec::new();
+        for (index, disk) in disks.into_iter().enumerate() {
+            let gsi = VIRTIO_IRQ_BASE + index as u32;
+            if gsi >= IOAPIC_PINS {
+                return Err(MachineError::TooManyDevices(index));
+            }
+            let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+            let irq = vm.irqfd(gsi)?;
+            let device: Box<dyn VirtioDevice> = Box::new(disk);
+            let transport = match saved {
+                Some(s) => {
+                    MmioTransport::restore(device, mem.clone(), irq, &s.virtio[index]).map_err(MachineError::State)?
+                }
+                None => MmioTransport::new(device, mem.clone(), irq),
+            };
+            let transport = Arc::new(Mutex::new(transport));
+            mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            virtio.push(transport);
+            infos.push(MmioDeviceInfo { base, size: VIRTIO_MMIO_SIZE, gsi });
+        }
+
+        let vcpus = (0..config.vcpus).map(|i| Vcpu::new(&vm, i)).collect::<Result<Vec<_>, _>>()?;
+        let devices = Devices { io_bus: Arc::new(io_bus), mmio_bus: Arc::new(mmio_bus), serial, virtio };
+        Ok((Self { config, vm, mem, vcpus, devices, exit_tx, exit_rx }, infos))
+    }
+
+    /// Starts every vCPU (paused first, if asked) and the console.
+    pub fn start(self, paused: bool) -> Result<RunningVm, MachineError> {
+        let saver = StateSaver { msr_indices: Arc::new(self.vm.saveable_msrs()?), xsave_size: self.vm.xsave_size() };
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            let (io, mmio) = (self.devices.io_bus.clone(), self.devices.mmio_bus.clone());
+            let handle =
+                vcpu.start(io, mmio, self.exit_tx.clone(), saver.clone(), paused).map_err(MachineError::Device)?;
+            handles.push(handle);
+        }
+        console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone());
+        let control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
+        Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
+    }
+}
+
+/// A started VM: its control handle, and the wait for its end.
+pub struct RunningVm {
+    pub control: Arc<VmControl>,
+    exit_rx: Receiver<ExitReason>,
+}
+
+impl RunningVm {
+    /// Waits until the VM ends, for whatever reason.
+    pub fn wait(&self) -> ExitReason {
         self.exit_rx.recv().unwrap_or_else(|_| ExitReason::Fatal("every vCPU thread ended".into()))
     }
 }

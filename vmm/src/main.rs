@@ -1,17 +1,14 @@
-//! The `vmm` command line.
+//! The `vmm` command line. Each subcommand lives in `cli/`; this file parses arguments and turns
+//! failures into one line on stderr and an exit status (2: bad arguments or files, 1: runtime).
 
-use std::path::{Path, PathBuf};
+mod cli;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cli::Failure;
 use vmm::config::{parse_disk, parse_mem, DiskConfig};
-use vmm::console::RawTerminal;
-use vmm::{Machine, VmConfig};
-
-/// Exit status for bad arguments or input files.
-const EXIT_BAD_INPUT: u8 = 2;
-/// Exit status for failures of the host or the VM at run time.
-const EXIT_RUNTIME: u8 = 1;
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A small KVM virtual machine monitor built for checkpoint/restart")]
@@ -20,35 +17,100 @@ struct Cli {
     command: Command,
 }
 
+/// Which running VM a client command talks to.
+#[derive(clap::Args)]
+pub struct VmTarget {
+    /// Name of the VM (as given to, or printed by, `vmm run`).
+    #[arg(long = "vm", required_unless_present = "api_sock")]
+    pub name: Option<String>,
+    /// Control socket path (instead of --vm).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest; with no --kernel, boots the project's test guest.
     Run(RunArgs),
+    /// Save a running VM to a snapshot directory.
+    Snapshot {
+        #[command(flatten)]
+        target: VmTarget,
+        /// Snapshot directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing snapshot at --out (only once the new one is complete).
+        #[arg(long)]
+        force: bool,
+        /// End the VM once the snapshot is safely on disk.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Continue a saved VM where it stopped.
+    Resume(ResumeArgs),
+    /// Pause a running VM.
+    Pause(VmTarget),
+    /// Continue a paused VM.
+    Continue(VmTarget),
+    /// Show a VM's state.
+    Status(VmTarget),
+    /// End a running VM.
+    Shutdown(VmTarget),
+    /// Describe a snapshot.
+    Inspect {
+        dir: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum of a snapshot.
+    Verify { dir: PathBuf },
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// Kernel to boot: a bzImage or an ELF with a PVH entry note.
     #[arg(long)]
-    kernel: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
-    initrd: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
     /// Kernel command line (replaces the default).
     #[arg(long)]
-    cmdline: Option<String>,
+    pub cmdline: Option<String>,
     /// Guest memory: a number of MiB, or with a K, M or G suffix.
     #[arg(long, default_value = "512M", value_parser = parse_mem_arg)]
-    mem: u64,
+    pub mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Name of the VM.
+    pub vcpus: u32,
+    /// Name of the VM (default: vm-PID).
     #[arg(long)]
-    name: Option<String>,
+    pub name: Option<String>,
+    /// Control socket path (default: $XDG_RUNTIME_DIR/vmm/NAME.sock or /run/vmm/NAME.sock).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
     /// A virtio-blk disk backed by a host file: PATH or PATH,ro. Repeat for more disks.
     #[arg(long = "disk", value_parser = parse_disk_arg)]
-    disks: Vec<DiskConfig>,
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(clap::Args)]
+pub struct ResumeArgs {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Name of the resumed VM (default: the snapshot's).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Control socket path.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Stay paused until `vmm continue`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Check every memory checksum before resuming.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {
@@ -57,66 +119,6 @@ fn parse_mem_arg(s: &str) -> Result<u64, String> {
 
 fn parse_disk_arg(s: &str) -> Result<DiskConfig, String> {
     parse_disk(s).map_err(|e| e.to_string())
-}
-
-/// Default command line for Linux kernels: console on COM1, reboot through the i8042 (which
-/// ends vmm), no reboot loop after a panic.
-const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
-
-/// Finds the directory of built guest images: `$VMM_IMAGES`, else `images/out` in the first
-/// ancestor of the executable that has one (the workspace, for a binary under target/).
-fn images_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("VMM_IMAGES") {
-        return Some(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe().ok()?;
-    exe.ancestors().skip(1).map(|a| a.join("images/out")).find(|p| p.is_dir())
-}
-
-/// True when /dev/kvm is KVM without hardware virtualization (PVM).
-fn host_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
-fn run(args: RunArgs) -> Result<u8, (u8, String)> {
-    let bad = |msg: String| (EXIT_BAD_INPUT, msg);
-    let vcpus = u8::try_from(args.vcpus)
-        .map_err(|_| bad(format!("--vcpus {} is more than this host allows (254: xAPIC limit)", args.vcpus)))?;
-    let (kernel, default_cmdline) = match args.kernel {
-        Some(k) => (k, LINUX_CMDLINE),
-        None => {
-            let dir = images_dir().ok_or_else(|| {
-                bad("no --kernel given and no test guest found: run images/build.sh, or set VMM_IMAGES".into())
-            })?;
-            (dir.join("testguest.elf"), "")
-        }
-    };
-    let config = VmConfig {
-        name: args.name.unwrap_or_else(|| format!("vm-{}", std::process::id())),
-        kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline.unwrap_or_else(|| default_cmdline.to_string()),
-        mem_bytes: args.mem,
-        vcpus,
-        disks: args.disks,
-    };
-    let machine = Machine::build(config).map_err(|e| {
-        let code = if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_RUNTIME };
-        (code, e.to_string())
-    })?;
-    if host_is_pvm() {
-        eprintln!(
-            "vmm: note: this host's KVM is PVM (no hardware virtualization): guest kernel code runs emulated, \
-             and unmodified Linux kernels do not get far"
-        );
-    }
-    let terminal = RawTerminal::enter();
-    let reason = machine.run();
-    terminal.restore();
-    match reason {
-        vmm::ExitReason::Fatal(msg) => Err((EXIT_RUNTIME, msg)),
-        other => Ok(other.exit_code() as u8),
-    }
 }
 
 fn main() -> ExitCode {
@@ -136,19 +138,25 @@ fn main() -> ExitCode {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("error: bad arguments");
             eprintln!("vmm: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(EXIT_BAD_INPUT);
+            return ExitCode::from(cli::EXIT_BAD_INPUT);
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => cli::run::run(args),
+        Command::Resume(args) => cli::run::resume(args),
+        Command::Snapshot { target, out, force, stop } => cli::client::snapshot(&target, &out, force, stop),
+        Command::Pause(target) => cli::client::simple(&target, vmm::api::protocol::Request::Pause),
+        Command::Continue(target) => cli::client::simple(&target, vmm::api::protocol::Request::Continue),
+        Command::Shutdown(target) => cli::client::simple(&target, vmm::api::protocol::Request::Shutdown),
+        Command::Status(target) => cli::client::status(&target),
+        Command::Inspect { dir, json } => cli::inspect::inspect(&dir, json),
+        Command::Verify { dir } => cli::inspect::verify(&dir),
     };
+    // vCPU threads may still be inside KVM_RUN: exit without waiting for them.
     match result {
-        Ok(code) => {
-            // vCPU threads may still be inside KVM_RUN; end the process without waiting for them.
-            std::process::exit(code.into());
-        }
-        Err((code, msg)) => {
-            eprintln!("vmm: {msg}");
+        Ok(code) => std::process::exit(code.into()),
+        Err(Failure { code, message }) => {
+            eprintln!("vmm: {message}");
             std::process::exit(code.into());
         }
     }

@@ -1,11 +1,16 @@
 //! A vCPU: its boot configuration and the thread that runs it, dispatching port I/O and MMIO
 //! exits to the buses.
 
+use std::cell::Cell;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state::{self, VcpuState};
 use super::vm::Vm;
 use crate::arch::x86_64::boot::BootEntry;
 use crate::arch::x86_64::{cpuid, msr, regs};
@@ -69,8 +74,45 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU until the VM must stop; reports why on `exit`.
-    pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSender) {
+    /// Starts the vCPU's thread. It runs the guest until the VM must stop (reported on `exit`) and
+    /// answers pause/save/resume requests in between.
+    /// With `paused`, the thread waits for a resume before running the guest.
+    pub fn start(
+        self,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exit: ExitSender,
+        saver: StateSaver,
+        paused: bool,
+    ) -> std::io::Result<VcpuHandle> {
+        install_kick_handler();
+        let (req_tx, req_rx) = channel();
+        if paused {
+            req_tx.send(VcpuRequest::Pause).expect("receiver alive");
+        }
+        let (resp_tx, resp_rx) = channel();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(io_bus, mmio_bus, exit, saver, req_rx, resp_tx))?;
+        Ok(VcpuHandle { index, thread, requests: req_tx, responses: resp_rx })
+    }
+
+    fn run(
+        mut self,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exit: ExitSender,
+        saver: StateSaver,
+        requests: Receiver<VcpuRequest>,
+        responses: Sender<VcpuResponse>,
+    ) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_TARGET.with(|t| t.set(run_ptr));
+        // A request may have come before the kick handler could see this thread's kvm_run.
+        if !self.serve_requests(&requests, &responses, &saver, true) {
+            return;
+        }
         loop {
             let step = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -113,12 +155,68 @@ impl Vcpu {
                     let what = format!("unexpected KVM exit {other:?}");
                     Step::Stop(ExitReason::Fatal(self.describe(&what)))
                 }
-                Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => Step::Continue,
+                // Kicked: KVM finished any pending I/O before returning, so the state is
+                // consistent and requests can be served.
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if self.serve_requests(&requests, &responses, &saver, false) {
+                        Step::Continue
+                    } else {
+                        return;
+                    }
+                }
+                // An AP still waiting for its SIPI.
+                Err(e) if e.errno() == libc::EAGAIN => Step::Continue,
                 Err(e) => Step::Stop(ExitReason::Fatal(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
             };
             if let Step::Stop(reason) = step {
                 exit.send(reason);
                 return;
+            }
+        }
+    }
+
+    /// Serves queued requests. A pause blocks here until resumed. Returns false when the thread
+    /// must end (its handle is gone).
+    fn serve_requests(
+        &mut self,
+        requests: &Receiver<VcpuRequest>,
+        responses: &Sender<VcpuResponse>,
+        saver: &StateSaver,
+        at_start: bool,
+    ) -> bool {
+        let mut paused = false;
+        loop {
+            let request = if paused {
+                match requests.recv() {
+                    Ok(r) => r,
+                    Err(_) => return false,
+                }
+            } else {
+                match requests.try_recv() {
+                    Ok(r) => r,
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return at_start,
+                }
+            };
+            let response = match request {
+                VcpuRequest::Pause => {
+                    paused = true;
+                    VcpuResponse::Paused
+                }
+                VcpuRequest::Resume => {
+                    paused = false;
+                    VcpuResponse::Resumed
+                }
+                VcpuRequest::Save => VcpuResponse::State(Box::new(vcpu_state::save(
+                    &self.fd,
+                    self.index,
+                    &saver.msr_indices,
+                    saver.xsave_size,
+                ))),
+            };
+            if responses.send(response).is_err() {
+                return false;
             }
         }
     }
@@ -137,4 +235,110 @@ impl Vcpu {
             Err(_) => format!("{what} on vCPU {}", self.index),
         }
     }
+}
+
+/// What a vCPU thread is asked to do while the guest is stopped.
+pub enum VcpuRequest {
+    Pause,
+    Save,
+    Resume,
+}
+
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Box<Result<VcpuState, VcpuError>>),
+}
+
+/// What a vCPU thread needs to save its state.
+#[derive(Clone)]
+pub struct StateSaver {
+    pub msr_indices: Arc<Vec<u32>>,
+    pub xsave_size: usize,
+}
+
+/// The VMM's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    pub index: u8,
+    thread: JoinHandle<()>,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("vCPU {0} is not running (its thread ended)")]
+    Gone(u8),
+    #[error("vCPU {0} did not answer within {1:?}")]
+    Timeout(u8, std::time::Duration),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl VcpuHandle {
+    /// Sends a request and kicks the thread out of KVM_RUN.
+    pub fn send(&self, request: VcpuRequest) -> Result<(), ControlError> {
+        self.requests.send(request).map_err(|_| ControlError::Gone(self.index))?;
+        if self.thread.is_finished() {
+            return Err(ControlError::Gone(self.index));
+        }
+        self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET).map_err(|_| ControlError::Gone(self.index))
+    }
+
+    pub fn receive(&self) -> Result<VcpuResponse, ControlError> {
+        self.responses.recv_timeout(ANSWER_TIMEOUT).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(self.index, ANSWER_TIMEOUT),
+            std::sync::mpsc::RecvTimeoutError::Disconnected => ControlError::Gone(self.index),
+        })
+    }
+
+    /// Lets a paused vCPU run again (no kick: it is waiting for this).
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.requests.send(VcpuRequest::Resume).map_err(|_| ControlError::Gone(self.index))?;
+        match self.receive()? {
+            VcpuResponse::Resumed => Ok(()),
+            _ => Err(ControlError::Gone(self.index)),
+        }
+    }
+
+    /// Asks a paused vCPU for its state.
+    pub fn save(&self) -> Result<VcpuState, ControlError> {
+        self.requests.send(VcpuRequest::Save).map_err(|_| ControlError::Gone(self.index))?;
+        match self.receive()? {
+            VcpuResponse::State(state) => Ok((*state)?),
+            _ => Err(ControlError::Gone(self.index)),
+        }
+    }
+}
+
+/// Real-time signal (offset from SIGRTMIN) that kicks a vCPU thread out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+thread_local! {
+    /// This thread's kvm_run, for the kick handler.
+    static KICK_TARGET: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Setting immediate_exit (rather than only interrupting) closes the race with a kick that
+    // arrives just before KVM_RUN: KVM sees the flag and returns EINTR at once.
+    KICK_TARGET.with(|t| {
+        let run = t.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, valid while the thread
+            // lives; a volatile byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
 }

@@ -92,3 +92,61 @@ impl Vm {
         Ok(evt)
     }
 }
+
+/// The VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_bindings::kvm_irqchip,
+    pub pic_slave: kvm_bindings::kvm_irqchip,
+    pub ioapic: kvm_bindings::kvm_irqchip,
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+}
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+impl Vm {
+    fn get_irqchip(&self, chip_id: u32) -> Result<kvm_bindings::kvm_irqchip, VmError> {
+        let mut chip = kvm_bindings::kvm_irqchip { chip_id, ..Default::default() };
+        self.fd.get_irqchip(&mut chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+        Ok(chip)
+    }
+
+    /// Saves the VM-wide state; every vCPU must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        Ok(VmState {
+            pic_master: self.get_irqchip(IRQCHIP_PIC_MASTER)?,
+            pic_slave: self.get_irqchip(IRQCHIP_PIC_SLAVE)?,
+            ioapic: self.get_irqchip(IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Restores the VM-wide state into a fresh VM, before any vCPU runs (so kvmclock continues
+    /// from the saved value and never goes backwards for the guest).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        // No flags: with KVM_CLOCK_REALTIME KVM would add the wall time elapsed since the save,
+        // and the guest's monotonic clock would leap forward by the whole time it was stored.
+        // The guest continues from the instant it was saved.
+        let clock = kvm_bindings::kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(())
+    }
+
+    /// MSRs KVM says can be saved and restored.
+    pub fn saveable_msrs(&self) -> Result<Vec<u32>, VmError> {
+        Ok(self.kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec())
+    }
+
+    /// Size of the vCPU XSAVE area (KVM_CAP_XSAVE2, or the legacy 4 KiB).
+    pub fn xsave_size(&self) -> usize {
+        usize::try_from(self.fd.check_extension_int(Cap::Xsave2)).unwrap_or(0).max(4096)
+    }
+}

@@ -6,4 +6,4 @@ pub mod serial;
 
 pub use acpi_pm::AcpiPmDevice;
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, SerialSnapshot};

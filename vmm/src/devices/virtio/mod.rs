@@ -7,7 +7,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 pub use block::Block;
-pub use mmio::MmioTransport;
+pub use mmio::{MmioTransport, MmioTransportState};
 
 /// VIRTIO_F_VERSION_1: the modern (virtio 1.x) interface, the only one we offer.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

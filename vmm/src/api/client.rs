@@ -1,0 +1,29 @@
+//! The client side of the control socket, used by `vmm pause|continue|status|snapshot`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use super::protocol::{Reply, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no VM is listening on {0}")]
+    NoVm(String),
+    #[error("control socket {path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("bad reply from the VM: {0}")]
+    BadReply(String),
+}
+
+/// Sends one request and waits for its reply (a snapshot may take a while: no timeout).
+pub fn request(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|_| ClientError::NoVm(path.clone()))?;
+    let mut text = serde_json::to_string(request).map_err(|e| ClientError::BadReply(e.to_string()))?;
+    text.push('\n');
+    stream.write_all(text.as_bytes()).map_err(|err| ClientError::Io { path: path.clone(), err })?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(|err| ClientError::Io { path, err })?;
+    serde_json::from_str(line.trim()).map_err(|e| ClientError::BadReply(e.to_string()))
+}

@@ -1,0 +1,78 @@
+//! Requests and replies of the control socket, one JSON object per line.
+
+use serde::{Deserialize, Serialize};
+
+use crate::persist::SnapshotReport;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Continue,
+    Snapshot {
+        /// Absolute path of the snapshot directory to write.
+        out: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        stop: bool,
+    },
+    Shutdown,
+}
+
+/// Who is at fault when a request fails: the caller (exit status 2) or the VM/host (1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    Input,
+    Runtime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub state: String,
+    pub vcpus: u8,
+    pub mem_bytes: u64,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error_kind: Option<ErrorKind>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub snapshot: Option<SnapshotReport>,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Self { ok: true, ..Default::default() }
+    }
+
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(message.into()), error_kind: Some(kind), ..Default::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r: Request = serde_json::from_str(r#"{"verb":"snapshot","out":"/tmp/s"}"#).unwrap();
+        assert_eq!(r, Request::Snapshot { out: "/tmp/s".into(), force: false, stop: false });
+        assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"status","x":1}"#).is_err());
+        let e = serde_json::to_string(&Reply::error(ErrorKind::Input, "no")).unwrap();
+        assert_eq!(e, r#"{"ok":false,"error":"no","error_kind":"input"}"#);
+    }
+}

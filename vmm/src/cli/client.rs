@@ -1,0 +1,67 @@
+//! Client commands: talk to a running VM through its control socket.
+
+use std::path::{Path, PathBuf};
+
+use vmm::api::{self, client, protocol::ErrorKind, protocol::Reply, protocol::Request};
+
+use super::{CmdResult, Failure};
+use crate::VmTarget;
+
+fn socket(target: &VmTarget) -> Result<PathBuf, Failure> {
+    match (&target.api_sock, &target.name) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(name)) if api::valid_name(name) => Ok(api::socket_path(name)),
+        (None, Some(name)) => Err(Failure::bad_input(format!("invalid VM name '{name}'"))),
+        (None, None) => Err(Failure::bad_input("name a VM with --vm or --api-sock")),
+    }
+}
+
+fn call(target: &VmTarget, request: &Request) -> Result<Reply, Failure> {
+    let path = socket(target)?;
+    let reply = client::request(&path, request).map_err(|e| match e {
+        client::ClientError::NoVm(_) => Failure::bad_input(match &target.name {
+            Some(name) => format!("no running VM named '{name}' ({} does not answer)", path.display()),
+            None => e.to_string(),
+        }),
+        other => Failure::runtime(other.to_string()),
+    })?;
+    if reply.ok {
+        return Ok(reply);
+    }
+    let message = reply.error.unwrap_or_else(|| "request failed".into());
+    Err(match reply.error_kind {
+        Some(ErrorKind::Input) => Failure::bad_input(message),
+        _ => Failure::runtime(message),
+    })
+}
+
+pub fn simple(target: &VmTarget, request: Request) -> CmdResult {
+    call(target, &request)?;
+    Ok(0)
+}
+
+pub fn status(target: &VmTarget) -> CmdResult {
+    let reply = call(target, &Request::Status)?;
+    let s = reply.status.ok_or_else(|| Failure::runtime("reply has no status"))?;
+    println!("{} {} vcpus={} mem={}MiB pid={}", s.name, s.state, s.vcpus, s.mem_bytes >> 20, s.pid);
+    Ok(0)
+}
+
+pub fn snapshot(target: &VmTarget, out: &Path, force: bool, stop: bool) -> CmdResult {
+    // The VM resolves paths from its own working directory: send an absolute one.
+    let out = std::path::absolute(out).map_err(|e| Failure::bad_input(format!("bad --out {}: {e}", out.display())))?;
+    let request = Request::Snapshot { out: out.display().to_string(), force, stop };
+    let reply = call(target, &request)?;
+    if let Some(r) = reply.snapshot {
+        println!(
+            "snapshot {}: paused {:.1} ms, durable after {:.1} ms, {} bytes on disk ({} MiB memory, {} zero pages)",
+            r.path.display(),
+            r.pause_ms,
+            r.total_ms,
+            r.bytes_on_disk,
+            r.memory_bytes >> 20,
+            r.zero_pages
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,28 @@
+//! Subcommands of the `vmm` binary.
+
+pub mod client;
+pub mod inspect;
+pub mod run;
+
+/// Exit status for bad arguments or input files.
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status for failures of the host or the VM at run time.
+pub const EXIT_RUNTIME: u8 = 1;
+
+/// A failed command: its exit status and the one line that says why.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Self { code: EXIT_BAD_INPUT, message: message.into() }
+    }
+
+    pub fn runtime(message: impl Into<String>) -> Self {
+        Self { code: EXIT_RUNTIME, message: message.into() }
+    }
+}
+
+pub type CmdResult = Result<u8, Failure>;

@@ -1,0 +1,187 @@
+//! Everything KVM knows about a vCPU, as plain data: saved from a paused vCPU, restored into a
+//! fresh one. The order of both follows what KVM needs (see the comments).
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use super::vcpu::VcpuError;
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM_GET_MSRS takes batches; larger lists are split.
+const MSR_BATCH: usize = 64;
+const XSAVE_LEGACY_BYTES: usize = std::mem::size_of::<kvm_xsave>();
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<(u32, u64)>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// The XSAVE area as 32-bit words (4 KiB, or KVM_CAP_XSAVE2's size where larger).
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub vcpu_events: kvm_vcpu_events,
+    pub tsc_khz: Option<u32>,
+}
+
+impl VcpuState {
+    /// CPU mode from the control registers, for `vmm inspect`.
+    pub fn mode(&self) -> &'static str {
+        const CR0_PE: u64 = 1;
+        const EFER_LMA: u64 = 1 << 10;
+        if self.sregs.cr0 & CR0_PE == 0 {
+            "real"
+        } else if self.sregs.efer & EFER_LMA == 0 {
+            "protected"
+        } else if self.sregs.cs.l == 1 {
+            "long"
+        } else {
+            "compatibility"
+        }
+    }
+
+    /// Privilege level the vCPU was running at.
+    pub fn cpl(&self) -> u8 {
+        self.sregs.cs.dpl
+    }
+}
+
+fn err(index: u8, call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |err| VcpuError { index, call, err }
+}
+
+/// Reads every MSR in `indices` that KVM will give; unreadable ones are skipped (logged).
+fn get_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+    let mut out = Vec::with_capacity(indices.len());
+    for batch in indices.chunks(MSR_BATCH) {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> =
+                rest.iter().map(|&i| kvm_msr_entry { index: i, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).expect("batch within KVM's limit");
+            let n = fd.get_msrs(&mut msrs).map_err(err(index, "KVM_GET_MSRS"))?;
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            if n < rest.len() {
+                // KVM stops at the first MSR it cannot read: skip that one and go on.
+                tracing::debug!("vCPU {index}: MSR {:#x} not readable; not saved", rest[n]);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &[];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Saves a vCPU's state. The vCPU must be out of KVM_RUN, with pending I/O completed.
+pub fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32], xsave_size: usize) -> Result<VcpuState, VcpuError> {
+    // mp_state first: reading it makes KVM process pending INIT/SIPI events into the state.
+    let mp_state = fd.get_mp_state().map_err(err(index, "KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(err(index, "KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(err(index, "KVM_GET_SREGS"))?;
+    let xsave = get_xsave(fd, index, xsave_size)?;
+    let xcrs = fd.get_xcrs().map_err(err(index, "KVM_GET_XCRS"))?;
+    let debugregs = fd.get_debug_regs().map_err(err(index, "KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(err(index, "KVM_GET_LAPIC"))?;
+    let msrs = get_msrs(fd, index, msr_indices)?;
+    let vcpu_events = fd.get_vcpu_events().map_err(err(index, "KVM_GET_VCPU_EVENTS"))?;
+    let cpuid = fd.get_cpuid2(256).map_err(err(index, "KVM_GET_CPUID2"))?.as_slice().to_vec();
+    let tsc_khz = fd.get_tsc_khz().ok();
+    Ok(VcpuState { index, cpuid, msrs, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, vcpu_events, tsc_khz })
+}
+
+fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, VcpuError> {
+    if size <= XSAVE_LEGACY_BYTES {
+        let x = fd.get_xsave().map_err(err(index, "KVM_GET_XSAVE"))?;
+        return Ok(x.region.to_vec());
+    }
+    let fam = (size - XSAVE_LEGACY_BYTES).div_ceil(4);
+    let mut x = Xsave::new(fam).expect("xsave size within limits");
+    // SAFETY: `x` was allocated with the size KVM_CAP_XSAVE2 reported.
+    unsafe { fd.get_xsave2(&mut x) }.map_err(err(index, "KVM_GET_XSAVE2"))?;
+    let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
+    words.extend_from_slice(x.as_slice());
+    Ok(words)
+}
+
+fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32]) -> Result<(), VcpuError> {
+    let legacy = XSAVE_LEGACY_BYTES / 4;
+    if words.len() <= legacy {
+        let mut x = kvm_xsave::default();
+        x.region[..words.len()].copy_from_slice(words);
+        // SAFETY: a full legacy-size xsave struct.
+        return unsafe { fd.set_xsave(&x) }.map_err(err(index, "KVM_SET_XSAVE"));
+    }
+    let mut x = Xsave::new(words.len() - legacy).expect("xsave size within limits");
+    // SAFETY: the FAM entries were just allocated with the right length.
+    unsafe { x.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..legacy]) };
+    x.as_mut_slice().copy_from_slice(&words[legacy..]);
+    // SAFETY: `x` holds the whole area, as large as the one saved.
+    unsafe { fd.set_xsave2(&x) }.map_err(err(index, "KVM_SET_XSAVE2"))
+}
+
+/// Orders MSRs for restore: the TSC before the TSC deadline (which is relative to it).
+fn restore_order(msrs: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    let mut v = msrs.to_vec();
+    v.sort_by_key(|&(i, _)| match i {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    v
+}
+
+/// Restores a saved vCPU into a freshly created one (not yet run).
+pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
+    let index = state.index;
+    // CPUID first: KVM checks later state (xsave features, MSRs) against it.
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError {
+        index,
+        call: "KVM_SET_CPUID2",
+        err: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(err(index, "KVM_SET_CPUID2"))?;
+    if let Some(khz) = state.tsc_khz {
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            if let Err(e) = fd.set_tsc_khz(khz) {
+                tracing::warn!("vCPU {index}: cannot set TSC frequency to {khz} kHz: {e}");
+            }
+        }
+    }
+    let refused =
+        crate::arch::x86_64::msr::set_msrs(fd, &restore_order(&state.msrs)).map_err(err(index, "KVM_SET_MSRS"))?;
+    for msr in refused {
+        tracing::debug!("vCPU {index}: KVM refused saved MSR {msr:#x}");
+    }
+    fd.set_mp_state(state.mp_state).map_err(err(index, "KVM_SET_MP_STATE"))?;
+    fd.set_regs(&state.regs).map_err(err(index, "KVM_SET_REGS"))?;
+    fd.set_sregs(&state.sregs).map_err(err(index, "KVM_SET_SREGS"))?;
+    set_xsave(fd, index, &state.xsave)?;
+    fd.set_xcrs(&state.xcrs).map_err(err(index, "KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&state.debugregs).map_err(err(index, "KVM_SET_DEBUGREGS"))?;
+    // The LAPIC before the events: pending interrupts in the events refer to it.
+    fd.set_lapic(&state.lapic).map_err(err(index, "KVM_SET_LAPIC"))?;
+    fd.set_vcpu_events(&state.vcpu_events).map_err(err(index, "KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_before_deadline() {
+        let order = restore_order(&[(MSR_IA32_TSC_DEADLINE, 5), (0x174, 1), (MSR_IA32_TSC, 9)]);
+        assert_eq!(order[0].0, MSR_IA32_TSC);
+        assert_eq!(order[2].0, MSR_IA32_TSC_DEADLINE);
+    }
+}
