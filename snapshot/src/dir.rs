@@ -69,19 +69,10 @@ impl SnapshotWriter {
         Ok(FileDigest { size: bytes.len() as u64, checksum: checksum(bytes) })
     }
 
-    /// Writes guest memory (zero pages become holes). The layout has no checksums yet:
-    /// `finish_memory` adds them, and may run after the guest continues.
+    /// Writes guest memory (zero pages become holes) and returns its layout with checksums.
     pub fn write_memory(&self, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
         let (file, path) = self.create_file(MEMORY_FILE)?;
         pages::write_pages(&file, &path, sources)
-    }
-
-    /// Computes the page file's chunk checksums into `layout`.
-    pub fn finish_memory(&self, layout: &mut MemoryLayout) -> Result<()> {
-        let path = self.tmp.join(MEMORY_FILE);
-        let file = File::open(&path).map_err(io_err(&path))?;
-        layout.chunk_checksums = pages::checksum_pages(&file, &path, layout.total_size(), layout.chunk_size)?;
-        Ok(())
     }
 
     /// Writes the manifest, makes everything durable and moves the snapshot into place. Until the
@@ -237,9 +228,7 @@ mod tests {
         let mut m = sample();
         m.state = w.write_state(b"machine state")?;
         let mem = vec![fill; 2 << 20];
-        let mut layout = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem }])?;
-        w.finish_memory(&mut layout)?;
-        m.memory = layout;
+        m.memory = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem, resident: None }])?;
         w.commit(&m)
     }
 

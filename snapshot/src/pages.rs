@@ -3,7 +3,6 @@
 //! the file has a checksum in the manifest.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
@@ -28,7 +27,8 @@ pub struct MemoryLayout {
     pub page_size: u64,
     pub chunk_size: u64,
     pub regions: Vec<RegionLayout>,
-    /// Checksum of each `chunk_size` piece of the page file (the last may be shorter).
+    /// Checksum of each `chunk_size` piece of each region, region after region (a region's last
+    /// chunk may be shorter).
     pub chunk_checksums: Vec<u64>,
     /// Pages that were all zero (holes in the page file).
     pub zero_pages: u64,
@@ -38,6 +38,10 @@ pub struct MemoryLayout {
 pub struct MemorySource<'a> {
     pub guest_addr: u64,
     pub bytes: &'a [u8],
+    /// Optional residency map (one byte a page, bit 0 set = resident, as from mincore) for
+    /// anonymous memory: a page never touched is zero and is not read at all, so saving does
+    /// not fault in untouched memory.
+    pub resident: Option<Vec<u8>>,
 }
 
 impl MemoryLayout {
@@ -49,12 +53,19 @@ impl MemoryLayout {
         self.total_size() / self.page_size
     }
 
-    /// Guest address of a byte of the page file.
-    pub fn guest_addr_of(&self, file_offset: u64) -> Option<u64> {
-        self.regions
-            .iter()
-            .find(|r| file_offset >= r.file_offset && file_offset < r.file_offset + r.size)
-            .map(|r| r.guest_addr + (file_offset - r.file_offset))
+    /// Number of checksummed chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.regions.iter().map(|r| r.size.div_ceil(self.chunk_size)).sum()
+    }
+
+    /// Every chunk as (guest address, file offset, length), in checksum order.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.regions.iter().flat_map(move |r| {
+            (0..r.size.div_ceil(self.chunk_size)).map(move |i| {
+                let off = i * self.chunk_size;
+                (r.guest_addr + off, r.file_offset + off, self.chunk_size.min(r.size - off))
+            })
+        })
     }
 
     /// Checks the layout is self-consistent, so nothing later trusts nonsense.
@@ -77,7 +88,7 @@ impl MemoryLayout {
             offset = offset.checked_add(r.size).ok_or("region sizes overflow")?;
             last_end = r.guest_addr.checked_add(r.size).ok_or("region end overflows")?;
         }
-        if self.chunk_checksums.len() as u64 != offset.div_ceil(self.chunk_size) {
+        if self.chunk_checksums.len() as u64 != self.chunk_count() {
             return Err("chunk checksum count does not match memory size".into());
         }
         if self.zero_pages > offset / self.page_size {
@@ -93,63 +104,76 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
-/// Writes `sources` into `file` (regions one after another), leaving zero pages as holes.
-/// Returns the layout without checksums (see `checksum_pages`), so the caller can let the guest
-/// run again before the slower checksumming.
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Writes `sources` into `file` (regions one after another), leaving zero pages as holes, and
+/// checksums every chunk on the way (from memory: reading the file back before it is flushed is
+/// slow).
 pub fn write_pages(file: &File, path: &std::path::Path, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
     let total: u64 = sources.iter().map(|s| s.bytes.len() as u64).sum();
     file.set_len(total).map_err(io_err(path))?;
+    let page = PAGE_SIZE as usize;
+    let pages_per_chunk = (CHUNK_SIZE / PAGE_SIZE) as usize;
     let mut regions = Vec::with_capacity(sources.len());
+    let mut chunk_checksums = Vec::new();
     let mut zero_pages = 0;
     let mut file_offset = 0u64;
     for src in sources {
-        let mut run_start: Option<usize> = None;
-        let page = PAGE_SIZE as usize;
-        for (i, chunk) in src.bytes.chunks(page).enumerate() {
-            let zero = is_zero(chunk);
-            zero_pages += u64::from(zero);
-            match (zero, run_start) {
-                (false, None) => run_start = Some(i * page),
-                (true, Some(start)) => {
-                    file.write_all_at(&src.bytes[start..i * page], file_offset + start as u64).map_err(io_err(path))?;
-                    run_start = None;
-                }
-                _ => {}
+        // A run of non-zero pages waiting to be written: [start, end) in bytes of the region.
+        let mut run: Option<(usize, usize)> = None;
+        let flush = |run: &mut Option<(usize, usize)>| -> Result<()> {
+            if let Some((start, end)) = run.take() {
+                file.write_all_at(&src.bytes[start..end], file_offset + start as u64).map_err(io_err(path))?;
             }
+            Ok(())
+        };
+        let page_count = src.bytes.len().div_ceil(page);
+        for first in (0..page_count).step_by(pages_per_chunk) {
+            let mut hasher = Hasher::default();
+            for p in first..(first + pages_per_chunk).min(page_count) {
+                let bytes = &src.bytes[p * page..((p + 1) * page).min(src.bytes.len())];
+                let untouched = src.resident.as_ref().is_some_and(|r| r.get(p).is_some_and(|b| b & 1 == 0));
+                if untouched || is_zero(bytes) {
+                    zero_pages += 1;
+                    hasher.update(&ZERO_PAGE[..bytes.len()]);
+                    flush(&mut run)?;
+                } else {
+                    hasher.update(bytes);
+                    run = Some(match run {
+                        Some((start, _)) => (start, p * page + bytes.len()),
+                        None => (p * page, p * page + bytes.len()),
+                    });
+                }
+            }
+            chunk_checksums.push(hasher.finish());
         }
-        if let Some(start) = run_start {
-            file.write_all_at(&src.bytes[start..], file_offset + start as u64).map_err(io_err(path))?;
-        }
+        flush(&mut run)?;
         regions.push(RegionLayout { guest_addr: src.guest_addr, size: src.bytes.len() as u64, file_offset });
         file_offset += src.bytes.len() as u64;
     }
-    Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, chunk_checksums: Vec::new(), zero_pages })
+    Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, chunk_checksums, zero_pages })
 }
 
-/// Computes the checksum of every chunk of the page file.
-pub fn checksum_pages(file: &File, path: &std::path::Path, total_size: u64, chunk_size: u64) -> Result<Vec<u64>> {
-    let mut reader = std::io::BufReader::with_capacity(chunk_size as usize, file.try_clone().map_err(io_err(path))?);
-    let mut sums = Vec::with_capacity(total_size.div_ceil(chunk_size) as usize);
-    let mut buf = vec![0u8; chunk_size as usize];
-    let mut left = total_size;
-    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(io_err(path))?;
-    while left > 0 {
-        let n = chunk_size.min(left) as usize;
-        reader.read_exact(&mut buf[..n]).map_err(io_err(path))?;
-        let mut h = Hasher::default();
-        h.update(&buf[..n]);
-        sums.push(h.finish());
-        left -= n as u64;
-    }
-    Ok(sums)
+/// Computes the checksum of every chunk of the page file, as `write_pages` did.
+pub fn checksum_pages(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; layout.chunk_size as usize];
+    layout
+        .chunks()
+        .map(|(_, offset, len)| {
+            let piece = &mut buf[..len as usize];
+            file.read_exact_at(piece, offset).map_err(io_err(path))?;
+            Ok(crate::digest::checksum(piece))
+        })
+        .collect()
 }
 
 /// Checks every chunk against the manifest; the error names the first bad chunk.
 pub fn verify_pages(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> Result<()> {
-    let sums = checksum_pages(file, path, layout.total_size(), layout.chunk_size)?;
-    for (i, (got, want)) in sums.iter().zip(&layout.chunk_checksums).enumerate() {
+    let sums = checksum_pages(file, path, layout)?;
+    for (i, ((guest_addr, _, _), (got, want))) in
+        layout.chunks().zip(sums.iter().zip(&layout.chunk_checksums)).enumerate()
+    {
         if got != want {
-            let guest_addr = layout.guest_addr_of(i as u64 * layout.chunk_size).unwrap_or(0);
             return Err(Error::MemoryChecksum { chunk: i, guest_addr });
         }
     }
@@ -173,10 +197,13 @@ mod tests {
         low[5 * 4096 + 7] = 0xaa;
         low[(4 << 20) - 1] = 0x55;
         let high = vec![0x11u8; 8192];
-        let sources = [MemorySource { guest_addr: 0, bytes: &low }, MemorySource { guest_addr: 1 << 32, bytes: &high }];
-        let mut layout = write_pages(&file, &path, &sources).unwrap();
-        layout.chunk_checksums = checksum_pages(&file, &path, layout.total_size(), layout.chunk_size).unwrap();
+        let sources = [
+            MemorySource { guest_addr: 0, bytes: &low, resident: None },
+            MemorySource { guest_addr: 1 << 32, bytes: &high, resident: None },
+        ];
+        let layout = write_pages(&file, &path, &sources).unwrap();
         layout.validate().unwrap();
+        assert_eq!(checksum_pages(&file, &path, &layout).unwrap(), layout.chunk_checksums);
         assert_eq!(layout.zero_pages, 1024 - 2);
         assert_eq!(layout.regions[1], RegionLayout { guest_addr: 1 << 32, size: 8192, file_offset: 4 << 20 });
         // Only the three non-zero pages take disk space.
@@ -191,6 +218,22 @@ mod tests {
             Err(Error::MemoryChecksum { chunk: 2, guest_addr: 0x20_0000 }) => {}
             other => panic!("{other:?}"),
         }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn untouched_pages_are_not_read() {
+        let path = temp("resident");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let mem = vec![0xeeu8; 4 * 4096];
+        // Pages 1 and 3 "never touched": saved as zero whatever the bytes say.
+        let src = MemorySource { guest_addr: 0, bytes: &mem, resident: Some(vec![1, 0, 1, 0]) };
+        let layout = write_pages(&file, &path, &[src]).unwrap();
+        assert_eq!(layout.zero_pages, 2);
+        let mut back = vec![0u8; mem.len()];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[4096..8192].iter().all(|b| *b == 0) && back[..4096].iter().all(|b| *b == 0xee));
+        verify_pages(&file, &path, &layout).unwrap();
         std::fs::remove_file(&path).unwrap();
     }
 

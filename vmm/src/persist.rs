@@ -104,9 +104,20 @@ fn memory_sources(mem: &GuestMemoryMmap) -> Vec<MemorySource<'_>> {
             // every vCPU paused, and devices only touch guest memory from vCPU threads, so
             // nothing writes to it while the slice is read.
             let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
-            MemorySource { guest_addr: region.start_addr().0, bytes }
+            // In anonymous memory a page that is not resident was never touched: it is zero, and
+            // need not be faulted in to find out. (Not so for memory mapped from a snapshot.)
+            let resident = if region.file_offset().is_none() { residency(bytes) } else { None };
+            MemorySource { guest_addr: region.start_addr().0, bytes, resident }
         })
         .collect()
+}
+
+/// mincore(2) of a mapping: one byte a page, bit 0 set if resident.
+fn residency(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; bytes.len().div_ceil(4096)];
+    // SAFETY: `bytes` is a page-aligned mapping of its length, and `vec` has a byte per page.
+    let rc = unsafe { libc::mincore(bytes.as_ptr() as *mut libc::c_void, bytes.len(), vec.as_mut_ptr()) };
+    (rc == 0).then_some(vec)
 }
 
 /// The host CPU's identity and feature words (CPUID leaves 1 and 7).
@@ -159,7 +170,9 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
     let state = MachineState { vm, vcpus, devices };
     let bytes = codec().serialize(&state).map_err(|e| PersistError::Decode(e.to_string()))?;
     let state_digest = writer.write_state(&bytes)?;
-    let mut memory = writer.write_memory(&memory_sources(&control.mem))?;
+    tracing::debug!("snapshot: state saved after {:?}", paused_at.elapsed());
+    let memory = writer.write_memory(&memory_sources(&control.mem))?;
+    tracing::debug!("snapshot: memory written after {:?}", paused_at.elapsed());
     if opts.stop {
         paused.keep_paused();
     }
@@ -167,7 +180,6 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
     let pause = paused_at.elapsed();
 
     let result = (|| {
-        writer.finish_memory(&mut memory)?;
         let mut device_summaries = vec![DeviceSummary { kind: "serial".into(), detail: "16550 COM1 at 0x3f8".into() }];
         for (t, d) in control.devices.virtio.iter().zip(&control.config.disks) {
             let detail = format!(
