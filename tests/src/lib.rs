@@ -183,6 +183,11 @@ impl Vmm {
         }
     }
 
+    /// Lines seen so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.seen.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -193,6 +198,19 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs a client command (`vmm status|pause|continue|snapshot ...`) to completion.
+pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(vmm_bin()).args(args).stdin(Stdio::null()).output().expect("run vmm");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Like `vmm_cmd`, and asserts that it succeeded.
+pub fn vmm_ok(args: &[&str]) -> String {
+    let (status, stdout, stderr) = vmm_cmd(args);
+    assert!(status.success(), "vmm {args:?} failed ({status:?}): {stderr}");
+    stdout
 }
 
 /// Runs vmm to completion with `args` (no guest output expected): status and stderr.

@@ -90,12 +90,60 @@ pub fn detect_kernel_kind(kernel: &mut File) -> Result<KernelKind, BootError> {
     let n = read_up_to(kernel, &mut head).map_err(BootError::ReadKernel)?;
     kernel.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
     if n >= 4 && head[..4] == *b"\x7fELF" {
-        return Ok(KernelKind::Pvh);
+        let pvh = has_pvh_note(kernel).map_err(BootError::ReadKernel)?;
+        kernel.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
+        return if pvh { Ok(KernelKind::Pvh) } else { Err(BootError::NoPvhEntry) };
     }
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         return Ok(KernelKind::BzImage);
     }
     Err(BootError::UnknownKernelFormat)
+}
+
+const PT_NOTE: u32 = 4;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// Notes larger than this are not a kernel's.
+const MAX_NOTES: u64 = 1 << 20;
+
+/// Looks for the Xen PVH entry note in the ELF's PT_NOTE segments (64-bit little-endian ELF).
+fn has_pvh_note(file: &mut File) -> std::io::Result<bool> {
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    if read_up_to(file, &mut ehdr)? < 64 || ehdr[4] != 2 || ehdr[5] != 1 {
+        return Ok(false);
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 0x20), u16_at(&ehdr, 0x36), u16_at(&ehdr, 0x38));
+    if phentsize < 56 {
+        return Ok(false);
+    }
+    for i in 0..u64::from(phnum) {
+        let mut phdr = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff.saturating_add(i * u64::from(phentsize))))?;
+        if read_up_to(file, &mut phdr)? < 56 || u32_at(&phdr, 0) != PT_NOTE {
+            continue;
+        }
+        let (offset, size) = (u64_at(&phdr, 8), u64_at(&phdr, 32).min(MAX_NOTES));
+        let mut notes = vec![0u8; size as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        let got = read_up_to(file, &mut notes)?;
+        let notes = &notes[..got];
+        let mut pos = 0usize;
+        while pos + 12 <= notes.len() {
+            let (namesz, descsz, kind) = (u32_at(notes, pos), u32_at(notes, pos + 4), u32_at(notes, pos + 8));
+            let name_end = pos + 12 + namesz as usize;
+            if name_end > notes.len() {
+                break;
+            }
+            if kind == XEN_ELFNOTE_PHYS32_ENTRY && &notes[pos + 12..name_end] == b"Xen\0" {
+                return Ok(true);
+            }
+            pos = name_end.div_ceil(4) * 4 + (descsz as usize).div_ceil(4) * 4;
+        }
+    }
+    Ok(false)
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -287,7 +335,9 @@ mod tests {
     #[test]
     fn recognises_formats() {
         let mut elf = tempfile_with(b"\x7fELF\x02\x01\x01");
-        assert_eq!(detect_kernel_kind(&mut elf).unwrap(), KernelKind::Pvh);
+        assert!(matches!(detect_kernel_kind(&mut elf), Err(BootError::NoPvhEntry)));
+        let mut me = File::open(std::env::current_exe().unwrap()).unwrap();
+        assert!(matches!(detect_kernel_kind(&mut me), Err(BootError::NoPvhEntry)));
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect_kernel_kind(&mut tempfile_with(&bz)).unwrap(), KernelKind::BzImage);

@@ -1,0 +1,174 @@
+//! Snapshot and resume of the whole machine on real KVM: the test guest's memory workload on two
+//! vCPUs survives snapshot -> kill -> resume with its counters, its memory pattern and its clock.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tests::{field, vmm_cmd, vmm_ok, TempDir, Vmm};
+
+const T: Duration = Duration::from_secs(60);
+const VCPUS: u64 = 2;
+const WORKLOAD: &str = "workload=mem mem.size=8M";
+
+/// Per-CPU tick counters and guest time of a tick line.
+fn tick(line: &str) -> (u64, Vec<u64>) {
+    let t = field(line, "t").unwrap_or_else(|| panic!("no t= in {line}"));
+    (t, (0..VCPUS).map(|c| field(line, &format!("cpu{c}")).expect("cpu tick")).collect())
+}
+
+fn sock(dir: &TempDir, name: &str) -> String {
+    dir.path().join(format!("{name}.sock")).display().to_string()
+}
+
+/// Boots the workload and waits until it has made progress; returns the VM and its last tick.
+fn boot(dir: &TempDir, name: &str) -> (Vmm, String) {
+    let sock = sock(dir, name);
+    let mut vm = Vmm::testguest(WORKLOAD, &["--vcpus", "2", "--mem", "256M", "--name", name, "--api-sock", &sock]);
+    vm.wait_for("testguest: ready", T);
+    vm.wait_for("testguest: tick", T);
+    let last = vm.wait_for("testguest: tick", T);
+    (vm, last)
+}
+
+/// Resumes `snap` and checks the guest goes on from where `before` (a tick line printed before
+/// the snapshot) left it, without rebooting; returns the VM, still running, and its first tick.
+fn resume_and_check(dir: &TempDir, name: &str, snap: &Path, before: &str) -> (Vmm, String) {
+    let sock = sock(dir, name);
+    let mut vm = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--name", name, "--api-sock", &sock]);
+    let first = vm.wait_for("testguest: tick", T);
+    let second = vm.wait_for("testguest: tick", T);
+    let (t0, c0) = tick(before);
+    let (t1, c1) = tick(&first);
+    let (t2, c2) = tick(&second);
+    assert!(t1 >= t0, "guest clock went backwards: {before} -> {first}");
+    assert!(t2 > t1, "guest clock stood still: {first} -> {second}");
+    for cpu in 0..VCPUS as usize {
+        assert!(c1[cpu] >= c0[cpu], "cpu{cpu} counter went back: {before} -> {first}");
+        assert!(c2[cpu] > c1[cpu], "cpu{cpu} made no progress after resume: {first} -> {second}");
+    }
+    assert!(vm.lines_with("testguest: ready").is_empty(), "guest rebooted: {:?}", vm.seen);
+    (vm, first)
+}
+
+#[test]
+fn snapshot_kill_resume_continues() {
+    let dir = TempDir::new("snap");
+    let (mut vm, before) = boot(&dir, "orig");
+    let snap = dir.path().join("snap");
+    let out = vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap()]);
+    assert!(out.contains("paused"), "{out}");
+    // The original keeps running after the snapshot...
+    vm.wait_for("testguest: tick", T);
+    // ...until it is killed, as a host failure would.
+    vm.kill();
+    vmm_ok(&["verify", snap.to_str().unwrap()]);
+    let (mut resumed, _) = resume_and_check(&dir, "resumed", &snap, &before);
+    // Several more passes, each verifying the whole pattern written before the snapshot.
+    for _ in 0..2 {
+        resumed.wait_for("testguest: tick", T);
+    }
+    vmm_ok(&["shutdown", "--api-sock", &sock(&dir, "resumed")]);
+    let (status, _, stderr) = resumed.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn one_snapshot_resumes_twice() {
+    let dir = TempDir::new("twice");
+    let (vm, before) = boot(&dir, "orig");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
+    let (status, _, stderr) = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "snapshot --stop must end the VM cleanly: {stderr}");
+    for run in ["first", "second"] {
+        let (mut r, _) = resume_and_check(&dir, run, &snap, &before);
+        r.kill();
+    }
+}
+
+#[test]
+fn resumed_vm_can_be_snapshotted_again() {
+    let dir = TempDir::new("again");
+    let (mut vm, before) = boot(&dir, "orig");
+    let snap1 = dir.path().join("snap1");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap1.to_str().unwrap()]);
+    vm.kill();
+    let (mut second, _) = resume_and_check(&dir, "second", &snap1, &before);
+    let before2 = second.wait_for("testguest: tick", T);
+    let snap2 = dir.path().join("snap2");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "second"), "--out", snap2.to_str().unwrap()]);
+    second.kill();
+    vmm_ok(&["verify", snap2.to_str().unwrap()]);
+    let (mut third, _) = resume_and_check(&dir, "third", &snap2, &before2);
+    third.kill();
+}
+
+#[test]
+fn pause_continue_and_status() {
+    let dir = TempDir::new("pause");
+    let (mut vm, l0) = boot(&dir, "p");
+    let s = sock(&dir, "p");
+    assert!(vmm_ok(&["status", "--api-sock", &s]).contains("running"));
+    let l1 = vm.wait_for("testguest: tick", T);
+    vmm_ok(&["pause", "--api-sock", &s]);
+    assert!(vmm_ok(&["status", "--api-sock", &s]).contains("paused"));
+    std::thread::sleep(Duration::from_secs(3));
+    vmm_ok(&["continue", "--api-sock", &s]);
+    let l2 = vm.wait_for("testguest: tick", T);
+    // Progress in the ~1 s tick before the pause, against progress across 3 s of pause.
+    let (_, c0) = tick(&l0);
+    let (_, c1) = tick(&l1);
+    let (_, c2) = tick(&l2);
+    for cpu in 0..VCPUS as usize {
+        let per_tick = c1[cpu] - c0[cpu];
+        let across = c2[cpu] - c1[cpu];
+        assert!(across <= per_tick * 2 + 2, "cpu{cpu} ran while paused: {l0} / {l1} / {l2}");
+    }
+    vm.wait_for("testguest: tick", T);
+    // The socket is private to its owner.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&s).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    vm.kill();
+}
+
+#[test]
+fn existing_destination_needs_force() {
+    let dir = TempDir::new("force");
+    let (mut vm, _) = boot(&dir, "f");
+    let s = sock(&dir, "f");
+    let snap = dir.path().join("snap");
+    let snap_s = snap.to_str().unwrap();
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", snap_s]);
+    let first = std::fs::read(snap.join("manifest")).unwrap();
+    let (status, _, stderr) = vmm_cmd(&["snapshot", "--api-sock", &s, "--out", snap_s]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already exists"), "{stderr}");
+    assert_eq!(std::fs::read(snap.join("manifest")).unwrap(), first, "refused snapshot touched the old one");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", snap_s, "--force"]);
+    assert_ne!(std::fs::read(snap.join("manifest")).unwrap(), first);
+    vmm_ok(&["verify", snap_s]);
+    // No temporary siblings left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{names:?}");
+    // The guest kept running through all of it.
+    vm.wait_for("testguest: tick", T);
+    vm.kill();
+}
+
+#[test]
+fn duplicate_name_is_refused_and_stale_socket_replaced() {
+    let dir = TempDir::new("names");
+    let (mut vm, _) = boot(&dir, "dup");
+    let s = sock(&dir, "dup");
+    let kernel = tests::testguest();
+    let (status, stderr) =
+        tests::run_vmm(&["run", "--kernel", kernel.to_str().unwrap(), "--name", "dup", "--api-sock", &s], T);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    // Killed without cleanup, the socket stays behind; the next VM of that name replaces it.
+    vm.kill();
+    assert!(Path::new(&s).exists());
+    let mut again = Vmm::testguest(WORKLOAD, &["--name", "dup", "--api-sock", &s]);
+    again.wait_for("testguest: tick", T);
+    assert!(vmm_ok(&["status", "--api-sock", &s]).contains("dup running"));
+}
