@@ -64,3 +64,43 @@ fn linux_sees_the_machine_vmm_describes() {
         assert!(stderr.contains("emulation failure") && stderr.contains("RIP 0x"), "stderr: {stderr}");
     }
 }
+
+/// Pauses the stock kernel while it prints its early boot log, snapshots it, kills it, and resumes
+/// it in a new process: the log goes on where it stopped, without a second boot banner.
+#[test]
+fn linux_resumes_mid_boot() {
+    require_kvm();
+    let linux = images_dir().join("linux");
+    let vmlinux = linux.join("vmlinux");
+    assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
+    let dir = TempDir::new("linux-snap");
+    let sock = dir.path().join("l.sock").display().to_string();
+    let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
+    let args = [
+        "run", "--kernel", vmlinux.to_str().unwrap(), "--mem", MEM, "--vcpus", VCPUS, "--cmdline", cmdline,
+        "--name", "linux", "--api-sock", &sock,
+    ];
+    let step = Duration::from_secs(120);
+    let mut vm = Vmm::spawn(&args);
+    vm.wait_for("Linux version", step);
+    vm.wait_for("ACPI: RSDP", step);
+    let snap = dir.path().join("snap");
+    tests::vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+    vm.kill();
+    let last_before = vm.seen.last().cloned().unwrap_or_default();
+
+    let mut resumed = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &sock]);
+    resumed.wait_for(&format!("Allowing {VCPUS} CPUs"), step);
+    assert!(
+        resumed.lines_with("Linux version").is_empty(),
+        "the kernel booted again instead of continuing after: {last_before}\n{}",
+        resumed.seen.join("\n")
+    );
+    if hardware_kvm() {
+        resumed.wait_for("vmm-guest: ready", step);
+    } else {
+        println!("PVM host: resumed Linux checked through its early boot only");
+        let (status, _, stderr) = resumed.wait_exit(Duration::from_secs(300));
+        assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    }
+}
