@@ -77,8 +77,19 @@ fn linux_resumes_mid_boot() {
     let sock = dir.path().join("l.sock").display().to_string();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
     let args = [
-        "run", "--kernel", vmlinux.to_str().unwrap(), "--mem", MEM, "--vcpus", VCPUS, "--cmdline", cmdline,
-        "--name", "linux", "--api-sock", &sock,
+        "run",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--mem",
+        MEM,
+        "--vcpus",
+        VCPUS,
+        "--cmdline",
+        cmdline,
+        "--name",
+        "linux",
+        "--api-sock",
+        &sock,
     ];
     let step = Duration::from_secs(120);
     let mut vm = Vmm::spawn(&args);

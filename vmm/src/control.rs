@@ -150,6 +150,11 @@ impl VmControl {
         self.vm.save_state()
     }
 
+    /// A handle to end the VM from elsewhere (signals).
+    pub fn exit_sender(&self) -> ExitSender {
+        self.exit.clone()
+    }
+
     /// Ends the VM with `reason` (the main thread then exits the process).
     pub fn end(&self, reason: ExitReason) {
         self.exit.send(reason);

@@ -13,6 +13,8 @@ pub enum ExitReason {
     UserQuit,
     /// A snapshot with --stop completed, or the control socket asked for shutdown.
     Stopped,
+    /// vmm was asked to terminate (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
     /// The VM cannot go on: triple fault, KVM internal error, a failed KVM call.
     Fatal(String),
 }
@@ -57,4 +59,40 @@ impl vm_superio::Trigger for ExitTrigger {
         self.sender.send(self.reason.clone());
         Ok(())
     }
+}
+
+/// Termination signals, handled by ending the VM cleanly (terminal restored, socket removed).
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in TERMINATION_SIGNALS {
+        // SAFETY: `set` is a valid sigset_t and `sig` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// Blocks the termination signals in this thread and every thread it starts later, so that only
+/// `spawn_signal_waiter` receives them. Call first thing in main.
+pub fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: valid set; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits for a termination signal and ends the VM with it.
+pub fn spawn_signal_waiter(exit: ExitSender) -> std::io::Result<()> {
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let set = termination_set();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: valid set and output pointer; the signals are blocked in every thread.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            exit.send(ExitReason::Signal(sig));
+        }
+    })?;
+    Ok(())
 }

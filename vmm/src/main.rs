@@ -122,6 +122,7 @@ fn parse_disk_arg(s: &str) -> Result<DiskConfig, String> {
 }
 
 fn main() -> ExitCode {
+    vmm::exit::block_termination_signals();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMM_LOG"))
         .with_writer(std::io::stderr)

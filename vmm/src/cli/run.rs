@@ -1,5 +1,6 @@
 //! `vmm run` and `vmm resume`: build a machine, serve its control socket, run it until it ends.
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use vmm::api::{self, server};
@@ -64,7 +65,7 @@ pub fn run(args: RunArgs) -> CmdResult {
         disks: args.disks,
     };
     let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&config.name));
-    let listener = bind(&socket, &config.name)?;
+    let (listener, guard) = bind(&socket, &config.name)?;
     let machine = Machine::boot(config).map_err(|e| {
         if e.is_bad_input() {
             Failure::bad_input(e.to_string())
@@ -78,7 +79,7 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    serve(machine, listener, socket, false)
+    serve(machine, listener, guard, false)
 }
 
 pub fn resume(args: ResumeArgs) -> CmdResult {
@@ -92,7 +93,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         None => snapshot::Snapshot::open(&args.dir).map_err(|e| Failure::bad_input(e.to_string()))?.manifest.vm.name,
     };
     let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&name));
-    let listener = bind(&socket, &name)?;
+    let (listener, guard) = bind(&socket, &name)?;
     let machine = persist::restore(&args.dir, &opts).map_err(|e| {
         if e.is_bad_input() {
             Failure::bad_input(e.to_string())
@@ -100,27 +101,35 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
             Failure::runtime(e.to_string())
         }
     })?;
-    serve(machine, listener, socket, args.paused)
+    serve(machine, listener, guard, args.paused)
 }
 
-fn bind(socket: &Path, name: &str) -> Result<std::os::unix::net::UnixListener, Failure> {
-    server::bind(socket, name).map_err(|e| match e {
+/// Claims the VM's name by binding its control socket, before any work; the guard removes the
+/// socket on every way out.
+fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard), Failure> {
+    let listener = server::bind(socket, name).map_err(|e| match e {
         server::ServerError::NameInUse(..) => Failure::bad_input(e.to_string()),
         _ => Failure::runtime(e.to_string()),
-    })
+    })?;
+    Ok((listener, server::SocketGuard(socket.to_path_buf())))
 }
 
-fn serve(machine: Machine, listener: std::os::unix::net::UnixListener, socket: PathBuf, paused: bool) -> CmdResult {
-    let guard = server::SocketGuard(socket.clone());
-    eprintln!("vmm: VM '{}' running; control socket {}", machine.config.name, socket.display());
+fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, paused: bool) -> CmdResult {
+    let state = if paused { "paused" } else { "running" };
+    eprintln!("vmm: VM '{}' {state}; control socket {}", machine.config.name, guard.0.display());
     let running = machine.start(paused).map_err(|e| Failure::runtime(e.to_string()))?;
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+    vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
     let reason = running.wait();
     terminal.restore();
     guard.remove();
     match reason {
         ExitReason::Fatal(msg) => Err(Failure::runtime(msg)),
+        ExitReason::Signal(sig) => {
+            eprintln!("vmm: terminating on signal {sig}");
+            Ok(0)
+        }
         other => Ok(other.exit_code() as u8),
     }
 }
