@@ -183,6 +183,17 @@ impl Vmm {
         }
     }
 
+    /// CPU time (user + system) the vmm process has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("read /proc/PID/stat");
+        // Fields after the command name (which is in parentheses and may contain spaces).
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     /// Lines seen so far that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
         self.seen.iter().filter(|l| l.contains(needle)).cloned().collect()

@@ -172,3 +172,33 @@ fn duplicate_name_is_refused_and_stale_socket_replaced() {
     again.wait_for("testguest: tick", T);
     assert!(vmm_ok(&["status", "--api-sock", &s]).contains("dup running"));
 }
+
+#[test]
+fn resume_paused_waits_for_continue() {
+    let dir = TempDir::new("paused");
+    let (vm, before) = boot(&dir, "orig");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    let s = sock(&dir, "later");
+    let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--paused", "--api-sock", &s]);
+    // The socket appears when the VM is ready to be controlled.
+    let deadline = std::time::Instant::now() + T;
+    while !Path::new(&s).exists() {
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(vmm_ok(&["status", "--api-sock", &s]).contains("paused"));
+    let cpu_before = r.cpu_seconds();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(vmm_ok(&["status", "--api-sock", &s]).contains("paused"));
+    // Two busy vCPUs would burn ~3 s of CPU in 1.5 s.
+    let burnt = r.cpu_seconds() - cpu_before;
+    assert!(burnt < 0.3, "vCPUs ran while paused: {burnt:.2} s of CPU");
+    vmm_ok(&["continue", "--api-sock", &s]);
+    let first = r.wait_for("testguest: tick", T);
+    let (t0, c0) = tick(&before);
+    let (t1, c1) = tick(&first);
+    assert!(t1 >= t0 && (0..VCPUS as usize).all(|c| c1[c] >= c0[c]), "{before} -> {first}");
+    r.kill();
+}
