@@ -162,9 +162,6 @@ pub fn create_vm(config: &VmConfig) -> Result<Vm, MachineError> {
 impl Machine {
     /// Builds a VM that boots `config.kernel`.
     pub fn boot(config: VmConfig) -> Result<Self, MachineError> {
-        if config.vcpus == 0 {
-            return Err(MachineError::NoVcpus);
-        }
         let mut inputs = open_inputs(&config)?;
         let disks = open_disks(&config)?;
         let vm = create_vm(&config)?;
