@@ -1,0 +1,90 @@
+//! The command line: whitespace-separated `key=value` words; unknown words are ignored.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Demo,
+    Mem,
+    Idle,
+    Disk,
+    Poweroff,
+}
+
+#[derive(Clone, Copy)]
+pub struct Config {
+    pub workload: Workload,
+    /// Bytes each CPU fills and verifies.
+    pub mem_size: u64,
+    /// MiB/s each CPU dirties; 0 = as fast as it can.
+    pub mem_rate: u64,
+    pub disk_sectors: u64,
+    /// Power off after this many tick lines; 0 = never.
+    pub ticks: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { workload: Workload::Demo, mem_size: 16 << 20, mem_rate: 0, disk_sectors: 64, ticks: 0 }
+    }
+}
+
+/// Parses the command line; on a bad value returns the offending word.
+pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
+    let mut cfg = Config::default();
+    for word in line.split(|c| c.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+        let Some(eq) = word.iter().position(|&c| c == b'=') else { continue };
+        let (key, value) = (&word[..eq], &word[eq + 1..]);
+        let ok = match key {
+            b"workload" => {
+                cfg.workload = match value {
+                    b"demo" => Workload::Demo,
+                    b"mem" => Workload::Mem,
+                    b"idle" => Workload::Idle,
+                    b"disk" => Workload::Disk,
+                    b"poweroff" => Workload::Poweroff,
+                    _ => return Err(word),
+                };
+                true
+            }
+            b"mem.size" => size(value).map(|v| cfg.mem_size = v).is_some() && cfg.mem_size > 0,
+            b"mem.rate" => number(value).map(|v| cfg.mem_rate = v).is_some(),
+            b"disk.sectors" => number(value).map(|v| cfg.disk_sectors = v).is_some() && cfg.disk_sectors > 0,
+            b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
+            _ => true,
+        };
+        if !ok {
+            return Err(word);
+        }
+    }
+    Ok(cfg)
+}
+
+fn number(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(
+        0u64,
+        |acc, &c| {
+            if c.is_ascii_digit() {
+                acc.checked_mul(10)?.checked_add((c - b'0') as u64)
+            } else {
+                None
+            }
+        },
+    )
+}
+
+/// A byte count with an optional K, M or G suffix (powers of 1024).
+fn size(s: &[u8]) -> Option<u64> {
+    let (digits, shift) = match s.last()?.to_ascii_uppercase() {
+        b'K' => (&s[..s.len() - 1], 10),
+        b'M' => (&s[..s.len() - 1], 20),
+        b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n = number(digits)?;
+    if n.leading_zeros() < shift + 1 {
+        return None;
+    }
+    Some(n << shift)
+}

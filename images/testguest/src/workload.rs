@@ -1,0 +1,293 @@
+//! The workloads, run by every CPU in ring 3, and the tick lines CPU 0 prints.
+//!
+//! All state that must survive a snapshot (pass numbers, tick counters, the tick-line schedule)
+//! lives in statics, i.e. in guest memory, so a restored guest continues and keeps verifying.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use crate::acpi::Acpi;
+use crate::bootinfo::Alloc;
+use crate::cmdline::{Config, Workload};
+use crate::console::{fail, Line};
+use crate::paging::MAP_LIMIT;
+use crate::sync::Once;
+use crate::virtio::{self, Blk, T_IN, T_OUT};
+use crate::{kvmclock, power, smp, sys, MAX_CPUS};
+
+const NS_PER_S: u64 = 1_000_000_000;
+const NS_PER_MS: u64 = 1_000_000;
+
+static CONFIG: Once<Config> = Once::new();
+static NCPUS: AtomicUsize = AtomicUsize::new(1);
+/// Each CPU's memory region (mem workload).
+static REGION: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Each CPU's next pass number (mem workload).
+static PASS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Each CPU's tick counter: verified passes (mem) or 100 ms sleeps (idle).
+static TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Guest time of the next tick line, and how many were printed.
+static NEXT_LINE_NS: AtomicU64 = AtomicU64::new(0);
+static LINES: AtomicU64 = AtomicU64::new(0);
+
+struct DiskSetup {
+    windows: [u64; crate::acpi::MAX_VIRTIO],
+    nwindows: usize,
+    queue_page: u64,
+    wbuf: u64,
+    rbuf: u64,
+}
+static DISK: Once<DiskSetup> = Once::new();
+
+/// Sizes and allocates what the workload needs, before the APs start. Fails clearly if RAM is short.
+pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
+    NCPUS.store(ncpus, Relaxed);
+    match cfg.workload {
+        Workload::Demo | Workload::Mem => {
+            for (cpu, region) in REGION.iter().enumerate().take(ncpus) {
+                match alloc.alloc(cfg.mem_size, 2 << 20, MAP_LIMIT) {
+                    Some(addr) => region.store(addr, Relaxed),
+                    None => {
+                        Line::new()
+                            .s("FAIL what=mem reason=ram-too-small cpus=")
+                            .u(ncpus as u64)
+                            .s(" mem.size=")
+                            .u(cfg.mem_size)
+                            .s(" allocated-cpus=")
+                            .u(cpu as u64)
+                            .fail();
+                    }
+                }
+            }
+        }
+        Workload::Disk => {
+            let bytes = cfg.disk_sectors.saturating_mul(512);
+            let (Some(queue_page), Some(wbuf), Some(rbuf)) = (
+                alloc.alloc(4096, 4096, MAP_LIMIT),
+                alloc.alloc(bytes, 4096, MAP_LIMIT),
+                alloc.alloc(bytes, 4096, MAP_LIMIT),
+            ) else {
+                fail("disk", "reason=ram-too-small-for-buffers");
+            };
+            // SAFETY: a page just allocated for the queue; the device must see zeroed rings.
+            unsafe { core::ptr::write_bytes(queue_page as *mut u8, 0, 4096) };
+            DISK.set(DiskSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, queue_page, wbuf, rbuf });
+        }
+        Workload::Idle | Workload::Poweroff => {}
+    }
+    CONFIG.set(cfg);
+}
+
+/// Schedules the first tick line one second from now (called once, when the guest is ready).
+pub fn start_ticks() {
+    if NEXT_LINE_NS.load(Relaxed) == 0 {
+        NEXT_LINE_NS.store(kvmclock::uptime_ns(0) + NS_PER_S, Relaxed);
+    }
+}
+
+/// Runs this CPU's workload forever.
+pub fn run(cpu: usize) -> ! {
+    let cfg = CONFIG.get();
+    let ticking = cpu == 0 && matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle);
+    smp::mark_running(cpu);
+    match (cfg.workload, cpu) {
+        (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
+        (Workload::Idle, _) => idle(cpu, ticking),
+        (Workload::Disk, 0) => disk(cfg),
+        (Workload::Poweroff, 0) => power::poweroff(),
+        _ => idle(cpu, false),
+    }
+}
+
+/// CPU 0: prints a tick line when one is due; powers off after `ticks` lines.
+fn tick_check(now: u64) {
+    if crate::console::failed() {
+        sys::halt(); // another CPU failed: no more lines, no power-off
+    }
+    let next = NEXT_LINE_NS.load(Relaxed);
+    if now < next {
+        return;
+    }
+    // Keep a steady cadence, but after a long gap (a paused or restored guest) start afresh.
+    NEXT_LINE_NS.store(if now - next >= NS_PER_S { now + NS_PER_S } else { next + NS_PER_S }, Relaxed);
+    let mut line = Line::new();
+    line.s("tick t=").u(now / NS_PER_MS);
+    for (cpu, ticks) in TICKS.iter().enumerate().take(NCPUS.load(Relaxed)) {
+        line.s(" cpu").u(cpu as u64).s("=").u(ticks.load(Relaxed));
+    }
+    line.print();
+    let lines = LINES.fetch_add(1, Relaxed) + 1;
+    let limit = CONFIG.get().ticks;
+    if limit != 0 && lines >= limit {
+        power::poweroff();
+    }
+}
+
+fn idle(cpu: usize, ticking: bool) -> ! {
+    loop {
+        sys::sleep_ms(100);
+        TICKS[cpu].fetch_add(1, Relaxed);
+        if ticking {
+            tick_check(kvmclock::uptime_ns(0));
+        }
+    }
+}
+
+/// splitmix64's finaliser: a cheap, well-mixed function of its input.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn pass_seed(cpu: usize, pass: u64) -> u64 {
+    mix((cpu as u64) << 48 ^ pass ^ 0x9e37_79b9_7f4a_7c15)
+}
+
+/// Paces writing to `rate` MiB/s with the sleep service; sleeps at least 5 ms at a time so that
+/// ring 0 is entered rarely.
+struct Pacer {
+    cpu: usize,
+    bytes_per_s: u64,
+    epoch_ns: u64,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn wrote(&mut self, n: u64, now: u64, ticking: bool) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        self.bytes += n;
+        let due = self.epoch_ns + (self.bytes as u128 * NS_PER_S as u128 / self.bytes_per_s as u128) as u64;
+        if due >= now + 5 * NS_PER_MS {
+            let mut ns = due - now;
+            if ticking {
+                ns = ns.min(NEXT_LINE_NS.load(Relaxed).saturating_sub(now).max(NS_PER_MS));
+            }
+            sys::sleep_ms(ns / NS_PER_MS);
+        } else if now > due + NS_PER_S {
+            // Far behind (a paused or restored guest): pace from here rather than catch up.
+            self.epoch_ns = kvmclock::uptime_ns(self.cpu);
+            self.bytes = 0;
+        }
+    }
+}
+
+fn mem(cpu: usize, cfg: &Config, ticking: bool) -> ! {
+    const CHUNK_WORDS: usize = 8192; // 64 KiB between clock checks
+    let words = (cfg.mem_size / 8) as usize;
+    // SAFETY: REGION[cpu] is RAM allocated for this CPU alone (prepare), mapped, mem_size bytes long.
+    let region = unsafe { core::slice::from_raw_parts_mut(REGION[cpu].load(Relaxed) as *mut u64, words) };
+    let mut pacer = Pacer { cpu, bytes_per_s: cfg.mem_rate << 20, epoch_ns: kvmclock::uptime_ns(cpu), bytes: 0 };
+    loop {
+        let pass = PASS[cpu].load(Relaxed);
+        let (prev, cur) = (pass_seed(cpu, pass.wrapping_sub(1)), pass_seed(cpu, pass));
+        for (c, chunk) in region.chunks_mut(CHUNK_WORDS).enumerate() {
+            let first = (c * CHUNK_WORDS) as u64;
+            for (j, w) in chunk.iter_mut().enumerate() {
+                let i = first + j as u64;
+                // The pass before wrote mix(prev ^ i) here: check it, then write this pass's word.
+                if pass > 0 && *w != mix(prev ^ i) {
+                    Line::new()
+                        .s("FAIL what=mem cpu=")
+                        .u(cpu as u64)
+                        .s(" offset=")
+                        .x(i * 8)
+                        .s(" expected=")
+                        .x(mix(prev ^ i))
+                        .s(" got=")
+                        .x(*w)
+                        .s(" pass=")
+                        .u(pass)
+                        .fail();
+                }
+                *w = mix(cur ^ i);
+            }
+            let now = kvmclock::uptime_ns(cpu);
+            pacer.wrote(chunk.len() as u64 * 8, now, ticking);
+            if ticking {
+                tick_check(kvmclock::uptime_ns(0));
+            }
+        }
+        if pass > 0 {
+            TICKS[cpu].fetch_add(1, Relaxed);
+        }
+        PASS[cpu].store(pass + 1, Relaxed);
+    }
+}
+
+/// CPU 0: write, read back and verify `disk.sectors` sectors on the first virtio-blk, then power off.
+fn disk(cfg: &Config) -> ! {
+    let d = DISK.get();
+    let base = virtio::find_blk(&d.windows[..d.nwindows]).unwrap_or_else(|e| disk_fail(&e));
+    let mut blk = Blk::init(base, d.queue_page).unwrap_or_else(|e| disk_fail(&e));
+    if blk.read_only {
+        let status = blk.request(T_OUT, 0, d.wbuf, 512).unwrap_or_else(|e| disk_fail(&e));
+        Line::new().s("disk read-only write-status=").u(status as u64).print();
+        power::poweroff();
+    }
+    let sectors = cfg.disk_sectors;
+    if sectors > blk.capacity {
+        Line::new()
+            .s("FAIL what=disk reason=disk-too-small capacity=")
+            .u(blk.capacity)
+            .s(" sectors=")
+            .u(sectors)
+            .fail();
+    }
+    let words = (sectors * 64) as usize;
+    // SAFETY: wbuf and rbuf are RAM allocated for these buffers alone (prepare), sectors*512 bytes each.
+    let (wbuf, rbuf) = unsafe {
+        (
+            core::slice::from_raw_parts_mut(d.wbuf as *mut u64, words),
+            core::slice::from_raw_parts_mut(d.rbuf as *mut u64, words),
+        )
+    };
+    // A salt from the clock, so data left on the image by an earlier run cannot pass for ours.
+    let salt = mix(kvmclock::uptime_ns(0) | 1);
+    for (i, w) in wbuf.iter_mut().enumerate() {
+        *w = mix(salt ^ i as u64);
+    }
+    rbuf.fill(0);
+    const PER_REQUEST: u64 = 128; // sectors: 64 KiB per request
+    for (typ, buf) in [(T_OUT, d.wbuf), (T_IN, d.rbuf)] {
+        let mut sector = 0;
+        while sector < sectors {
+            let n = PER_REQUEST.min(sectors - sector);
+            let status =
+                blk.request(typ, sector, buf + sector * 512, (n * 512) as u32).unwrap_or_else(|e| disk_fail(&e));
+            if status != 0 {
+                Line::new()
+                    .s("FAIL what=disk reason=")
+                    .s(if typ == T_OUT { "write" } else { "read" })
+                    .s("-status status=")
+                    .u(status as u64)
+                    .s(" sector=")
+                    .u(sector)
+                    .fail();
+            }
+            sector += n;
+        }
+    }
+    if let Some(i) = (0..words).find(|&i| rbuf[i] != wbuf[i]) {
+        Line::new()
+            .s("FAIL what=disk reason=mismatch offset=")
+            .x(i as u64 * 8)
+            .s(" expected=")
+            .x(wbuf[i])
+            .s(" got=")
+            .x(rbuf[i])
+            .fail();
+    }
+    Line::new().s("disk ok sectors=").u(sectors).print();
+    power::poweroff()
+}
+
+fn disk_fail(e: &virtio::Error) -> ! {
+    let mut line = Line::new();
+    line.s("FAIL what=disk ").s(e.reason());
+    if let virtio::Error::Version(v) = e {
+        line.u(*v as u64);
+    }
+    line.fail()
+}
