@@ -80,3 +80,14 @@ fn default_kernel_is_the_test_guest() {
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
     assert!(out.iter().any(|l| l.contains("testguest: ready cpus=1")), "{}", out.join("\n"));
 }
+
+#[test]
+fn guest_crash_ends_vmm_with_status_1_and_says_where() {
+    let vmm = Vmm::testguest("workload=triplefault", &[]);
+    let (status, _, stderr) = vmm.wait_exit(BOOT);
+    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    // A triple fault on hardware KVM; PVM's instruction emulator gives up before that.
+    assert!(last.contains("triple fault") || last.contains("emulation failure"), "{last}");
+    assert!(last.contains("on vCPU 0 at RIP 0x"), "{last}");
+}

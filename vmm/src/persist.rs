@@ -17,7 +17,6 @@ use vm_memory::{
 
 use crate::config::{DiskConfig, VmConfig};
 use crate::control::VmControl;
-use crate::exit::ExitReason;
 use crate::machine::{self, DevicesState, Machine, MachineError};
 use crate::vstate::vcpu::ControlError;
 use crate::vstate::vcpu_state::{self, VcpuState};
@@ -74,7 +73,7 @@ impl PersistError {
 pub struct SnapshotOptions {
     /// Replace an existing snapshot at the destination.
     pub force: bool,
-    /// End the VM once the snapshot is safely on disk.
+    /// Leave the guest paused once the snapshot is safely on disk (the caller then ends the VM).
     pub stop: bool,
 }
 
@@ -153,8 +152,8 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
 }
 
 /// Saves the running machine to `out`. The guest is paused while its state and memory are
-/// copied, then continues (unless `stop`) while checksums are computed and the snapshot is made
-/// durable. On any failure the guest keeps running and nothing is left at `out`.
+/// copied, then continues (unless `stop`, which leaves it paused for the caller to end) while the
+/// snapshot is made durable. On any failure the guest keeps running and nothing is left at `out`.
 pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Result<SnapshotReport, PersistError> {
     let start = Instant::now();
     let writer = SnapshotWriter::create(out, opts.force)?;
@@ -223,9 +222,6 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
         memory_bytes: memory.total_size(),
         zero_pages: memory.zero_pages,
     };
-    if opts.stop {
-        control.end(ExitReason::Stopped);
-    }
     Ok(report)
 }
 

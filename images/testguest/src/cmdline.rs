@@ -7,6 +7,7 @@ pub enum Workload {
     Idle,
     Disk,
     Poweroff,
+    TripleFault,
 }
 
 #[derive(Clone, Copy)]
@@ -17,13 +18,25 @@ pub struct Config {
     /// MiB/s each CPU dirties; 0 = as fast as it can.
     pub mem_rate: u64,
     pub disk_sectors: u64,
+    /// Disk round trips to run (0 = forever, with tick lines).
+    pub disk_rounds: u64,
     /// Power off after this many tick lines; 0 = never.
     pub ticks: u64,
+    /// Milliseconds of guest time between tick lines.
+    pub tick_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { workload: Workload::Demo, mem_size: 16 << 20, mem_rate: 0, disk_sectors: 64, ticks: 0 }
+        Config {
+            workload: Workload::Demo,
+            mem_size: 16 << 20,
+            mem_rate: 0,
+            disk_sectors: 64,
+            disk_rounds: 1,
+            ticks: 0,
+            tick_ms: 1000,
+        }
     }
 }
 
@@ -41,6 +54,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     b"idle" => Workload::Idle,
                     b"disk" => Workload::Disk,
                     b"poweroff" => Workload::Poweroff,
+                    b"triplefault" => Workload::TripleFault,
                     _ => return Err(word),
                 };
                 true
@@ -48,7 +62,9 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"mem.size" => size(value).map(|v| cfg.mem_size = v).is_some() && cfg.mem_size > 0,
             b"mem.rate" => number(value).map(|v| cfg.mem_rate = v).is_some(),
             b"disk.sectors" => number(value).map(|v| cfg.disk_sectors = v).is_some() && cfg.disk_sectors > 0,
+            b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
+            b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,
             _ => true,
         };
         if !ok {

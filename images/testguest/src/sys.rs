@@ -2,7 +2,7 @@
 
 use core::arch::asm;
 
-use crate::traps::{SVC_FLUSH_TLB, SVC_HALT, SVC_IPI, SVC_OUT, SVC_SLEEP, SVC_WRITE};
+use crate::traps::{SVC_FLUSH_TLB, SVC_HALT, SVC_IPI, SVC_OUT, SVC_SLEEP, SVC_TRIPLE_FAULT, SVC_WRITE};
 
 #[inline(always)]
 fn svc(n: u64, a: u64, b: u64, c: u64) -> u64 {
@@ -47,6 +47,14 @@ pub fn flush_tlb() {
 pub fn halt() -> ! {
     svc(SVC_HALT, 0, 0, 0);
     // The service never returns; this only satisfies the type.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Makes this CPU triple-fault (for testing how the VMM reports it).
+pub fn triple_fault() -> ! {
+    svc(SVC_TRIPLE_FAULT, 0, 0, 0);
     loop {
         core::hint::spin_loop();
     }

@@ -19,7 +19,8 @@ pub const SVC_IPI: u64 = 2; // rdi = destination APIC id, rsi = ICR low word
 pub const SVC_OUT: u64 = 3; // rdi = port, rsi = value, rdx = width in bytes (1, 2, 4)
 pub const SVC_HALT: u64 = 4; // stop this CPU for good
 pub const SVC_FLUSH_TLB: u64 = 5; // reload CR3 after ring 3 extended the page tables
-const NSVC: u64 = 6;
+pub const SVC_TRIPLE_FAULT: u64 = 6; // load an empty IDT and trap: the VMM sees a triple fault
+const NSVC: u64 = 7;
 
 global_asm!(
     r#"
@@ -139,6 +140,12 @@ svc_flush_tlb:
     movq %rax, %cr3
     xorl %eax, %eax
     iretq
+
+svc_triple_fault:
+    lidt empty_idt_ptr(%rip)
+    int3
+1:  hlt
+    jmp 1b
 
     // ---- LAPIC timer: acknowledge; the sleeping service checks the count itself ----
 timer_entry:
@@ -296,10 +303,12 @@ fault_common:
     .pushsection .rodata, "a"
     .balign 8
 svc_table:
-    .quad svc_write, svc_sleep, svc_ipi, svc_out, svc_halt, svc_flush_tlb
+    .quad svc_write, svc_sleep, svc_ipi, svc_out, svc_halt, svc_flush_tlb, svc_triple_fault
     .if (. - svc_table) != 8 * {nsvc}
     .error "svc_table does not match NSVC"
     .endif
+empty_idt_ptr: .word 0
+    .quad 0
 fault_msg: .asciz "testguest: FAIL what=exception cpu="
 fault_f0: .asciz " vector="
 fault_f1: .asciz " error="

@@ -72,28 +72,36 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(queue_page as *mut u8, 0, 4096) };
             DISK.set(DiskSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, queue_page, wbuf, rbuf });
         }
-        Workload::Idle | Workload::Poweroff => {}
+        Workload::Idle | Workload::Poweroff | Workload::TripleFault => {}
     }
     CONFIG.set(cfg);
 }
 
-/// Schedules the first tick line one second from now (called once, when the guest is ready).
+/// Guest time between tick lines.
+fn tick_ns() -> u64 {
+    CONFIG.get().tick_ms * NS_PER_MS
+}
+
+/// Schedules the first tick line one interval from now (called once, when the guest is ready).
 pub fn start_ticks() {
     if NEXT_LINE_NS.load(Relaxed) == 0 {
-        NEXT_LINE_NS.store(kvmclock::uptime_ns(0) + NS_PER_S, Relaxed);
+        NEXT_LINE_NS.store(kvmclock::uptime_ns(0) + tick_ns(), Relaxed);
     }
 }
 
 /// Runs this CPU's workload forever.
 pub fn run(cpu: usize) -> ! {
     let cfg = CONFIG.get();
-    let ticking = cpu == 0 && matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle);
+    let ticking = cpu == 0
+        && (matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle)
+            || (cfg.workload == Workload::Disk && cfg.disk_rounds != 1));
     smp::mark_running(cpu);
     match (cfg.workload, cpu) {
         (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
         (Workload::Idle, _) => idle(cpu, ticking),
         (Workload::Disk, 0) => disk(cfg),
         (Workload::Poweroff, 0) => power::poweroff(),
+        (Workload::TripleFault, 0) => sys::triple_fault(),
         _ => idle(cpu, false),
     }
 }
@@ -108,7 +116,8 @@ fn tick_check(now: u64) {
         return;
     }
     // Keep a steady cadence, but after a long gap (a paused or restored guest) start afresh.
-    NEXT_LINE_NS.store(if now - next >= NS_PER_S { now + NS_PER_S } else { next + NS_PER_S }, Relaxed);
+    let interval = tick_ns();
+    NEXT_LINE_NS.store(if now - next >= interval { now + interval } else { next + interval }, Relaxed);
     let mut line = Line::new();
     line.s("tick t=").u(now / NS_PER_MS);
     for (cpu, ticks) in TICKS.iter().enumerate().take(NCPUS.load(Relaxed)) {
@@ -216,7 +225,8 @@ fn mem(cpu: usize, cfg: &Config, ticking: bool) -> ! {
     }
 }
 
-/// CPU 0: write, read back and verify `disk.sectors` sectors on the first virtio-blk, then power off.
+/// CPU 0: write, read back and verify `disk.sectors` sectors on the first virtio-blk,
+/// `disk.rounds` times (each round a tick; 0 = forever), then power off.
 fn disk(cfg: &Config) -> ! {
     let d = DISK.get();
     let base = virtio::find_blk(&d.windows[..d.nwindows]).unwrap_or_else(|e| disk_fail(&e));
@@ -243,7 +253,30 @@ fn disk(cfg: &Config) -> ! {
             core::slice::from_raw_parts_mut(d.rbuf as *mut u64, words),
         )
     };
-    // A salt from the clock, so data left on the image by an earlier run cannot pass for ours.
+    let mut round = 0u64;
+    loop {
+        disk_round(&mut blk, d, sectors, wbuf, rbuf);
+        round += 1;
+        TICKS[0].store(round, Relaxed);
+        if cfg.disk_rounds != 0 && round >= cfg.disk_rounds {
+            break;
+        }
+        tick_check(kvmclock::uptime_ns(0));
+    }
+    let mut line = Line::new();
+    line.s("disk ok sectors=").u(sectors);
+    if cfg.disk_rounds != 1 {
+        line.s(" rounds=").u(round);
+    }
+    line.print();
+    power::poweroff()
+}
+
+/// One write / read back / verify round trip over `sectors` sectors.
+fn disk_round(blk: &mut Blk, d: &DiskSetup, sectors: u64, wbuf: &mut [u64], rbuf: &mut [u64]) {
+    let words = wbuf.len();
+    // A salt from the clock, so data left on the image by an earlier run (or round) cannot pass
+    // for ours.
     let salt = mix(kvmclock::uptime_ns(0) | 1);
     for (i, w) in wbuf.iter_mut().enumerate() {
         *w = mix(salt ^ i as u64);
@@ -279,8 +312,6 @@ fn disk(cfg: &Config) -> ! {
             .x(rbuf[i])
             .fail();
     }
-    Line::new().s("disk ok sectors=").u(sectors).print();
-    power::poweroff()
 }
 
 fn disk_fail(e: &virtio::Error) -> ! {

@@ -73,20 +73,26 @@ fn serve(stream: UnixStream, control: &VmControl) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST));
-    let reply = match reader.read_line(&mut line) {
+    let (reply, end) = match reader.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
             Ok(request) => handle(request, control),
-            Err(e) => Reply::error(ErrorKind::Input, format!("bad request: {e}")),
+            Err(e) => (Reply::error(ErrorKind::Input, format!("bad request: {e}")), false),
         },
-        Err(e) => Reply::error(ErrorKind::Input, format!("cannot read request: {e}")),
+        Err(e) => (Reply::error(ErrorKind::Input, format!("cannot read request: {e}")), false),
     };
     let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false}"#.into());
     text.push('\n');
     let _ = (&stream).write_all(text.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    // Only now, with the reply sent: ending the VM ends this process.
+    if end {
+        control.end(ExitReason::Stopped);
+    }
 }
 
-fn handle(request: Request, control: &VmControl) -> Reply {
-    match request {
+/// Serves one request; the flag says whether the VM must end once the reply is sent.
+fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
+    let reply = match request {
         Request::Status => Reply {
             status: Some(Status {
                 name: control.config.name.clone(),
@@ -99,24 +105,22 @@ fn handle(request: Request, control: &VmControl) -> Reply {
         },
         Request::Pause => result(control.pause()),
         Request::Continue => result(control.resume()),
-        Request::Shutdown => {
-            control.end(ExitReason::Stopped);
-            Reply::ok()
-        }
+        Request::Shutdown => return (Reply::ok(), true),
         Request::Snapshot { out, force, stop } => {
             let path = Path::new(&out);
             if !path.is_absolute() {
-                return Reply::error(ErrorKind::Input, format!("snapshot path must be absolute: {out}"));
+                return (Reply::error(ErrorKind::Input, format!("snapshot path must be absolute: {out}")), false);
             }
-            match persist::snapshot(control, path, SnapshotOptions { force, stop }) {
-                Ok(report) => Reply { snapshot: Some(report), ..Reply::ok() },
+            return match persist::snapshot(control, path, SnapshotOptions { force, stop }) {
+                Ok(report) => (Reply { snapshot: Some(report), ..Reply::ok() }, stop),
                 Err(e) => {
                     let kind = if e.is_bad_input() { ErrorKind::Input } else { ErrorKind::Runtime };
-                    Reply::error(kind, e.to_string())
+                    (Reply::error(kind, e.to_string()), false)
                 }
-            }
+            };
         }
-    }
+    };
+    (reply, false)
 }
 
 fn result<E: std::fmt::Display>(r: Result<(), E>) -> Reply {
