@@ -202,3 +202,29 @@ fn resume_paused_waits_for_continue() {
     assert!(t1 >= t0 && (0..VCPUS as usize).all(|c| c1[c] >= c0[c]), "{before} -> {first}");
     r.kill();
 }
+
+/// The idle workload sleeps on LAPIC one-shot timers: after resume the timers must fire again.
+#[test]
+fn timers_fire_after_resume() {
+    let dir = TempDir::new("timers");
+    let s = sock(&dir, "idle");
+    let mut vm = Vmm::testguest("workload=idle tick.ms=200", &["--vcpus", "2", "--api-sock", &s]);
+    vm.wait_for("testguest: tick", T);
+    let before = vm.wait_for("testguest: tick", T);
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
+    let first = r.wait_for("testguest: tick", T);
+    let mut last = first.clone();
+    for _ in 0..3 {
+        last = r.wait_for("testguest: tick", T);
+    }
+    let (t0, c0) = tick(&before);
+    let (t1, c1) = tick(&last);
+    assert!(t1 > t0, "{before} -> {last}");
+    for cpu in 0..VCPUS as usize {
+        assert!(c1[cpu] > c0[cpu], "cpu{cpu} timer never fired after resume: {before} -> {last}");
+    }
+    r.kill();
+}

@@ -171,6 +171,14 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, _features: u64) {}
 
+    fn sync(&self) -> std::io::Result<()> {
+        if self.read_only {
+            Ok(())
+        } else {
+            self.file.sync_data()
+        }
+    }
+
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {

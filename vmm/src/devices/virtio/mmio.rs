@@ -130,6 +130,11 @@ impl MmioTransport {
         Ok(transport)
     }
 
+    /// Flushes the device's backend to stable storage.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.device.sync()
+    }
+
     /// One line about the device, for `vmm inspect`.
     pub fn describe(&self) -> String {
         format!(

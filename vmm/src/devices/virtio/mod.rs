@@ -29,6 +29,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64);
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Makes everything the guest wrote so far durable on the host (for snapshots).
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Processes the available buffers of queue `index`. Returns true if it used any, so the
     /// transport raises an interrupt.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
