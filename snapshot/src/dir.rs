@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::checksum;
 use crate::manifest::{FileDigest, Manifest};
-use crate::pages::{self, MemoryLayout, MemorySource};
+use crate::pages::{self, MemoryLayout, MemorySource, StagedMemory};
 use crate::{io_err, Error, Result, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 
 /// Builds a snapshot in a temporary sibling of its destination; `commit` makes it appear whole.
@@ -73,6 +73,12 @@ impl SnapshotWriter {
     pub fn write_memory(&self, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
         let (file, path) = self.create_file(MEMORY_FILE)?;
         pages::write_pages(&file, &path, sources)
+    }
+
+    /// Writes memory copied aside while the guest was paused, like `write_memory`.
+    pub fn write_staged_memory(&self, staged: &StagedMemory) -> Result<MemoryLayout> {
+        let (file, path) = self.create_file(MEMORY_FILE)?;
+        pages::write_staged(&file, &path, staged)
     }
 
     /// Writes the manifest, makes everything durable and moves the snapshot into place. Until the

@@ -106,50 +106,176 @@ fn is_zero(page: &[u8]) -> bool {
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
+/// Where the pages of one region come from when writing the page file.
+trait PageSource {
+    fn guest_addr(&self) -> u64;
+    fn size(&self) -> usize;
+    /// Page `p`'s bytes, or None if it is zero.
+    fn page(&self, p: usize) -> Option<&[u8]>;
+    /// The bytes of the non-zero pages [first, end), which are contiguous in the source.
+    fn run(&self, first: usize, end: usize) -> &[u8];
+}
+
+impl PageSource for MemorySource<'_> {
+    fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn page(&self, p: usize) -> Option<&[u8]> {
+        let untouched = self.resident.as_ref().is_some_and(|r| r.get(p).is_some_and(|b| b & 1 == 0));
+        let bytes = &self.bytes[p * PAGE..((p + 1) * PAGE).min(self.bytes.len())];
+        (!untouched && !is_zero(bytes)).then_some(bytes)
+    }
+
+    fn run(&self, first: usize, end: usize) -> &[u8] {
+        &self.bytes[first * PAGE..(end * PAGE).min(self.bytes.len())]
+    }
+}
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Slot of a zero page in a staged region.
+const ZERO_SLOT: u32 = u32::MAX;
+
+/// One region's non-zero pages, copied aside in page order.
+struct StagedRegion {
+    guest_addr: u64,
+    size: usize,
+    /// For each page, its slot in the staging buffer, or ZERO_SLOT.
+    slots: Vec<u32>,
+}
+
+/// Guest memory copied aside while the guest is paused (a memory-speed copy of the non-zero
+/// pages), to be written to the page file once the guest runs again.
+#[derive(Default)]
+pub struct StagedMemory {
+    regions: Vec<StagedRegion>,
+    data: Vec<u8>,
+}
+
+impl StagedMemory {
+    /// A staging buffer for `bytes` of pages, allocated and faulted in now, so that the copy
+    /// while the guest is paused runs at memory speed.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut data = Vec::with_capacity(bytes);
+        // Touch one byte a page: the kernel backs the whole buffer now rather than mid-copy.
+        for page in data.spare_capacity_mut().chunks_mut(PAGE) {
+            page[0].write(0u8);
+        }
+        Self { regions: Vec::new(), data }
+    }
+
+    /// Copies the non-zero pages of `sources` (untouched pages are not read).
+    pub fn copy(&mut self, sources: &[MemorySource<'_>]) {
+        self.regions.clear();
+        self.data.clear();
+        let mut used = 0u32;
+        for src in sources {
+            let pages = src.bytes.len().div_ceil(PAGE);
+            let mut slots = Vec::with_capacity(pages);
+            for p in 0..pages {
+                match src.page(p) {
+                    Some(bytes) => {
+                        self.data.extend_from_slice(bytes);
+                        slots.push(used);
+                        used += 1;
+                    }
+                    None => slots.push(ZERO_SLOT),
+                }
+            }
+            self.regions.push(StagedRegion { guest_addr: src.guest_addr, size: src.bytes.len(), slots });
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A staged region with the buffer its pages are in.
+struct StagedView<'a> {
+    region: &'a StagedRegion,
+    data: &'a [u8],
+}
+
+impl PageSource for StagedView<'_> {
+    fn guest_addr(&self) -> u64 {
+        self.region.guest_addr
+    }
+
+    fn size(&self) -> usize {
+        self.region.size
+    }
+
+    fn page(&self, p: usize) -> Option<&[u8]> {
+        let slot = *self.region.slots.get(p)?;
+        (slot != ZERO_SLOT).then(|| &self.data[slot as usize * PAGE..(slot as usize + 1) * PAGE])
+    }
+
+    fn run(&self, first: usize, end: usize) -> &[u8] {
+        let (a, b) = (self.region.slots[first] as usize, self.region.slots[end - 1] as usize + 1);
+        &self.data[a * PAGE..b * PAGE]
+    }
+}
+
 /// Writes `sources` into `file` (regions one after another), leaving zero pages as holes, and
 /// checksums every chunk on the way (from memory: reading the file back before it is flushed is
-/// slow).
+/// slow). The guest must not run while this reads its memory.
 pub fn write_pages(file: &File, path: &std::path::Path, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
-    let total: u64 = sources.iter().map(|s| s.bytes.len() as u64).sum();
+    let sources: Vec<&dyn PageSource> = sources.iter().map(|s| s as &dyn PageSource).collect();
+    write_regions(file, path, &sources)
+}
+
+/// Writes memory copied aside by `StagedMemory::copy`, like `write_pages`.
+pub fn write_staged(file: &File, path: &std::path::Path, staged: &StagedMemory) -> Result<MemoryLayout> {
+    let views: Vec<StagedView<'_>> =
+        staged.regions.iter().map(|region| StagedView { region, data: &staged.data }).collect();
+    let sources: Vec<&dyn PageSource> = views.iter().map(|v| v as &dyn PageSource).collect();
+    write_regions(file, path, &sources)
+}
+
+fn write_regions(file: &File, path: &std::path::Path, sources: &[&dyn PageSource]) -> Result<MemoryLayout> {
+    let total: u64 = sources.iter().map(|s| s.size() as u64).sum();
     file.set_len(total).map_err(io_err(path))?;
-    let page = PAGE_SIZE as usize;
     let pages_per_chunk = (CHUNK_SIZE / PAGE_SIZE) as usize;
     let mut regions = Vec::with_capacity(sources.len());
     let mut chunk_checksums = Vec::new();
     let mut zero_pages = 0;
     let mut file_offset = 0u64;
-    for src in sources {
-        // A run of non-zero pages waiting to be written: [start, end) in bytes of the region.
+    for &src in sources {
+        // A run of non-zero pages waiting to be written: [first, end) page indices.
         let mut run: Option<(usize, usize)> = None;
         let flush = |run: &mut Option<(usize, usize)>| -> Result<()> {
-            if let Some((start, end)) = run.take() {
-                file.write_all_at(&src.bytes[start..end], file_offset + start as u64).map_err(io_err(path))?;
+            if let Some((first, end)) = run.take() {
+                file.write_all_at(src.run(first, end), file_offset + (first * PAGE) as u64).map_err(io_err(path))?;
             }
             Ok(())
         };
-        let page_count = src.bytes.len().div_ceil(page);
+        let page_count = src.size().div_ceil(PAGE);
         for first in (0..page_count).step_by(pages_per_chunk) {
             let mut hasher = Hasher::default();
             for p in first..(first + pages_per_chunk).min(page_count) {
-                let bytes = &src.bytes[p * page..((p + 1) * page).min(src.bytes.len())];
-                let untouched = src.resident.as_ref().is_some_and(|r| r.get(p).is_some_and(|b| b & 1 == 0));
-                if untouched || is_zero(bytes) {
-                    zero_pages += 1;
-                    hasher.update(&ZERO_PAGE[..bytes.len()]);
-                    flush(&mut run)?;
-                } else {
-                    hasher.update(bytes);
-                    run = Some(match run {
-                        Some((start, _)) => (start, p * page + bytes.len()),
-                        None => (p * page, p * page + bytes.len()),
-                    });
+                match src.page(p) {
+                    None => {
+                        zero_pages += 1;
+                        hasher.update(&ZERO_PAGE[..PAGE.min(src.size() - p * PAGE)]);
+                        flush(&mut run)?;
+                    }
+                    Some(bytes) => {
+                        hasher.update(bytes);
+                        run = Some((run.map_or(p, |(start, _)| start), p + 1));
+                    }
                 }
             }
             chunk_checksums.push(hasher.finish());
         }
         flush(&mut run)?;
-        regions.push(RegionLayout { guest_addr: src.guest_addr, size: src.bytes.len() as u64, file_offset });
-        file_offset += src.bytes.len() as u64;
+        regions.push(RegionLayout { guest_addr: src.guest_addr(), size: src.size() as u64, file_offset });
+        file_offset += src.size() as u64;
     }
     Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, chunk_checksums, zero_pages })
 }
@@ -235,6 +361,31 @@ mod tests {
         assert!(back[4096..8192].iter().all(|b| *b == 0) && back[..4096].iter().all(|b| *b == 0xee));
         verify_pages(&file, &path, &layout).unwrap();
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn staged_copy_writes_the_same_file() {
+        let mut mem = vec![0u8; 3 << 20];
+        for (i, b) in mem.iter_mut().enumerate().step_by(4096 * 3) {
+            *b = (i / 4096) as u8 | 1;
+        }
+        let direct_path = temp("direct");
+        let staged_path = temp("staged");
+        let open = |p: &std::path::Path| {
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(p).unwrap()
+        };
+        let (direct_file, staged_file) = (open(&direct_path), open(&staged_path));
+        let src = || [MemorySource { guest_addr: 0x10_0000, bytes: &mem, resident: None }];
+        let direct = write_pages(&direct_file, &direct_path, &src()).unwrap();
+        let mut staged = StagedMemory::with_capacity(1 << 20);
+        staged.copy(&src());
+        assert_eq!(staged.bytes(), (mem.len() / 4096).div_ceil(3) * 4096);
+        mem.iter_mut().for_each(|b| *b = 0xff); // the guest runs on: the copy must not care
+        let layout = write_staged(&staged_file, &staged_path, &staged).unwrap();
+        assert_eq!(layout, direct);
+        assert_eq!(std::fs::read(&direct_path).unwrap(), std::fs::read(&staged_path).unwrap());
+        std::fs::remove_file(&direct_path).unwrap();
+        std::fs::remove_file(&staged_path).unwrap();
     }
 
     #[test]

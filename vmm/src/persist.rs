@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 use snapshot::{
-    CpuIdentity, DeviceSummary, DiskDescription, Manifest, MemorySource, Snapshot, SnapshotWriter, VcpuSummary,
-    VmDescription,
+    CpuIdentity, DeviceSummary, DiskDescription, Manifest, MemorySource, Snapshot, SnapshotWriter, StagedMemory,
+    VcpuSummary, VmDescription,
 };
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
@@ -113,6 +113,31 @@ fn memory_sources(mem: &GuestMemoryMmap) -> Vec<MemorySource<'_>> {
         .collect()
 }
 
+/// Guest memory taken while paused: copied aside, or already in the page file.
+enum SavedMemory {
+    Staged(StagedMemory),
+    Written(snapshot::MemoryLayout),
+}
+
+/// How much to set aside to copy the guest's non-zero memory (its resident anonymous pages, all
+/// of a mapped region, with some room for pages touched meanwhile), or None when that would not
+/// fit comfortably in half of what the host has available.
+fn staging_size(sources: &[MemorySource<'_>]) -> Option<usize> {
+    let bound: u64 = sources
+        .iter()
+        .map(|s| match &s.resident {
+            Some(map) => map.iter().filter(|b| *b & 1 != 0).count() as u64 * 4096,
+            None => s.bytes.len() as u64,
+        })
+        .sum();
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let size = bound + bound / 16 + (16 << 20);
+    available.filter(|a| size <= a / 2).map(|_| size as usize)
+}
+
 /// mincore(2) of a mapping: one byte a page, bit 0 set if resident.
 fn residency(bytes: &[u8]) -> Option<Vec<u8>> {
     let mut vec = vec![0u8; bytes.len().div_ceil(4096)];
@@ -159,6 +184,8 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
 pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Result<SnapshotReport, PersistError> {
     let start = Instant::now();
     let writer = SnapshotWriter::create(out, opts.force)?;
+    // Prepare the staging buffer before pausing: allocating and faulting it in is the slow part.
+    let mut staging = staging_size(&memory_sources(&control.mem)).map(StagedMemory::with_capacity);
     let mut paused = control.pause_for()?;
     let paused_at = Instant::now();
     let vcpus = paused.vcpu_states()?;
@@ -171,19 +198,33 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
     let state = MachineState { vm, vcpus, devices };
     let bytes = codec().serialize(&state).map_err(|e| PersistError::Decode(e.to_string()))?;
     let state_digest = writer.write_state(&bytes)?;
-    tracing::debug!("snapshot: state saved after {:?}", paused_at.elapsed());
-    let memory = writer.write_memory(&memory_sources(&control.mem))?;
-    tracing::debug!("snapshot: memory written after {:?}", paused_at.elapsed());
+    // Copy memory aside at memory speed and let the guest run while it goes to disk; write it
+    // straight to the file while paused only when the copy would not fit in host memory.
+    let sources = memory_sources(&control.mem);
+    let saved = match staging.take() {
+        Some(mut staged) => {
+            staged.copy(&sources);
+            SavedMemory::Staged(staged)
+        }
+        None => SavedMemory::Written(writer.write_memory(&sources)?),
+    };
+    drop(sources);
     if opts.stop {
         paused.keep_paused();
     }
     drop(paused);
     let pause = paused_at.elapsed();
+    let memory = match saved {
+        SavedMemory::Staged(staged) => writer.write_staged_memory(&staged)?,
+        SavedMemory::Written(layout) => layout,
+    };
 
     let result = (|| {
         // The disks must hold at least what the guest wrote before the snapshot, durably.
         for (t, d) in control.devices.virtio.iter().zip(&control.config.disks) {
-            crate::devices::bus::lock(t).sync().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path.display())))?;
+            crate::devices::bus::lock(t)
+                .sync()
+                .map_err(|e| PersistError::Disk(format!("{}: {e}", d.path.display())))?;
         }
         let mut device_summaries = vec![DeviceSummary { kind: "serial".into(), detail: "16550 COM1 at 0x3f8".into() }];
         for (t, d) in control.devices.virtio.iter().zip(&control.config.disks) {
