@@ -1,0 +1,809 @@
+#!/usr/bin/env python3
+"""Benchmarks vmm against QEMU on this host, with the project's test guest.
+
+    bench/run.py [boot|snapshot|all] [--runs N] [--write-docs]
+
+Every figure is measured for vmm and for QEMU in the same invocation, alternating runs (vmm, QEMU,
+vmm, QEMU, ...), and reported as median (min-max) with the ratio of the medians. It is a
+benchmark: it reports and never asserts on timing. A run that fails (timeout, crash, guest FAIL
+line) is reported as failed and the benchmark goes on. The result is a Markdown section on stdout;
+--write-docs also replaces that section in docs/BENCHMARKS.md. See bench/README.md.
+
+Python 3.11, standard library only.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VMM = REPO / "target/release/vmm"
+GUEST = REPO / "images/out/testguest.elf"
+DOCS = REPO / "docs/BENCHMARKS.md"
+QEMU = "qemu-system-x86_64"
+
+MiB = 1 << 20
+
+BOOT_TIMEOUT = 30.0  # s from spawn to the ready line / to exit
+TICK_TIMEOUT = 10.0  # s between tick lines (the guest's default interval is 1 s)
+SNAPSHOT_TIMEOUT = 120.0  # s for one save (vmm snapshot, QEMU migrate)
+EXIT_GRACE = 5.0  # s a process gets to end after SIGTERM / QMP quit before SIGKILL
+QMP_POLL = 0.002  # s between QMP status polls
+
+READY_RE = re.compile(r"testguest: ready cpus=(\d+) ram=(\d+)")
+TICK_RE = re.compile(r"testguest: tick t=(\d+)((?: cpu\d+=\d+)*)")
+GUEST_FAIL_RE = re.compile(r"testguest: FAIL")
+VMM_RUNNING_RE = re.compile(r"vmm: VM '.*' running")
+VMM_SNAPSHOT_RE = re.compile(r"paused ([\d.]+) ms, durable after ([\d.]+) ms, (\d+) bytes on disk")
+
+
+class BenchError(Exception):
+    """One run failed; the message says why. The run is reported as failed."""
+
+
+class SetupError(Exception):
+    """The benchmark cannot run on this host at all (no /dev/kvm, no QEMU, no guest)."""
+
+
+def now():
+    return time.monotonic()
+
+
+def ms(seconds):
+    return seconds * 1000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+class Proc:
+    """A child process in its own process group, whose stdout and stderr lines are collected with
+    the time each was read, by one reader thread per stream.
+
+    Use it as a context manager: leaving the block ends the process (SIGTERM, then SIGKILL) and
+    anything else in its process group (such as QEMU's `cat` for exec: migration)."""
+
+    live = set()  # every Proc not yet closed, for the last-resort cleanup in main()
+
+    def __init__(self, argv, label):
+        self.label = label
+        self.lines = {"out": [], "err": []}  # stream -> [(time, text)]
+        self.cursor = {"out": 0, "err": 0}  # next line expect() looks at
+        self.eof = {"out": False, "err": False}
+        self.cond = threading.Condition()
+        self.exit_time = None
+        self.exited = threading.Event()
+        self.start = now()
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        Proc.live.add(self)
+        self.pid = self.popen.pid
+        self.threads = [
+            threading.Thread(target=self._read, args=("out", self.popen.stdout), daemon=True),
+            threading.Thread(target=self._read, args=("err", self.popen.stderr), daemon=True),
+            threading.Thread(target=self._wait, daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self, stream, pipe):
+        for raw in iter(pipe.readline, b""):
+            t = now()
+            with self.cond:
+                self.lines[stream].append((t, raw.decode(errors="replace").rstrip("\r\n")))
+                self.cond.notify_all()
+        with self.cond:
+            self.eof[stream] = True
+            self.cond.notify_all()
+
+    def _wait(self):
+        self.popen.wait()
+        with self.cond:
+            self.exit_time = now()
+            self.exited.set()
+            self.cond.notify_all()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tail(self, n=3):
+        """The last lines of both streams, for error messages."""
+        with self.cond:
+            last = sorted(self.lines["out"][-n:] + self.lines["err"][-n:])
+        return " | ".join(text for _, text in last[-n:]) or "(no output)"
+
+    def expect(self, regex, stream="out", timeout=10.0):
+        """Waits for the next line of `stream` that matches `regex` (lines before it are consumed)
+        and returns (time it was read, match). A guest FAIL line, the stream's end or the timeout
+        raise BenchError."""
+        deadline = now() + timeout
+        with self.cond:
+            while True:
+                lines = self.lines[stream]
+                while self.cursor[stream] < len(lines):
+                    t, text = lines[self.cursor[stream]]
+                    self.cursor[stream] += 1
+                    if GUEST_FAIL_RE.search(text):
+                        raise BenchError(f"{self.label}: guest failed: {text}")
+                    match = regex.search(text)
+                    if match:
+                        return t, match
+                if self.eof[stream]:
+                    status = self.popen.returncode
+                    raise BenchError(f"{self.label} closed its output (exit status {status}) while "
+                                     f"waiting for /{regex.pattern}/: {self.tail()}")
+                remaining = deadline - now()
+                if remaining <= 0:
+                    raise BenchError(f"{self.label}: no /{regex.pattern}/ within {timeout:g} s: "
+                                     f"{self.tail()}")
+                self.cond.wait(remaining)
+
+    def wait_exit(self, timeout):
+        """Waits for the process to end; returns (exit time, exit status)."""
+        if not self.exited.wait(timeout):
+            raise BenchError(f"{self.label} still running {timeout:g} s later: {self.tail()}")
+        return self.exit_time, self.popen.returncode
+
+    def send(self, sig):
+        if not self.exited.is_set():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self, sig=signal.SIGTERM, grace=EXIT_GRACE):
+        """Ends the process: `sig`, then SIGKILL to its whole group after `grace` seconds (or at
+        once for what is left of the group once it has ended)."""
+        self.send(sig)
+        self.exited.wait(grace)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.exited.wait()
+        for thread in self.threads:
+            thread.join(timeout=EXIT_GRACE)
+        Proc.live.discard(self)
+
+
+def live_children(pid):
+    """PIDs of the children of `pid` that have not exited (zombies excluded)."""
+    kids = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                kids.update(Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        return set()
+    live = set()
+    for kid in kids:
+        try:
+            state = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            live.add(kid)
+    return live
+
+
+def run_command(argv, timeout):
+    """Runs a short command (such as `vmm snapshot`); returns its stdout. Fails on non-zero exit."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{shlex.join(argv)}: no answer within {timeout:g} s") from None
+    if done.returncode != 0:
+        raise BenchError(f"{shlex.join(argv)}: exit status {done.returncode}: "
+                         f"{(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# QMP
+
+
+class QMP:
+    """A QMP client on a Unix socket: greeting and capabilities negotiation on connect; execute()
+    returns a command's "return" value, skipping asynchronous events."""
+
+    def __init__(self, path, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = now() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if now() > deadline:
+                    self.sock.close()
+                    raise BenchError(f"QMP socket {path} did not accept within {timeout:g} s")
+                time.sleep(0.001)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rb")
+        if "QMP" not in self._receive():
+            raise BenchError("QMP: unexpected greeting")
+        self.execute("qmp_capabilities")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.sock.close()
+
+    def _receive(self):
+        try:
+            line = self.file.readline()
+        except (TimeoutError, OSError) as e:
+            raise BenchError(f"QMP: {e}") from None
+        if not line:
+            raise BenchError("QMP: connection closed")
+        return json.loads(line)
+
+    def execute(self, command, arguments=None):
+        message = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = self._receive()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise BenchError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            # anything else is an asynchronous event
+
+    def poll(self, command, done, timeout):
+        """Runs `command` every QMP_POLL s until done(reply) is true; returns that reply."""
+        deadline = now() + timeout
+        while True:
+            reply = self.execute(command)
+            if done(reply):
+                return reply
+            if now() > deadline:
+                raise BenchError(f"QMP {command}: still {reply} after {timeout:g} s")
+            time.sleep(QMP_POLL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+
+
+@dataclass
+class Env:
+    vmm: Path  # copy of target/release/vmm taken at start
+    guest: Path  # copy of images/out/testguest.elf taken at start
+    qemu: str
+    tmp: Path
+    serial: int = 0
+
+    def unique(self, prefix):
+        """A fresh path in the temp dir, e.g. for a socket or a snapshot."""
+        self.serial += 1
+        return self.tmp / f"{prefix}-{self.serial}"
+
+    def vmm_run(self, cmdline, mem, vcpus, sock):
+        return [str(self.vmm), "run", "--kernel", str(self.guest), "--cmdline", cmdline,
+                "--mem", mem, "--vcpus", str(vcpus), "--name", sock.stem, "--api-sock", str(sock)]
+
+    def vmm_snapshot(self, sock, out):
+        return [str(self.vmm), "snapshot", "--api-sock", str(sock), "--out", str(out)]
+
+    def vmm_resume(self, snapshot, sock):
+        return [str(self.vmm), "resume", str(snapshot), "--api-sock", str(sock)]
+
+    def qemu_run(self, cmdline, mem, vcpus, qmp, incoming=None):
+        argv = [self.qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm,acpi=on",
+                "-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
+                "-kernel", str(self.guest), "-append", cmdline, "-m", mem, "-smp", str(vcpus),
+                "-qmp", f"unix:{qmp},server=on,wait=off"]
+        if incoming is not None:
+            argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+        return argv
+
+    def show(self, argv):
+        """A command line as the docs print it: repo-relative paths, $TMP for the temp dir."""
+        text = shlex.join(argv)
+        text = text.replace(self.qemu, QEMU)
+        text = text.replace(str(self.vmm), "target/release/vmm")
+        text = text.replace(str(self.guest), "images/out/testguest.elf")
+        return text.replace(str(self.tmp), "$TMP")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def read_mappings(pid):
+    """Every mapping of /proc/PID/smaps as (path, size bytes, Rss bytes)."""
+    mappings = []
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if re.match(r"[0-9a-f]+-[0-9a-f]+$", fields[0]):
+                mappings.append([" ".join(fields[5:]), 0, 0])
+            elif fields[0] == "Size:":
+                mappings[-1][1] = int(fields[1]) * 1024
+            elif fields[0] == "Rss:":
+                mappings[-1][2] = int(fields[1]) * 1024
+    return mappings
+
+
+def rss_overhead(pid, guest_bytes):
+    """Total Rss minus the Rss of the guest-memory mapping: the one anonymous mapping whose size
+    equals guest memory."""
+    mappings = read_mappings(pid)
+    anonymous = ("", "/dev/zero (deleted)")
+    guest = [m for m in mappings if m[1] == guest_bytes
+             and (m[0] in anonymous or m[0].startswith("/memfd:"))]
+    if len(guest) != 1:
+        raise BenchError(f"expected one anonymous mapping of {guest_bytes} bytes, found {len(guest)}")
+    return sum(m[2] for m in mappings) - guest[0][2]
+
+
+def disk_bytes(path):
+    """Bytes allocated on disk (st_blocks * 512) for a file or every file under a directory."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+def wait_touched(vm, vcpus, min_ticks=2):
+    """Waits for tick lines until at least `min_ticks` arrived and every vCPU's counter shows a
+    verified pass (so all of its memory was written). Returns the ms between consecutive ticks."""
+    times = []
+    while True:
+        _, match = vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+        times.append(int(match[1]))
+        counters = [int(c) for c in re.findall(r"=(\d+)", match[2])]
+        if len(times) >= min_ticks and len(counters) == vcpus and min(counters) >= 1:
+            return [b - a for a, b in zip(times, times[1:])]
+
+
+def boot_poweroff(env, kind):
+    """workload=poweroff, 512M, 1 vCPU: ms from spawn to the ready line and to process exit."""
+    sock = env.unique(f"{kind}-boot")
+    argv = (env.vmm_run("workload=poweroff", "512M", 1, sock) if kind == "vmm"
+            else env.qemu_run("workload=poweroff", "512M", 1, sock))
+    with Proc(argv, kind) as vm:
+        ready, _ = vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+        exited, status = vm.wait_exit(BOOT_TIMEOUT)
+    if status != 0:
+        raise BenchError(f"{kind} exited with status {status} after powering off")
+    return {"ready_ms": ms(ready - vm.start), "exit_ms": ms(exited - vm.start)}
+
+
+def boot_rss(env, kind):
+    """workload=idle, 512M, 1 vCPU: MiB of Rss outside guest memory, read after the ready line."""
+    sock = env.unique(f"{kind}-rss")
+    argv = (env.vmm_run("workload=idle", "512M", 1, sock) if kind == "vmm"
+            else env.qemu_run("workload=idle", "512M", 1, sock))
+    with Proc(argv, kind) as vm:
+        vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+        overhead = rss_overhead(vm.pid, 512 * MiB)
+    return {"overhead_mib": overhead / MiB}
+
+
+def snapshot_vmm(env, cmdline, mem, vcpus):
+    """Boots, waits until the workload touched its memory, `vmm snapshot`, SIGKILL, `vmm resume`:
+    pause, durable, bytes on disk, resume to running and to the first tick line."""
+    snapshot = env.unique("vmm-snapshot")
+    try:
+        sock = env.unique("vmm-snap")
+        with Proc(env.vmm_run(cmdline, mem, vcpus, sock), "vmm run") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            intervals = wait_touched(vm, vcpus)
+            out = run_command(env.vmm_snapshot(sock, snapshot), SNAPSHOT_TIMEOUT)
+            vm.close(signal.SIGKILL)
+        saved = VMM_SNAPSHOT_RE.search(out)
+        if not saved:
+            raise BenchError(f"vmm snapshot printed no figures: {out.strip()}")
+        result = {"pause_ms": float(saved[1]), "durable_ms": float(saved[2]),
+                  "disk_mib": disk_bytes(snapshot) / MiB, "tick_ms": intervals}
+        with Proc(env.vmm_resume(snapshot, env.unique("vmm-resume")), "vmm resume") as vm:
+            running, _ = vm.expect(VMM_RUNNING_RE, stream="err", timeout=BOOT_TIMEOUT)
+            progress, _ = vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+        result.update(running_ms=ms(running - vm.start), progress_ms=ms(progress - vm.start))
+        return result
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def snapshot_qemu(env, cmdline, mem, vcpus):
+    """Boots, waits until the workload touched its memory, QMP stop + migrate to `exec:cat > FILE`
+    + fsync, quit; then -incoming from the file and cont: the same figures as snapshot_vmm."""
+    state = env.unique("qemu-state")
+    try:
+        qmp_path = env.unique("qemu-snap")
+        with Proc(env.qemu_run(cmdline, mem, vcpus, qmp_path), "qemu") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            intervals = wait_touched(vm, vcpus)
+            with QMP(qmp_path) as qmp:
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+                start = now()
+                qmp.execute("stop")
+                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+                qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+                saved = now()
+                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
+                fd = os.open(state, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                durable = now()
+                qmp.execute("quit")
+            vm.wait_exit(EXIT_GRACE)
+        result = {"pause_ms": ms(saved - start), "durable_ms": ms(durable - start),
+                  "disk_mib": disk_bytes(state) / MiB, "tick_ms": intervals}
+        qmp_path = env.unique("qemu-resume")
+        with Proc(env.qemu_run(cmdline, mem, vcpus, qmp_path, incoming=state), "qemu -incoming") as vm:
+            with QMP(qmp_path) as qmp:
+                status = qmp.poll("query-status", lambda r: r["status"] != "inmigrate", SNAPSHOT_TIMEOUT)
+                if status["status"] != "paused":
+                    raise BenchError(f"QEMU came back {status['status']!r}, not paused")
+                qmp.execute("cont")
+                running = now()
+            progress, _ = vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+        result.update(running_ms=ms(running - vm.start), progress_ms=ms(progress - vm.start))
+        return result
+    finally:
+        state.unlink(missing_ok=True)
+
+
+def migration_done(reply):
+    status = reply.get("status")
+    if status in ("failed", "cancelled"):
+        raise BenchError(f"QEMU migration {status}: {reply.get('error-desc', '')}")
+    return status == "completed"
+
+
+def wait_until(condition, timeout, what):
+    deadline = now() + timeout
+    while not condition():
+        if now() > deadline:
+            raise BenchError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+class Series:
+    """The results of one kind of run: a list of dicts of figures, and the failures."""
+
+    def __init__(self, label):
+        self.label = label
+        self.results = []
+        self.failures = []
+
+    def run(self, function, *args):
+        try:
+            result = function(*args)
+        except BenchError as e:
+            self.failures.append(str(e))
+            log(f"  {self.label}: FAILED: {e}")
+            return
+        self.results.append(result)
+        log(f"  {self.label}: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()
+                                             if isinstance(v, float)))
+
+    def values(self, key):
+        return [r[key] for r in self.results]
+
+    def median(self, key):
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+    def cell(self, key, digits=1):
+        """'median (min–max)' of one figure, or 'failed'."""
+        values = self.values(key)
+        if not values:
+            return "failed"
+        med = statistics.median(values)
+        return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+    def failure_note(self, runs):
+        if not self.failures:
+            return None
+        reasons = "; ".join(sorted(set(self.failures)))
+        return f"{self.label}: {len(self.failures)} of {runs} runs failed: {reasons}"
+
+
+def ratio(vmm, qemu, key):
+    a, b = vmm.median(key), qemu.median(key)
+    return f"{a / b:.2f}×" if a is not None and b else "—"
+
+
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def host_line(env, runs):
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+    kvm = "kvm_pvm (no VMX/SVM)" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    built = datetime.datetime.fromtimestamp(env.vmm.stat().st_mtime, datetime.timezone.utc)
+    digest = hashlib.sha256(env.vmm.read_bytes()).hexdigest()[:12]
+    qemu_version = subprocess.run([env.qemu, "--version"], capture_output=True, text=True)
+    qemu_version = qemu_version.stdout.splitlines()[0].replace("QEMU emulator version ", "")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = Path("/proc/loadavg").read_text().split()[0]
+    return (f"Measured {date} on {cpu} ({os.cpu_count()} CPUs, load average {load} at start), "
+            f"Linux {os.uname().release}, KVM: {kvm}; vmm binary built {built:%Y-%m-%d %H:%M} UTC "
+            f"(sha256 {digest}…; tree at {commit}{dirty}); QEMU {qemu_version}. "
+            f"{runs} run{'s' if runs > 1 else ''} of each, vmm and QEMU alternating; median (min–max).")
+
+
+def git(*args):
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "?"
+
+
+def commands_block(invocation, argvs):
+    lines = [f"    {invocation}", *[f"    {line}" for line in argvs]]
+    return ("Commands (`$TMP` is the benchmark's temporary directory; it runs copies of "
+            "`target/release/vmm` and `images/out/testguest.elf` taken at start, so a rebuild "
+            "during the run cannot mix binaries):\n\n" + "\n".join(lines))
+
+
+def boot_benchmark(env, runs, invocation):
+    vmm_boot, qemu_boot = Series("vmm boot"), Series("QEMU boot")
+    vmm_rss, qemu_rss = Series("vmm RSS"), Series("QEMU RSS")
+    for i in range(runs):
+        log(f"boot: round {i + 1}/{runs}")
+        vmm_boot.run(boot_poweroff, env, "vmm")
+        qemu_boot.run(boot_poweroff, env, "qemu")
+        vmm_rss.run(boot_rss, env, "vmm")
+        qemu_rss.run(boot_rss, env, "qemu")
+
+    ready_ratio = ratio(vmm_boot, qemu_boot, "ready_ms")
+    rows = [
+        ("start → ready line (ms)", vmm_boot.cell("ready_ms"), qemu_boot.cell("ready_ms"),
+         ready_ratio, "≤ 0.6× QEMU"),
+        ("start → process exit, `workload=poweroff` (ms)", vmm_boot.cell("exit_ms"),
+         qemu_boot.cell("exit_ms"), ratio(vmm_boot, qemu_boot, "exit_ms"), ""),
+        ("RSS outside guest memory, `workload=idle` (MiB)", vmm_rss.cell("overhead_mib", 2),
+         qemu_rss.cell("overhead_mib", 2), ratio(vmm_rss, qemu_rss, "overhead_mib"), "< 4 MiB"),
+    ]
+    sock = env.tmp / "vm.sock"
+    argvs = [env.show(env.vmm_run("workload=poweroff", "512M", 1, sock)),
+             env.show(env.qemu_run("workload=poweroff", "512M", 1, sock)),
+             "(RSS: the same with `workload=idle`; /proc/PID/smaps read after the ready line)"]
+    failures = [n for s in (vmm_boot, qemu_boot, vmm_rss, qemu_rss) if (n := s.failure_note(runs))]
+    return "\n\n".join([
+        "## Boot (`bench/run.py boot`)",
+        host_line(env, runs),
+        table(("", "vmm", "QEMU", "vmm/QEMU", "target"), rows),
+        "Guest: the test guest, 512 MiB, 1 vCPU. *start* is the spawn of the process; *ready* is "
+        "the moment the guest's `testguest: ready` line was read from the process's stdout. RSS "
+        "overhead = total Rss in /proc/PID/smaps minus the Rss of the anonymous mapping the size "
+        "of guest memory.",
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+        "Measured elsewhere, earlier, on this kind of host (`../shared/DESIGN.md`, \"Peers to "
+        "measure against\"; not in this run): start → guest ready QEMU 88 ms, Firecracker 59 ms, "
+        "Cloud Hypervisor 55 ms; VMM RSS overhead Firecracker 4.2 MiB, Cloud Hypervisor 6.6 MiB.",
+    ])
+
+
+SNAP_CMDLINE = "workload=mem mem.size=128M tick.ms=10"
+FLAT_CMDLINE = "workload=mem mem.size=16M tick.ms=10"
+FLAT_SIZES = ("256M", "1G", "4G")
+
+
+def snapshot_benchmark(env, runs, invocation):
+    vmm, qemu = Series("vmm snapshot"), Series("QEMU snapshot")
+    flat = {size: Series(f"vmm resume {size}") for size in FLAT_SIZES}
+    for i in range(runs):
+        log(f"snapshot: round {i + 1}/{runs}")
+        vmm.run(snapshot_vmm, env, SNAP_CMDLINE, "1G", 2)
+        qemu.run(snapshot_qemu, env, SNAP_CMDLINE, "1G", 2)
+    for i in range(runs):
+        log(f"resume flatness: round {i + 1}/{runs}")
+        for size, series in flat.items():
+            series.run(snapshot_vmm, env, FLAT_CMDLINE, size, 1)
+
+    rows = [
+        ("pause (ms) — QEMU: `stop` sent → migration completed", vmm.cell("pause_ms"),
+         qemu.cell("pause_ms"), ratio(vmm, qemu, "pause_ms"), "≤ 0.5× QEMU"),
+        ("snapshot durable (ms) — QEMU: + `cat` done + fsync", vmm.cell("durable_ms"),
+         qemu.cell("durable_ms"), ratio(vmm, qemu, "durable_ms"), ""),
+        ("bytes on disk (MiB)", vmm.cell("disk_mib"), qemu.cell("disk_mib"),
+         ratio(vmm, qemu, "disk_mib"), "≤ touched (256 MiB)"),
+        ("resume → running (ms)", vmm.cell("running_ms"), qemu.cell("running_ms"),
+         ratio(vmm, qemu, "running_ms"), "< 5 ms"),
+        ("resume → guest progress (ms)", vmm.cell("progress_ms"), qemu.cell("progress_ms"),
+         ratio(vmm, qemu, "progress_ms"), "< 10 ms"),
+    ]
+    flat_rows = [(size, s.cell("running_ms"), s.cell("progress_ms"), s.cell("pause_ms"),
+                  s.cell("disk_mib")) for size, s in flat.items()]
+    sock = env.tmp / "vm.sock"
+    snap = env.tmp / "snapshot"
+    argvs = [env.show(env.vmm_run(SNAP_CMDLINE, "1G", 2, sock)),
+             env.show(env.vmm_snapshot(sock, snap)) + "   # then SIGKILL the VM",
+             env.show(env.vmm_resume(snap, env.tmp / "resumed.sock")),
+             env.show(env.qemu_run(SNAP_CMDLINE, "1G", 2, sock)),
+             "# QMP: migrate-set-parameters {\"max-bandwidth\": 107374182400}; stop; "
+             "migrate {\"uri\": \"exec:cat > $TMP/state\"}; query-migrate until completed; "
+             "fsync $TMP/state; quit",
+             env.show(env.qemu_run(SNAP_CMDLINE, "1G", 2, sock, incoming=env.tmp / "state")),
+             "# QMP: query-status until not inmigrate (it is paused); cont",
+             f"(flatness: vmm with `--cmdline '{FLAT_CMDLINE}' --vcpus 1 --mem 256M|1G|4G`)"]
+    failures = [n for s in (vmm, qemu, *flat.values()) if (n := s.failure_note(runs))]
+    return "\n\n".join([
+        "## Snapshot and resume (`bench/run.py snapshot`)",
+        host_line(env, runs),
+        f"Guest: 1 GiB, 2 vCPUs, `{SNAP_CMDLINE}` (256 MiB written by the workload, plus the "
+        "guest's own kernel, page tables and stacks), snapshotted after every vCPU verified a "
+        "pass over its region and at least two tick lines.",
+        table(("", "vmm", "QEMU", "vmm/QEMU", "target"), rows),
+        "vmm's pause and durable times are the ones `vmm snapshot` prints; the VM runs on after "
+        "the pause and is then killed with SIGKILL. QEMU's pause is its whole save (`stop` until "
+        "`query-migrate` says completed); durable adds waiting for the `cat` child and an fsync "
+        "of the file. *resume → running*: from spawning `vmm resume` to its `running` line on "
+        "stderr; for QEMU from spawning `qemu -incoming` to the reply to `cont`. *→ guest "
+        "progress*: to the first `testguest: tick` line read from stdout (QEMU starts the vCPUs "
+        "before it replies to `cont`, so that line can arrive first). Both resume from a file "
+        "just written, i.e. from the page cache.",
+        tick_note([vmm, qemu, *flat.values()]),
+        "Resume time against guest memory size (vmm; 1 vCPU, `" + FLAT_CMDLINE + "`, 16 MiB "
+        "written):",
+        table(("guest memory", "resume → running (ms)", "resume → guest progress (ms)",
+               "pause (ms)", "on disk (MiB)"), flat_rows),
+        "Target: resume → running < 5 ms and → guest progress < 10 ms, flat from 256 MiB to 4 GiB "
+        "(QEMU at 1 GiB is in the first table).",
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+        "Measured elsewhere, earlier, on this kind of host (`../shared/DESIGN.md`, \"Peers to "
+        "measure against\"; not in this run; 1 GiB guest, 256 MiB touched): resume → running / "
+        "next guest progress Firecracker 11 ms / 14 ms, Cloud Hypervisor 42 ms (userfaultfd), "
+        "QEMU 0.49–0.66 s; full snapshot Firecracker 5.0 s (1 GiB file, fsync), Cloud Hypervisor "
+        "3.9 s (no fsync), QEMU 395 ms stop+save (258 MiB file).",
+    ])
+
+
+def tick_note(series):
+    """Says how often the guest printed tick lines, which bounds the 'guest progress' figure."""
+    intervals = [t for s in series for r in s.results for t in r["tick_ms"]]
+    if not intervals:
+        return "Tick interval: unknown (no successful run)."
+    interval = statistics.median(intervals)
+    if interval <= 50:
+        return (f"The guest printed a tick line every {interval:.0f} ms (median of guest time "
+                "between lines), so *→ guest progress* is at most that much above the moment "
+                "the guest ran again.")
+    return (f"**The guest ignored `tick.ms=10`**: it printed a tick line every {interval:.0f} ms "
+            "(median of guest time between lines). The guest clock continues from the saved "
+            "instant, so *→ guest progress* includes waiting for the next scheduled tick line: it "
+            "has ~1 s granularity and mostly measures where in its tick period the guest was "
+            "saved, not the cost of resuming.")
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+DOCS_HEADER = """# Benchmarks
+
+vmm against QEMU on the project's test guest. Each section below is generated by
+`bench/run.py` (see `bench/README.md`); `--write-docs` replaces only the section of the benchmark
+it ran, between its markers. The host is shared and noisy: compare figures within one section, and
+read the ratios rather than the absolute values.
+"""
+
+
+def write_docs(sections):
+    """Replaces (or appends) each generated section of docs/BENCHMARKS.md, keeping the rest."""
+    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
+    for name, body in sections.items():
+        begin, end = f"<!-- bench/run.py {name}: begin -->", f"<!-- bench/run.py {name}: end -->"
+        block = f"{begin}\n{body}\n{end}"
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block, text)
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def check_host():
+    """Returns the QEMU path; raises SetupError naming what is missing."""
+    if not os.path.exists("/dev/kvm"):
+        raise SetupError("/dev/kvm does not exist: this host has no KVM")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise SetupError("/dev/kvm is not readable and writable by this user")
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise SetupError(f"{QEMU} not found in PATH "
+                         "(apt-get install --no-install-recommends qemu-system-x86)")
+    if not GUEST.is_file():
+        raise SetupError(f"{GUEST.relative_to(REPO)} is missing: run images/build.sh --testguest-only")
+    if not VMM.is_file():
+        raise SetupError(f"{VMM.relative_to(REPO)} is missing: run cargo build --release -p vmm")
+    return qemu
+
+
+def raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmark vmm against QEMU (see bench/README.md).")
+    parser.add_argument("benchmark", nargs="?", default="all", choices=("boot", "snapshot", "all"))
+    parser.add_argument("--runs", type=int, default=10, help="runs of each figure per VMM (default 10)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also replace this benchmark's section of docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    try:
+        qemu = check_host()
+    except SetupError as e:
+        print(f"bench/run.py: {e}", file=sys.stderr)
+        return 2
+
+    invocation = shlex.join(["bench/run.py", *sys.argv[1:]])
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # keep nohup's and the shell's choices
+            signal.signal(signum, raise_interrupt)
+    started = now()
+    sections = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="vmm-bench-") as tmp:
+            tmp = Path(tmp)
+            env = Env(vmm=tmp / "vmm", guest=tmp / "testguest.elf", qemu=qemu, tmp=tmp)
+            shutil.copy2(VMM, env.vmm)
+            shutil.copy2(GUEST, env.guest)
+            try:
+                if args.benchmark in ("boot", "all"):
+                    sections["boot"] = boot_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("snapshot", "all"):
+                    sections["snapshot"] = snapshot_benchmark(env, args.runs, invocation)
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+                for proc in list(Proc.live):
+                    proc.close(signal.SIGKILL, grace=1.0)
+    except KeyboardInterrupt:
+        print("bench/run.py: interrupted; every VM it started was ended", file=sys.stderr)
+        return 130
+    print("\n\n".join(sections.values()))
+    if args.write_docs:
+        write_docs(sections)
+        log(f"updated {DOCS.relative_to(REPO)}")
+    log(f"bench/run.py: done in {now() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
