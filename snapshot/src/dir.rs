@@ -23,8 +23,12 @@ fn sync_dir(path: &Path) -> Result<()> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io_err(path))
 }
 
+/// A directory `--force` may replace: an empty one, or one whose manifest decodes.
 fn looks_like_snapshot(dir: &Path) -> bool {
-    dir.join(MANIFEST_FILE).is_file() || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false)
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+    empty
+        || std::fs::read(dir.join(MANIFEST_FILE))
+            .is_ok_and(|bytes| Manifest::decode(&bytes, &dir.display().to_string()).is_ok())
 }
 
 impl SnapshotWriter {
@@ -82,8 +86,9 @@ impl SnapshotWriter {
     }
 
     /// Writes the manifest, makes everything durable and moves the snapshot into place. Until the
-    /// final rename (or exchange, with `force`) the destination is untouched.
-    pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
+    /// final rename (or exchange, with `force`) the destination is untouched. Returns the bytes
+    /// the snapshot takes on disk.
+    pub fn commit(mut self, manifest: &Manifest) -> Result<u64> {
         let (mut file, path) = self.create_file(MANIFEST_FILE)?;
         file.write_all(&manifest.encode()).map_err(io_err(&path))?;
         for name in [STATE_FILE, MEMORY_FILE, MANIFEST_FILE] {
@@ -91,6 +96,7 @@ impl SnapshotWriter {
             File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
         }
         sync_dir(&self.tmp)?;
+        let bytes = disk_usage(&self.tmp);
         Self::check_dest(&self.dest, self.force)?;
         if self.dest.exists() {
             exchange(&self.tmp, &self.dest)?;
@@ -100,13 +106,18 @@ impl SnapshotWriter {
             self.committed = true;
         }
         sync_dir(self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
-        Ok(())
+        Ok(bytes)
     }
+}
 
-    /// Where the snapshot is being written.
-    pub fn tmp_path(&self) -> &Path {
-        &self.tmp
-    }
+/// Bytes the files of a snapshot directory take on disk (holes excluded).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    [MANIFEST_FILE, STATE_FILE, MEMORY_FILE]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 impl Drop for SnapshotWriter {
@@ -157,7 +168,9 @@ impl Snapshot {
 
     fn check_size(&self, file: &'static str, expected: u64) -> Result<()> {
         let path = self.dir.join(file);
-        let actual = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        let actual = std::fs::metadata(&path)
+            .map_err(|_| Error::NotASnapshot(self.dir.display().to_string(), "a file is missing"))?
+            .len();
         if actual != expected {
             return Err(Error::Truncated { file, expected, actual });
         }
@@ -166,6 +179,7 @@ impl Snapshot {
 
     /// Reads the machine state, checking its checksum.
     pub fn read_state(&self) -> Result<Vec<u8>> {
+        self.check_size(STATE_FILE, self.manifest.state.size)?;
         let path = self.dir.join(STATE_FILE);
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
         if bytes.len() as u64 != self.manifest.state.size {
@@ -200,12 +214,7 @@ impl Snapshot {
 
     /// Bytes the snapshot takes on disk (holes excluded).
     pub fn disk_usage(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        [MANIFEST_FILE, STATE_FILE, MEMORY_FILE]
-            .iter()
-            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
-            .map(|m| m.blocks() * 512)
-            .sum()
+        disk_usage(&self.dir)
     }
 }
 
@@ -235,7 +244,7 @@ mod tests {
         m.state = w.write_state(b"machine state")?;
         let mem = vec![fill; 2 << 20];
         m.memory = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem, resident: None }])?;
-        w.commit(&m)
+        w.commit(&m).map(|_| ())
     }
 
     #[test]

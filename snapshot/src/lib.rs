@@ -16,6 +16,10 @@ pub use pages::{MemoryLayout, MemorySource, RegionLayout, StagedMemory};
 /// Format version written by this crate; the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Largest state file a snapshot may have (the state is a few KiB a vCPU): a larger size in a
+/// manifest is refused before anything is read.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
 /// File names inside a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest";
 pub const STATE_FILE: &str = "state.bin";

@@ -127,6 +127,9 @@ impl Manifest {
             return Err(Error::CorruptManifest("header and body disagree on the format version".into()));
         }
         manifest.memory.validate().map_err(Error::CorruptManifest)?;
+        if manifest.state.size > crate::MAX_STATE_BYTES {
+            return Err(Error::CorruptManifest(format!("state size {} is implausible", manifest.state.size)));
+        }
         Ok(manifest)
     }
 }

@@ -73,7 +73,7 @@ impl MemoryLayout {
         if self.page_size != PAGE_SIZE {
             return Err(format!("page size {} is not {PAGE_SIZE}", self.page_size));
         }
-        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(self.page_size) {
+        if self.chunk_size != CHUNK_SIZE {
             return Err(format!("bad chunk size {}", self.chunk_size));
         }
         let mut offset = 0u64;
@@ -159,17 +159,21 @@ pub struct StagedMemory {
 impl StagedMemory {
     /// A staging buffer for `bytes` of pages, allocated and faulted in now, so that the copy
     /// while the guest is paused runs at memory speed.
-    pub fn with_capacity(bytes: usize) -> Self {
-        let mut data = Vec::with_capacity(bytes);
+    /// None if the memory cannot be had.
+    pub fn with_capacity(bytes: usize) -> Option<Self> {
+        let mut data = Vec::new();
+        data.try_reserve_exact(bytes).ok()?;
         // Touch one byte a page: the kernel backs the whole buffer now rather than mid-copy.
         for page in data.spare_capacity_mut().chunks_mut(PAGE) {
             page[0].write(0u8);
         }
-        Self { regions: Vec::new(), data }
+        Some(Self { regions: Vec::new(), data })
     }
 
-    /// Copies the non-zero pages of `sources` (untouched pages are not read).
-    pub fn copy(&mut self, sources: &[MemorySource<'_>]) {
+    /// Copies the non-zero pages of `sources` (untouched pages are not read). Returns false,
+    /// having copied an unknown part, if they do not fit: the buffer never grows, so the copy
+    /// never waits for an allocation.
+    pub fn copy(&mut self, sources: &[MemorySource<'_>]) -> bool {
         self.regions.clear();
         self.data.clear();
         let mut used = 0u32;
@@ -179,6 +183,9 @@ impl StagedMemory {
             for p in 0..pages {
                 match src.page(p) {
                     Some(bytes) => {
+                        if self.data.capacity() - self.data.len() < bytes.len() {
+                            return false;
+                        }
                         self.data.extend_from_slice(bytes);
                         slots.push(used);
                         used += 1;
@@ -188,11 +195,7 @@ impl StagedMemory {
             }
             self.regions.push(StagedRegion { guest_addr: src.guest_addr, size: src.bytes.len(), slots });
         }
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len()
+        true
     }
 }
 
@@ -377,9 +380,11 @@ mod tests {
         let (direct_file, staged_file) = (open(&direct_path), open(&staged_path));
         let src = || [MemorySource { guest_addr: 0x10_0000, bytes: &mem, resident: None }];
         let direct = write_pages(&direct_file, &direct_path, &src()).unwrap();
-        let mut staged = StagedMemory::with_capacity(1 << 20);
-        staged.copy(&src());
-        assert_eq!(staged.bytes(), (mem.len() / 4096).div_ceil(3) * 4096);
+        let mut small = StagedMemory::with_capacity(64 * 4096).unwrap();
+        assert!(!small.copy(&src()), "a copy that does not fit must say so");
+        let mut staged = StagedMemory::with_capacity(1 << 20).unwrap();
+        assert!(staged.copy(&src()));
+        assert_eq!(staged.data.len(), (mem.len() / 4096).div_ceil(3) * 4096);
         mem.iter_mut().for_each(|b| *b = 0xff); // the guest runs on: the copy must not care
         let layout = write_staged(&staged_file, &staged_path, &staged).unwrap();
         assert_eq!(layout, direct);

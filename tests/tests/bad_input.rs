@@ -79,3 +79,12 @@ fn vcpu_count_limits() {
 fn unknown_argument() {
     assert_bad_input(&["run", "--frobnicate"], "unexpected argument");
 }
+
+#[test]
+fn api_socket_path_that_is_not_a_socket_is_left_alone() {
+    let dir = TempDir::new("notsock");
+    let file = dir.path().join("precious.img");
+    std::fs::write(&file, b"data").unwrap();
+    assert_bad_input(&["run", "--api-sock", file.to_str().unwrap()], "not a socket");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+}

@@ -75,3 +75,18 @@ fn disk_io_across_snapshot_and_resume() {
     let (status, _, stderr) = resumed.wait_exit(T);
     assert_eq!(status.code(), Some(0), "{stderr}");
 }
+
+/// Two VMs writing one disk image would corrupt it: the second is refused.
+#[test]
+fn a_disk_in_use_is_refused() {
+    let dir = TempDir::new("blk-lock");
+    let disk = zero_disk(&dir);
+    let mut first = Vmm::testguest("workload=idle", &["--disk", disk.to_str().unwrap()]);
+    first.wait_for("testguest: ready", T);
+    let kernel = tests::testguest();
+    let (status, stderr) =
+        tests::run_vmm(&["run", "--kernel", kernel.to_str().unwrap(), "--disk", disk.to_str().unwrap()], T);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("in use by another VM"), "{stderr}");
+    first.kill();
+}

@@ -82,34 +82,32 @@ impl EscapeFilter {
 }
 
 /// Copies stdin into the serial port until end of input (which is not a quit: CI has no stdin).
-pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>, exit: ExitSender) {
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut filter = EscapeFilter::default();
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let (bytes, quit) = filter.feed(&buf[..n]);
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    let taken = lock(&serial).enqueue_input(rest);
-                    rest = &rest[taken..];
-                    if taken == 0 {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-                if quit {
-                    exit.send(ExitReason::UserQuit);
-                    return;
+pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>, exit: ExitSender) -> std::io::Result<()> {
+    std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut filter = EscapeFilter::default();
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let (bytes, quit) = filter.feed(&buf[..n]);
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let taken = lock(&serial).enqueue_input(rest);
+                rest = &rest[taken..];
+                if taken == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
-        })
-        .expect("spawn stdin thread");
+            if quit {
+                exit.send(ExitReason::UserQuit);
+                return;
+            }
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

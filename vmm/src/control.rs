@@ -3,13 +3,14 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use vm_memory::GuestMemoryMmap;
+use snapshot::MemorySource;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::exit::{ExitReason, ExitSender};
-use crate::machine::Devices;
-use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuRequest, VcpuResponse};
+use crate::machine::{Devices, DevicesState};
+use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{Vm, VmState};
 
@@ -44,7 +45,9 @@ pub struct VmControl {
 }
 
 /// A guard holding every vCPU paused; dropping it lets the guest run again if it was running.
+/// What can only be read from a paused machine is read through it.
 pub struct PausedVm<'a> {
+    control: &'a VmControl,
     inner: MutexGuard<'a, Inner>,
     was: RunState,
     keep_paused: bool,
@@ -54,6 +57,40 @@ impl PausedVm<'_> {
     /// Collects every vCPU's state.
     pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, ControlError> {
         self.inner.vcpus.iter().map(|v| v.save()).collect()
+    }
+
+    /// Saves the VM-wide KVM state.
+    pub fn vm_state(&self) -> Result<VmState, crate::vstate::vm::VmError> {
+        self.control.vm.save_state()
+    }
+
+    /// Saves every device.
+    pub fn devices_state(&self) -> DevicesState {
+        self.control.devices.save()
+    }
+
+    /// Guest memory as byte slices, valid while the machine stays paused. `maps` says which
+    /// pages were never touched (see `vstate::memory::residency_maps`).
+    pub fn memory(&self, maps: Vec<Option<Vec<u8>>>) -> Vec<MemorySource<'_>> {
+        self.control
+            .mem
+            .iter()
+            .zip(maps)
+            .map(|(region, resident)| {
+                let len = region.len() as usize;
+                // SAFETY: the region maps `len` bytes for as long as `mem` lives, which outlives
+                // this guard. While the guard lives every vCPU is out of KVM_RUN, and the devices
+                // that write guest memory (virtio) run only on vCPU threads, so nothing writes
+                // to the memory while the slices, tied to the guard's lifetime, exist.
+                let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
+                MemorySource { guest_addr: region.start_addr().0, bytes, resident }
+            })
+            .collect()
+    }
+
+    /// Whether the guest ran before this pause.
+    pub fn was_running(&self) -> bool {
+        self.was == RunState::Running
     }
 
     /// Leaves the guest paused when the guard is dropped (the VM is about to end).
@@ -72,32 +109,53 @@ impl Drop for PausedVm<'_> {
     }
 }
 
+/// Pauses every vCPU, or none: if one fails to pause, those that did are let go again.
 fn pause_all(inner: &mut Inner) -> Result<(), ControlError> {
     if inner.state == RunState::Paused {
         return Ok(());
     }
+    let mut asked = 0;
+    let mut result = Ok(());
     for v in &inner.vcpus {
-        v.send(VcpuRequest::Pause)?;
-    }
-    for v in &inner.vcpus {
-        match v.receive()? {
-            VcpuResponse::Paused => {}
-            _ => return Err(ControlError::Gone(v.index)),
+        if let Err(e) = v.pause() {
+            result = Err(e);
+            break;
         }
+        asked += 1;
+    }
+    let mut paused = Vec::with_capacity(asked);
+    for v in &inner.vcpus[..asked] {
+        match v.receive() {
+            Ok(VcpuResponse::Paused) => paused.push(v),
+            Ok(_) => result = result.and(Err(ControlError::Protocol(v.index))),
+            Err(e) => result = result.and(Err(e)),
+        }
+    }
+    if result.is_err() {
+        for v in paused {
+            if let Err(e) = v.resume() {
+                tracing::error!("vCPU {}: cannot resume after a failed pause: {e}", v.index);
+            }
+        }
+        return result;
     }
     inner.state = RunState::Paused;
     Ok(())
 }
 
+/// Lets every vCPU run; one that cannot be resumed does not keep the others paused.
 fn resume_all(inner: &mut Inner) -> Result<(), ControlError> {
     if inner.state == RunState::Running {
         return Ok(());
     }
+    let mut result = Ok(());
     for v in &inner.vcpus {
-        v.resume()?;
+        if let Err(e) = v.resume() {
+            result = result.and(Err(e));
+        }
     }
     inner.state = RunState::Running;
-    Ok(())
+    result
 }
 
 impl VmControl {
@@ -142,12 +200,7 @@ impl VmControl {
         let mut inner = lock(&self.inner);
         let was = inner.state;
         pause_all(&mut inner)?;
-        Ok(PausedVm { inner, was, keep_paused: false })
-    }
-
-    /// Saves the VM-wide KVM state; call with the VM paused.
-    pub fn vm_state(&self, _paused: &PausedVm<'_>) -> Result<VmState, crate::vstate::vm::VmError> {
-        self.vm.save_state()
+        Ok(PausedVm { control: self, inner, was, keep_paused: false })
     }
 
     /// A handle to end the VM from elsewhere (signals).

@@ -26,7 +26,7 @@ use crate::exit::{exit_channel, ExitReason, ExitSender, ExitTrigger};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::StateSaver;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// The xAPIC MADT entries we write carry 8-bit APIC ids, and 0xff is broadcast.
 pub const MAX_VCPUS_XAPIC: usize = 254;
@@ -60,8 +60,8 @@ pub enum MachineError {
     Acpi(#[from] acpi::AcpiError),
     #[error("device layout: {0}")]
     Bus(#[from] OverlapError),
-    #[error("cannot set up devices: {0}")]
-    Device(std::io::Error),
+    #[error("cannot start threads: {0}")]
+    Thread(std::io::Error),
     #[error("cannot restore machine state: {0}")]
     State(String),
 }
@@ -76,7 +76,8 @@ impl MachineError {
             | MachineError::Disk(_)
             | MachineError::NoVcpus
             | MachineError::TooManyVcpus { .. }
-            | MachineError::TooManyDevices(_) => true,
+            | MachineError::TooManyDevices(_)
+            | MachineError::State(_) => true,
             MachineError::Boot(e) => !matches!(e, BootError::GuestMemory(_)),
             _ => false,
         }
@@ -199,10 +200,14 @@ impl Machine {
         vm: Vm,
         mem: GuestMemoryMmap,
         disks: Vec<Block>,
-        saved: Option<&DevicesState>,
+        saved: Option<(&VmState, &DevicesState)>,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
         vm.register_memory(&mem)?;
         vm.create_irqchip()?;
+        if let Some((vm_state, _)) = saved {
+            vm.restore_irqchips(vm_state)?;
+        }
+        let saved = saved.map(|(_, devices)| devices);
 
         let (exit_tx, exit_rx) = exit_channel();
         let mut io_bus = Bus::default();
@@ -267,10 +272,10 @@ impl Machine {
         for vcpu in self.vcpus {
             let (io, mmio) = (self.devices.io_bus.clone(), self.devices.mmio_bus.clone());
             let handle =
-                vcpu.start(io, mmio, self.exit_tx.clone(), saver.clone(), paused).map_err(MachineError::Device)?;
+                vcpu.start(io, mmio, self.exit_tx.clone(), saver.clone(), paused).map_err(MachineError::Thread)?;
             handles.push(handle);
         }
-        console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone());
+        console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone()).map_err(MachineError::Thread)?;
         let control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
         Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
     }

@@ -29,7 +29,11 @@ pub fn bind(path: &Path, name: &str) -> Result<UnixListener, ServerError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            let err = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file that is not a socket is there");
+            return Err(ServerError::Socket { path: path.display().to_string(), err });
+        }
         match UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::NameInUse(name.to_string(), path.display().to_string())),
             // Nobody listens: a stale socket from a killed vmm.

@@ -107,8 +107,11 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
 /// Claims the VM's name by binding its control socket, before any work; the guard removes the
 /// socket on every way out.
 fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard), Failure> {
-    let listener = server::bind(socket, name).map_err(|e| match e {
+    let listener = server::bind(socket, name).map_err(|e| match &e {
         server::ServerError::NameInUse(..) => Failure::bad_input(e.to_string()),
+        server::ServerError::Socket { err, .. } if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            Failure::bad_input(e.to_string())
+        }
         _ => Failure::runtime(e.to_string()),
     })?;
     Ok((listener, server::SocketGuard(socket.to_path_buf())))

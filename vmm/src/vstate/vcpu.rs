@@ -85,7 +85,7 @@ impl Vcpu {
         saver: StateSaver,
         paused: bool,
     ) -> std::io::Result<VcpuHandle> {
-        install_kick_handler();
+        install_kick_handler()?;
         let (req_tx, req_rx) = channel();
         if paused {
             req_tx.send(VcpuRequest::Pause).expect("receiver alive");
@@ -109,6 +109,9 @@ impl Vcpu {
     ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KICK_TARGET.with(|t| t.set(run_ptr));
+        // Declared after `self`, so dropped before it: the kick handler stops using this
+        // kvm_run before the vCPU fd (and its mapping) goes away.
+        let _kick_target = KickTargetGuard;
         // A request may have come before the kick handler could see this thread's kvm_run.
         if !self.serve_requests(&requests, &responses, &saver, true) {
             return;
@@ -271,6 +274,8 @@ pub enum ControlError {
     Gone(u8),
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, std::time::Duration),
+    #[error("vCPU {0} gave an answer to another request")]
+    Protocol(u8),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
 }
@@ -278,13 +283,19 @@ pub enum ControlError {
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl VcpuHandle {
-    /// Sends a request and kicks the thread out of KVM_RUN.
-    pub fn send(&self, request: VcpuRequest) -> Result<(), ControlError> {
-        self.requests.send(request).map_err(|_| ControlError::Gone(self.index))?;
+    /// Asks the vCPU to pause and kicks it out of KVM_RUN; `receive` gets its answer.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.drain_stale_answers();
+        self.requests.send(VcpuRequest::Pause).map_err(|_| ControlError::Gone(self.index))?;
         if self.thread.is_finished() {
             return Err(ControlError::Gone(self.index));
         }
         self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET).map_err(|_| ControlError::Gone(self.index))
+    }
+
+    /// Drops answers to requests that timed out, so they are not taken for the next one's.
+    fn drain_stale_answers(&self) {
+        while self.responses.try_recv().is_ok() {}
     }
 
     pub fn receive(&self) -> Result<VcpuResponse, ControlError> {
@@ -296,19 +307,21 @@ impl VcpuHandle {
 
     /// Lets a paused vCPU run again (no kick: it is waiting for this).
     pub fn resume(&self) -> Result<(), ControlError> {
+        self.drain_stale_answers();
         self.requests.send(VcpuRequest::Resume).map_err(|_| ControlError::Gone(self.index))?;
         match self.receive()? {
             VcpuResponse::Resumed => Ok(()),
-            _ => Err(ControlError::Gone(self.index)),
+            _ => Err(ControlError::Protocol(self.index)),
         }
     }
 
     /// Asks a paused vCPU for its state.
     pub fn save(&self) -> Result<VcpuState, ControlError> {
+        self.drain_stale_answers();
         self.requests.send(VcpuRequest::Save).map_err(|_| ControlError::Gone(self.index))?;
         match self.receive()? {
             VcpuResponse::State(state) => Ok((*state)?),
-            _ => Err(ControlError::Gone(self.index)),
+            _ => Err(ControlError::Protocol(self.index)),
         }
     }
 }
@@ -327,18 +340,28 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     KICK_TARGET.with(|t| {
         let run = t.get();
         if !run.is_null() {
-            // SAFETY: the pointer is this thread's own kvm_run mapping, valid while the thread
-            // lives; a volatile byte store is async-signal-safe.
-            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set while its vCPU fd is
+            // alive and cleared (by KickTargetGuard) before the fd is dropped. A volatile byte
+            // store through a raw pointer is async-signal-safe and creates no reference.
+            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
         }
     });
 }
 
-fn install_kick_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler) {
-            tracing::error!("cannot install the vCPU kick signal handler: {e}");
-        }
-    });
+/// Clears this thread's kick target when dropped.
+struct KickTargetGuard;
+
+impl Drop for KickTargetGuard {
+    fn drop(&mut self) {
+        KICK_TARGET.with(|t| t.set(std::ptr::null_mut()));
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Installs the kick handler once; without it a kick would kill the process.
+fn install_kick_handler() -> std::io::Result<()> {
+    static RESULT: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let result = RESULT
+        .get_or_init(|| register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler).map_err(|e| e.errno()));
+    result.map_err(std::io::Error::from_raw_os_error)
 }

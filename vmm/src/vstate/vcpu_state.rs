@@ -15,6 +15,8 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// KVM_GET_MSRS takes batches; larger lists are split.
 const MSR_BATCH: usize = 64;
 const XSAVE_LEGACY_BYTES: usize = std::mem::size_of::<kvm_xsave>();
+const KVM_VCPUEVENT_VALID_NMI_PENDING: u32 = 1;
+const KVM_VCPUEVENT_VALID_SIPI_VECTOR: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -113,19 +115,27 @@ fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, VcpuError>
     Ok(words)
 }
 
-fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32]) -> Result<(), VcpuError> {
+/// Restores the XSAVE area into a buffer of this host's size: KVM reads that many bytes.
+fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], host_size: usize) -> Result<(), VcpuError> {
+    let host_words = host_size.max(XSAVE_LEGACY_BYTES).div_ceil(4);
+    if words.len() > host_words {
+        // The guest used state components this host's KVM does not have.
+        return Err(VcpuError { index, call: "KVM_SET_XSAVE", err: kvm_ioctls::Error::new(libc::E2BIG) });
+    }
     let legacy = XSAVE_LEGACY_BYTES / 4;
-    if words.len() <= legacy {
+    if host_words <= legacy {
         let mut x = kvm_xsave::default();
         x.region[..words.len()].copy_from_slice(words);
-        // SAFETY: a full legacy-size xsave struct.
+        // SAFETY: a full legacy-size xsave struct, the size this host's KVM reads.
         return unsafe { fd.set_xsave(&x) }.map_err(err(index, "KVM_SET_XSAVE"));
     }
-    let mut x = Xsave::new(words.len() - legacy).expect("xsave size within limits");
-    // SAFETY: the FAM entries were just allocated with the right length.
-    unsafe { x.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..legacy]) };
-    x.as_mut_slice().copy_from_slice(&words[legacy..]);
-    // SAFETY: `x` holds the whole area, as large as the one saved.
+    let mut padded = words.to_vec();
+    padded.resize(host_words, 0);
+    let mut x = Xsave::new(host_words - legacy).expect("xsave size within limits");
+    // SAFETY: writing the fixed-size legacy part of the struct just allocated.
+    unsafe { x.as_mut_fam_struct().xsave.region.copy_from_slice(&padded[..legacy]) };
+    x.as_mut_slice().copy_from_slice(&padded[legacy..]);
+    // SAFETY: `x` holds KVM_CAP_XSAVE2's size for this host, all KVM reads.
     unsafe { fd.set_xsave2(&x) }.map_err(err(index, "KVM_SET_XSAVE2"))
 }
 
@@ -140,15 +150,13 @@ fn restore_order(msrs: &[(u32, u64)]) -> Vec<(u32, u64)> {
     v
 }
 
-/// Restores a saved vCPU into a freshly created one (not yet run).
-pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
+/// Restores a saved vCPU into a freshly created one (not yet run). `xsave_size` is this host's
+/// XSAVE area size (see `Vm::xsave_size`).
+pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), VcpuError> {
     let index = state.index;
-    // CPUID first: KVM checks later state (xsave features, MSRs) against it.
-    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError {
-        index,
-        call: "KVM_SET_CPUID2",
-        err: kvm_ioctls::Error::new(libc::E2BIG),
-    })?;
+    let too_big = || VcpuError { index, call: "KVM_SET_CPUID2", err: kvm_ioctls::Error::new(libc::E2BIG) };
+    // CPUID first: KVM checks later state (XSAVE features, MSRs) against it.
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| too_big())?;
     fd.set_cpuid2(&cpuid).map_err(err(index, "KVM_SET_CPUID2"))?;
     if let Some(khz) = state.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
@@ -157,20 +165,25 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
             }
         }
     }
+    fd.set_mp_state(state.mp_state).map_err(err(index, "KVM_SET_MP_STATE"))?;
+    fd.set_regs(&state.regs).map_err(err(index, "KVM_SET_REGS"))?;
+    fd.set_sregs(&state.sregs).map_err(err(index, "KVM_SET_SREGS"))?;
+    set_xsave(fd, index, &state.xsave, xsave_size)?;
+    fd.set_xcrs(&state.xcrs).map_err(err(index, "KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&state.debugregs).map_err(err(index, "KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&state.lapic).map_err(err(index, "KVM_SET_LAPIC"))?;
+    // MSRs after the LAPIC: KVM ignores a TSC deadline unless the LAPIC timer is already in
+    // TSC-deadline mode, and KVM_SET_LAPIC would clear it. The TSC goes before the deadline.
     let refused =
         crate::arch::x86_64::msr::set_msrs(fd, &restore_order(&state.msrs)).map_err(err(index, "KVM_SET_MSRS"))?;
     for msr in refused {
         tracing::debug!("vCPU {index}: KVM refused saved MSR {msr:#x}");
     }
-    fd.set_mp_state(state.mp_state).map_err(err(index, "KVM_SET_MP_STATE"))?;
-    fd.set_regs(&state.regs).map_err(err(index, "KVM_SET_REGS"))?;
-    fd.set_sregs(&state.sregs).map_err(err(index, "KVM_SET_SREGS"))?;
-    set_xsave(fd, index, &state.xsave)?;
-    fd.set_xcrs(&state.xcrs).map_err(err(index, "KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&state.debugregs).map_err(err(index, "KVM_SET_DEBUGREGS"))?;
-    // The LAPIC before the events: pending interrupts in the events refer to it.
-    fd.set_lapic(&state.lapic).map_err(err(index, "KVM_SET_LAPIC"))?;
-    fd.set_vcpu_events(&state.vcpu_events).map_err(err(index, "KVM_SET_VCPU_EVENTS"))?;
+    // Events last: they refer to the LAPIC. KVM_GET_VCPU_EVENTS does not mark the NMI and SIPI
+    // fields valid, so without these flags a pending NMI would be dropped.
+    let mut events = state.vcpu_events;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    fd.set_vcpu_events(&events).map_err(err(index, "KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 

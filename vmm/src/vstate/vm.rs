@@ -125,13 +125,19 @@ impl Vm {
         })
     }
 
-    /// Restores the VM-wide state into a fresh VM, before any vCPU runs (so kvmclock continues
-    /// from the saved value and never goes backwards for the guest).
-    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+    /// Restores the interrupt controllers and the PIT into a fresh VM, right after
+    /// `create_irqchip` and before devices that may raise interrupts are restored.
+    pub fn restore_irqchips(&self, state: &VmState) -> Result<(), VmError> {
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
         self.fd.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        Ok(())
+    }
+
+    /// Restores kvmclock, before any vCPU runs (so the guest's clock goes on from the saved
+    /// value and never goes backwards).
+    pub fn restore_clock(&self, state: &VmState) -> Result<(), VmError> {
         // No flags: with KVM_CLOCK_REALTIME KVM would add the wall time elapsed since the save,
         // and the guest's monotonic clock would leap forward by the whole time it was stored.
         // The guest continues from the instant it was saved.

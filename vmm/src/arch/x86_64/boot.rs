@@ -163,10 +163,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
     let himem = Some(GuestAddress(HIMEM_START));
     match kind {
         KernelKind::Pvh => {
-            let res = Elf::load(mem, None, kernel, himem).map_err(|e| match e {
-                linux_loader::loader::Error::Elf(_) => BootError::LoadKernel(e),
-                other => BootError::LoadKernel(other),
-            })?;
+            let res = Elf::load(mem, None, kernel, himem).map_err(BootError::LoadKernel)?;
             let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
                 return Err(BootError::NoPvhEntry);
             };
@@ -285,7 +282,8 @@ struct MemmapEntry(hvm_memmap_table_entry);
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct ModlistEntry(hvm_modlist_entry);
-// SAFETY: plain C structs of integers with no padding-dependent invariants; any bytes are valid.
+// SAFETY: repr(C) structs made only of integers, laid out without padding (56, 24 and 32 bytes),
+// so every byte pattern is a valid value and every byte is initialised.
 unsafe impl ByteValued for StartInfo {}
 // SAFETY: as above.
 unsafe impl ByteValued for MemmapEntry {}

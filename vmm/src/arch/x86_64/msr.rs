@@ -41,9 +41,11 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
 pub fn set_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<Vec<u32>, kvm_ioctls::Error> {
     let entries: Vec<kvm_msr_entry> =
         msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-    let batch = Msrs::from_entries(&entries).expect("MSR list within KVM's limit");
-    if vcpu.set_msrs(&batch)? == entries.len() {
-        return Ok(Vec::new());
+    // A list longer than one batch holds (a damaged snapshot) goes one by one.
+    if let Ok(batch) = Msrs::from_entries(&entries) {
+        if vcpu.set_msrs(&batch)? == entries.len() {
+            return Ok(Vec::new());
+        }
     }
     let mut refused = Vec::new();
     for entry in &entries {

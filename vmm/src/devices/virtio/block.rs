@@ -35,6 +35,8 @@ const ID_BYTES: usize = 20;
 pub enum BlockError {
     #[error("cannot open disk {path}: {err}")]
     Open { path: String, err: std::io::Error },
+    #[error("disk {0} is in use by another VM")]
+    InUse(String),
 }
 
 pub struct Block {
@@ -58,6 +60,13 @@ impl Block {
             .write(!read_only)
             .open(path)
             .map_err(|err| BlockError::Open { path: path.display().to_string(), err })?;
+        // One writer per disk image: two VMs (say, a VM and a copy resumed from its snapshot)
+        // writing one file would corrupt it. The lock lives as long as the open file.
+        let lock = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor we own; it does not touch memory.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), lock | libc::LOCK_NB) } != 0 {
+            return Err(BlockError::InUse(path.display().to_string()));
+        }
         let len = file.metadata().map_err(|err| BlockError::Open { path: path.display().to_string(), err })?.len();
         let mut id = [0u8; ID_BYTES];
         let text = format!("vmm-disk-{index}");

@@ -44,7 +44,6 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
 
 /// Interrupt status bit: a used ring was updated.
 pub const INT_USED_RING: u32 = 1;
@@ -176,12 +175,18 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Status bits are only ever added; clearing them takes a reset (a write of 0).
+        if value & self.status != self.status {
+            tracing::debug!("virtio: status {value:#x} clears bits of {:#x}; ignored", self.status);
+            return;
+        }
         let new_bits = value & !self.status;
         if new_bits & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                self.status = value & !STATUS_FEATURES_OK;
+                // Leave FEATURES_OK (and anything that needs it) clear: the driver reads the
+                // status back and gives up.
+                self.status = value & !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
                 return;
             }
         }
