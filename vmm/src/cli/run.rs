@@ -118,9 +118,10 @@ fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard)
 }
 
 fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, paused: bool) -> CmdResult {
-    let state = if paused { "paused" } else { "running" };
-    eprintln!("vmm: VM '{}' {state}; control socket {}", machine.config.name, guard.0.display());
     let running = machine.start(paused).map_err(|e| Failure::runtime(e.to_string()))?;
+    // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
+    let state = if paused { "paused" } else { "running" };
+    eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
