@@ -669,7 +669,7 @@ def snapshot_benchmark(env, runs, invocation):
         "the pause and is then killed with SIGKILL. QEMU's pause is its whole save (`stop` until "
         "`query-migrate` says completed); durable adds waiting for the `cat` child and an fsync "
         "of the file. *resume → running*: from spawning `vmm resume` to its `running` line on "
-        "stderr; for QEMU from spawning `qemu -incoming` to the reply to `cont`. *→ guest "
+        "stderr (printed once the vCPU threads are started); for QEMU from spawning `qemu -incoming` to the reply to `cont`. *→ guest "
         "progress*: to the first `testguest: tick` line read from stdout (QEMU starts the vCPUs "
         "before it replies to `cont`, so that line can arrive first). Both resume from a file "
         "just written, i.e. from the page cache.",
