@@ -246,3 +246,15 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
 pub fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
+
+/// Runs vmm with `args` in a private mount namespace where `setup` (a shell snippet) first
+/// changed /dev, e.g. to hide /dev/kvm. Returns the status and stderr.
+pub fn in_mount_namespace(setup: &str, args: &str) -> (ExitStatus, String) {
+    let script = format!("{setup} && exec {} {args}", vmm_bin().display());
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}

@@ -88,3 +88,20 @@ fn api_socket_path_that_is_not_a_socket_is_left_alone() {
     assert_bad_input(&["run", "--api-sock", file.to_str().unwrap()], "not a socket");
     assert_eq!(std::fs::read(&file).unwrap(), b"data");
 }
+
+#[test]
+fn no_kvm_device_is_a_runtime_error() {
+    let (status, stderr) = tests::in_mount_namespace("mount -t tmpfs tmpfs /dev", "run --cmdline workload=poweroff");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+}
+
+#[test]
+fn a_kvm_device_that_is_not_kvm_is_a_runtime_error() {
+    let (status, stderr) =
+        tests::in_mount_namespace("mount --bind /dev/null /dev/kvm", "run --cmdline workload=poweroff");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not a usable KVM device"), "{stderr}");
+}

@@ -146,3 +146,12 @@ fn not_a_snapshot() {
     std::fs::write(&file, b"hello").unwrap();
     refused(&["inspect", file.to_str().unwrap()], "is not a vmm snapshot");
 }
+
+#[test]
+fn no_kvm_to_resume_on_is_a_runtime_error() {
+    let args = format!("resume {} --name nokvm", good_snapshot().display());
+    let (status, stderr) = tests::in_mount_namespace("mount -t tmpfs tmpfs /dev", &args);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+}

@@ -12,7 +12,7 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub enum VmError {
     #[error("cannot open /dev/kvm: {0}")]
     OpenKvm(kvm_ioctls::Error),
-    #[error("KVM API version {0} is not supported (12 expected)")]
+    #[error("/dev/kvm is not a usable KVM device (KVM_GET_API_VERSION gave {0}, 12 expected)")]
     KvmApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
