@@ -243,7 +243,7 @@ mod tests {
         let mut m = sample();
         m.state = w.write_state(b"machine state")?;
         let mem = vec![fill; 2 << 20];
-        m.memory = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem, resident: None }])?;
+        m.memory = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem, kinds: None, backing: None }])?;
         w.commit(&m).map(|_| ())
     }
 

@@ -11,7 +11,7 @@ pub mod pages;
 
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{CpuIdentity, DeviceSummary, DiskDescription, Manifest, VcpuSummary, VmDescription};
-pub use pages::{MemoryLayout, MemorySource, RegionLayout, StagedMemory};
+pub use pages::{MemoryLayout, MemorySource, PageKind, RegionLayout, StagedMemory};
 
 /// Format version written by this crate; the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;

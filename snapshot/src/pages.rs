@@ -38,10 +38,23 @@ pub struct MemoryLayout {
 pub struct MemorySource<'a> {
     pub guest_addr: u64,
     pub bytes: &'a [u8],
-    /// Optional residency map (one byte a page, bit 0 set = resident, as from mincore) for
-    /// anonymous memory: a page never touched is zero and is not read at all, so saving does
-    /// not fault in untouched memory.
-    pub resident: Option<Vec<u8>>,
+    /// Where each page's content is, when the VMM knows (one `PageKind` a page): pages known to
+    /// be zero are not read at all, and pages still in a backing file are read from the file
+    /// rather than faulted in through the mapping. None: read every page through the mapping.
+    pub kinds: Option<Vec<PageKind>>,
+    /// The file the region is mapped from (privately) and the offset of its first page.
+    pub backing: Option<(&'a File, u64)>,
+}
+
+/// Where a page of guest memory is to be found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    /// Known to be zero (never touched, or a hole of the backing file never written since).
+    Zero,
+    /// In the mapping: read it there.
+    Mapped,
+    /// Not in the mapping yet: its content is the backing file's.
+    InFile,
 }
 
 impl MemoryLayout {
@@ -126,9 +139,9 @@ impl PageSource for MemorySource<'_> {
     }
 
     fn page(&self, p: usize) -> Option<&[u8]> {
-        let untouched = self.resident.as_ref().is_some_and(|r| r.get(p).is_some_and(|b| b & 1 == 0));
+        let zero = self.kinds.as_ref().is_some_and(|k| k.get(p) == Some(&PageKind::Zero));
         let bytes = &self.bytes[p * PAGE..((p + 1) * PAGE).min(self.bytes.len())];
-        (!untouched && !is_zero(bytes)).then_some(bytes)
+        (!zero && !is_zero(bytes)).then_some(bytes)
     }
 
     fn run(&self, first: usize, end: usize) -> &[u8] {
@@ -170,31 +183,72 @@ impl StagedMemory {
         Some(Self { regions: Vec::new(), data })
     }
 
-    /// Copies the non-zero pages of `sources` (untouched pages are not read). Returns false,
-    /// having copied an unknown part, if they do not fit: the buffer never grows, so the copy
-    /// never waits for an allocation.
+    /// Copies the non-zero pages of `sources`: pages known to be zero are not read, pages still
+    /// in a backing file are read from it (in runs, without faulting them into the mapping).
+    /// Returns false, having copied an unknown part, if they do not fit (or a backing file cannot
+    /// be read): the buffer never grows, so the copy never waits for an allocation.
     pub fn copy(&mut self, sources: &[MemorySource<'_>]) -> bool {
         self.regions.clear();
         self.data.clear();
-        let mut used = 0u32;
         for src in sources {
             let pages = src.bytes.len().div_ceil(PAGE);
             let mut slots = Vec::with_capacity(pages);
-            for p in 0..pages {
-                match src.page(p) {
-                    Some(bytes) => {
-                        if self.data.capacity() - self.data.len() < bytes.len() {
+            let mut p = 0;
+            while p < pages {
+                let kind = src.kinds.as_ref().and_then(|k| k.get(p).copied()).unwrap_or(PageKind::Mapped);
+                match (kind, src.backing) {
+                    (PageKind::InFile, Some((file, offset))) => {
+                        let end = (p..pages)
+                            .find(|&q| src.kinds.as_ref().and_then(|k| k.get(q)) != Some(&PageKind::InFile))
+                            .unwrap_or(pages);
+                        if !self.copy_from_file(file, offset + (p * PAGE) as u64, end - p, &mut slots) {
                             return false;
                         }
-                        self.data.extend_from_slice(bytes);
-                        slots.push(used);
-                        used += 1;
+                        p = end;
+                        continue;
                     }
-                    None => slots.push(ZERO_SLOT),
+                    (PageKind::Zero, _) => slots.push(ZERO_SLOT),
+                    _ => match src.page(p) {
+                        Some(bytes) => {
+                            if self.data.capacity() - self.data.len() < bytes.len() {
+                                return false;
+                            }
+                            slots.push((self.data.len() / PAGE) as u32);
+                            self.data.extend_from_slice(bytes);
+                        }
+                        None => slots.push(ZERO_SLOT),
+                    },
                 }
+                p += 1;
             }
             self.regions.push(StagedRegion { guest_addr: src.guest_addr, size: src.bytes.len(), slots });
         }
+        true
+    }
+
+    /// Reads `count` pages of `file` at `offset` into the buffer, keeping only non-zero ones.
+    fn copy_from_file(&mut self, file: &File, offset: u64, count: usize, slots: &mut Vec<u32>) -> bool {
+        let start = self.data.len();
+        if self.data.capacity() - start < count * PAGE {
+            return false;
+        }
+        self.data.resize(start + count * PAGE, 0);
+        if file.read_exact_at(&mut self.data[start..], offset).is_err() {
+            return false;
+        }
+        // Compact: zero pages (holes of the file) take no slot.
+        let mut kept = start;
+        for i in 0..count {
+            let at = start + i * PAGE;
+            if is_zero(&self.data[at..at + PAGE]) {
+                slots.push(ZERO_SLOT);
+            } else {
+                self.data.copy_within(at..at + PAGE, kept);
+                slots.push((kept / PAGE) as u32);
+                kept += PAGE;
+            }
+        }
+        self.data.truncate(kept);
         true
     }
 }
@@ -327,8 +381,8 @@ mod tests {
         low[(4 << 20) - 1] = 0x55;
         let high = vec![0x11u8; 8192];
         let sources = [
-            MemorySource { guest_addr: 0, bytes: &low, resident: None },
-            MemorySource { guest_addr: 1 << 32, bytes: &high, resident: None },
+            MemorySource { guest_addr: 0, bytes: &low, kinds: None, backing: None },
+            MemorySource { guest_addr: 1 << 32, bytes: &high, kinds: None, backing: None },
         ];
         let layout = write_pages(&file, &path, &sources).unwrap();
         layout.validate().unwrap();
@@ -351,12 +405,44 @@ mod tests {
     }
 
     #[test]
+    fn pages_still_in_the_backing_file_are_read_from_it() {
+        let back_path = temp("backing");
+        let backing =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&back_path).unwrap();
+        backing.set_len(8 * 4096).unwrap();
+        backing.write_all_at(&[0x11; 4096], 4096).unwrap(); // page 1: data; page 2: a hole
+        backing.write_all_at(&[0x33; 4096], 3 * 4096).unwrap();
+        // What the mapping would show; InFile pages must not be read from it.
+        let mut mapping = vec![0xeeu8; 4 * 4096];
+        mapping[..4096].fill(0x22);
+        let kinds = vec![PageKind::Mapped, PageKind::InFile, PageKind::InFile, PageKind::InFile];
+        let src = MemorySource { guest_addr: 0, bytes: &mapping, kinds: Some(kinds), backing: Some((&backing, 0)) };
+        let mut staged = StagedMemory::with_capacity(16 * 4096).unwrap();
+        assert!(staged.copy(&[src]));
+        let out_path = temp("from-backing");
+        let out =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&out_path).unwrap();
+        let layout = write_staged(&out, &out_path, &staged).unwrap();
+        assert_eq!(layout.zero_pages, 1);
+        let mut back = vec![0u8; 4 * 4096];
+        out.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|b| *b == 0x22));
+        assert!(back[4096..8192].iter().all(|b| *b == 0x11));
+        assert!(back[8192..12288].iter().all(|b| *b == 0));
+        assert!(back[12288..].iter().all(|b| *b == 0x33));
+        verify_pages(&out, &out_path, &layout).unwrap();
+        std::fs::remove_file(&back_path).unwrap();
+        std::fs::remove_file(&out_path).unwrap();
+    }
+
+    #[test]
     fn untouched_pages_are_not_read() {
         let path = temp("resident");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let mem = vec![0xeeu8; 4 * 4096];
         // Pages 1 and 3 "never touched": saved as zero whatever the bytes say.
-        let src = MemorySource { guest_addr: 0, bytes: &mem, resident: Some(vec![1, 0, 1, 0]) };
+        let kinds = vec![PageKind::Mapped, PageKind::Zero, PageKind::Mapped, PageKind::Zero];
+        let src = MemorySource { guest_addr: 0, bytes: &mem, kinds: Some(kinds), backing: None };
         let layout = write_pages(&file, &path, &[src]).unwrap();
         assert_eq!(layout.zero_pages, 2);
         let mut back = vec![0u8; mem.len()];
@@ -378,7 +464,7 @@ mod tests {
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(p).unwrap()
         };
         let (direct_file, staged_file) = (open(&direct_path), open(&staged_path));
-        let src = || [MemorySource { guest_addr: 0x10_0000, bytes: &mem, resident: None }];
+        let src = || [MemorySource { guest_addr: 0x10_0000, bytes: &mem, kinds: None, backing: None }];
         let direct = write_pages(&direct_file, &direct_path, &src()).unwrap();
         let mut small = StagedMemory::with_capacity(64 * 4096).unwrap();
         assert!(!small.copy(&src()), "a copy that does not fit must say so");

@@ -69,21 +69,23 @@ impl PausedVm<'_> {
         self.control.devices.save()
     }
 
-    /// Guest memory as byte slices, valid while the machine stays paused. `maps` says which
-    /// pages were never touched (see `vstate::memory::residency_maps`).
-    pub fn memory(&self, maps: Vec<Option<Vec<u8>>>) -> Vec<MemorySource<'_>> {
+    /// Guest memory as byte slices, valid while the machine stays paused, with where each page
+    /// is (see `vstate::memory::page_kinds`).
+    pub fn memory(&self) -> Vec<MemorySource<'_>> {
+        let kinds = crate::vstate::memory::page_kinds(&self.control.mem);
         self.control
             .mem
             .iter()
-            .zip(maps)
-            .map(|(region, resident)| {
+            .zip(kinds)
+            .map(|(region, kinds)| {
                 let len = region.len() as usize;
                 // SAFETY: the region maps `len` bytes for as long as `mem` lives, which outlives
                 // this guard. While the guard lives every vCPU is out of KVM_RUN, and the devices
                 // that write guest memory (virtio) run only on vCPU threads, so nothing writes
                 // to the memory while the slices, tied to the guard's lifetime, exist.
                 let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
-                MemorySource { guest_addr: region.start_addr().0, bytes, resident }
+                let backing = region.file_offset().map(|fo| (fo.file(), fo.start()));
+                MemorySource { guest_addr: region.start_addr().0, bytes, kinds, backing }
             })
             .collect()
     }

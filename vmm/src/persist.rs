@@ -126,7 +126,7 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
     let writer = SnapshotWriter::create(out, opts.force)?;
     // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
     let staging =
-        memory::staging_size(&control.mem, &memory::residency_maps(&control.mem)).and_then(StagedMemory::with_capacity);
+        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem)).and_then(StagedMemory::with_capacity);
     let mut paused = control.pause_for()?;
     let paused_at = Instant::now();
     let resume_on_error = opts.stop && paused.was_running();
@@ -138,7 +138,7 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
         let state = MachineState { vm, vcpus, devices };
         let bytes = codec().serialize(&state).map_err(|e| PersistError::Decode(e.to_string()))?;
         let digest = writer.write_state(&bytes)?;
-        let sources = paused.memory(memory::residency_maps(&control.mem));
+        let sources = paused.memory();
         // Copy memory aside at memory speed; write it straight to the file while paused only
         // when the copy does not fit.
         let staged = staging.and_then(|mut staged| staged.copy(&sources).then_some(staged));

@@ -1,5 +1,6 @@
 //! Guest memory: anonymous mappings laid out around the MMIO hole.
 
+use snapshot::PageKind;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::memory_map::ram_regions;
@@ -18,25 +19,89 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError { size: mem_size, reason: e.to_string() })
 }
 
-/// For each region, which pages were never touched, when that can be known without reading
-/// them: mincore(2) of anonymous memory (one byte a page, bit 0 set if resident). None for memory
-/// mapped from a snapshot file (its pages are the file's), and when the host swaps, since a
-/// swapped-out page is not resident either.
-pub fn residency_maps(mem: &GuestMemoryMmap) -> Vec<Option<Vec<u8>>> {
+/// For each region, where each page's content is, when that can be known without touching the
+/// page (see `PageKind`). Anonymous memory: a page mincore(2) does not report resident was never
+/// touched, so it is zero (not when the host swaps: a swapped-out page is not resident either).
+/// Memory mapped privately from a snapshot: a page /proc/self/pagemap does not report present is
+/// still the file's, and zero where the file has a hole. None: unknown, read every page.
+pub fn page_kinds(mem: &GuestMemoryMmap) -> Vec<Option<Vec<PageKind>>> {
     let swap = host_swaps();
     mem.iter()
         .map(|region| {
-            if swap || region.file_offset().is_some() {
-                return None;
+            let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
+            match region.file_offset() {
+                None if swap => None,
+                None => anonymous_page_kinds(addr, len),
+                Some(fo) => file_page_kinds(addr, len, fo.file(), fo.start()),
             }
-            let len = region.len() as usize;
-            let mut map = vec![0u8; len.div_ceil(4096)];
-            // SAFETY: the region is a page-aligned mapping of `len` bytes, and `map` has a byte
-            // a page. mincore only inspects page tables: it reads no guest memory.
-            let rc = unsafe { libc::mincore(region.as_ptr() as *mut libc::c_void, len, map.as_mut_ptr()) };
-            (rc == 0).then_some(map)
         })
         .collect()
+}
+
+fn anonymous_page_kinds(addr: usize, len: usize) -> Option<Vec<PageKind>> {
+    let mut map = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: [addr, addr + len) is a page-aligned mapping, and `map` has a byte a page. mincore
+    // only inspects page tables: it reads no guest memory.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, map.as_mut_ptr()) };
+    (rc == 0).then(|| map.iter().map(|b| if b & 1 != 0 { PageKind::Mapped } else { PageKind::Zero }).collect())
+}
+
+const PAGE: usize = 4096;
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+
+fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -> Option<Vec<PageKind>> {
+    let pages = len.div_ceil(PAGE);
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut raw = vec![0u8; pages * 8];
+    std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut raw, (addr / PAGE * 8) as u64).ok()?;
+    let data = data_pages(file, offset, pages)?;
+    let kinds = raw
+        .chunks_exact(8)
+        .zip(data)
+        .map(|(entry, has_data)| {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
+                PageKind::Mapped
+            } else if has_data {
+                PageKind::InFile
+            } else {
+                PageKind::Zero
+            }
+        })
+        .collect();
+    Some(kinds)
+}
+
+/// For each of `pages` pages of `file` from `offset`, whether it holds data (not a hole).
+fn data_pages(file: &std::fs::File, offset: u64, pages: usize) -> Option<Vec<bool>> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    let end = offset + (pages * PAGE) as u64;
+    let mut map = vec![false; pages];
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after `pos`. Anything else: do not guess.
+            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(map);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let hole = (hole as u64).min(end);
+        let first = ((data - offset) / PAGE as u64) as usize;
+        let last = (hole - offset).div_ceil(PAGE as u64) as usize;
+        map[first..last.min(pages)].iter_mut().for_each(|b| *b = true);
+        pos = hole;
+    }
+    Some(map)
 }
 
 fn meminfo_kib(field: &str) -> Option<u64> {
@@ -49,15 +114,15 @@ fn host_swaps() -> bool {
     meminfo_kib("SwapTotal:").is_none_or(|kib| kib > 0)
 }
 
-/// Bytes to set aside to copy the guest's non-zero memory (its resident anonymous pages, all of
-/// any other region, with room for pages touched meanwhile), or None when that would not fit
+/// Bytes to set aside to copy the guest's non-zero memory (the pages not known to be zero, with
+/// room for pages touched meanwhile), or None when that would not fit
 /// comfortably in half of what the host has available.
-pub fn staging_size(mem: &GuestMemoryMmap, maps: &[Option<Vec<u8>>]) -> Option<usize> {
+pub fn staging_size(mem: &GuestMemoryMmap, kinds: &[Option<Vec<PageKind>>]) -> Option<usize> {
     let bound: u64 = mem
         .iter()
-        .zip(maps)
-        .map(|(region, map)| match map {
-            Some(map) => map.iter().filter(|b| *b & 1 != 0).count() as u64 * 4096,
+        .zip(kinds)
+        .map(|(region, kinds)| match kinds {
+            Some(kinds) => kinds.iter().filter(|k| **k != PageKind::Zero).count() as u64 * PAGE as u64,
             None => region.len(),
         })
         .sum();
