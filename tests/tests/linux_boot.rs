@@ -12,12 +12,19 @@ use tests::{hardware_kvm, images_dir, require_kvm, TempDir, Vmm};
 const VCPUS: &str = "2";
 const MEM: &str = "256M";
 
-#[test]
-fn linux_sees_the_machine_vmm_describes() {
+/// The Linux image directory (images/build.sh), after checking KVM and the PVH vmlinux are there.
+fn linux_images() -> std::path::PathBuf {
     require_kvm();
     let linux = images_dir().join("linux");
     let vmlinux = linux.join("vmlinux");
     assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
+    linux
+}
+
+#[test]
+fn linux_sees_the_machine_vmm_describes() {
+    let linux = linux_images();
+    let vmlinux = linux.join("vmlinux");
     let initrd = linux.join("initramfs.cpio.gz");
     let dir = TempDir::new("linux");
     let disk = dir.path().join("disk.img");
@@ -69,10 +76,7 @@ fn linux_sees_the_machine_vmm_describes() {
 /// it in a new process: the log goes on where it stopped, without a second boot banner.
 #[test]
 fn linux_resumes_mid_boot() {
-    require_kvm();
-    let linux = images_dir().join("linux");
-    let vmlinux = linux.join("vmlinux");
-    assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
+    let vmlinux = linux_images().join("vmlinux");
     let dir = TempDir::new("linux-snap");
     let sock = dir.path().join("l.sock").display().to_string();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
