@@ -23,11 +23,16 @@ fn sync_dir(path: &Path) -> Result<()> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io_err(path))
 }
 
-/// A directory `--force` may replace: an empty one, or one whose manifest decodes.
+/// A directory `--force` may replace (and then delete): an empty one, or one holding only a
+/// snapshot's files, whose manifest decodes. Anything else in it might be the user's.
 fn looks_like_snapshot(dir: &Path) -> bool {
-    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
-    empty
-        || std::fs::read(dir.join(MANIFEST_FILE))
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let names: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+    if names.is_empty() {
+        return true;
+    }
+    names.iter().all(|n| [MANIFEST_FILE, STATE_FILE, MEMORY_FILE].iter().any(|f| n.as_os_str() == *f))
+        && std::fs::read(dir.join(MANIFEST_FILE))
             .is_ok_and(|bytes| Manifest::decode(&bytes, &dir.display().to_string()).is_ok())
 }
 
@@ -105,7 +110,12 @@ impl SnapshotWriter {
             std::fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
             self.committed = true;
         }
-        sync_dir(self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+        // The snapshot is in place and its files are durable: a failure to sync the parent
+        // directory only risks the rename itself, and is no reason to report the snapshot lost.
+        let parent = self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Err(e) = sync_dir(parent) {
+            eprintln!("warning: snapshot written, but {e}");
+        }
         Ok(bytes)
     }
 }
@@ -272,6 +282,10 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(&File::open(snap.memory_path()).unwrap(), &mut b, 0).unwrap();
         assert_eq!(b[0], 3);
         assert_eq!(std::fs::read_dir(&s.0).unwrap().count(), 1, "old snapshot left behind");
+        // A snapshot directory holding anything else is not replaced either.
+        std::fs::write(dest.join("disk.img"), b"user data").unwrap();
+        assert!(matches!(write(&dest, true, 5), Err(Error::RefuseReplace(_))));
+        assert!(dest.join("disk.img").exists());
         // A directory that is not a snapshot is never replaced.
         let other = s.0.join("home");
         std::fs::create_dir(&other).unwrap();

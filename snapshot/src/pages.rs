@@ -191,7 +191,11 @@ impl StagedMemory {
         self.regions.clear();
         self.data.clear();
         for src in sources {
-            let pages = src.bytes.len().div_ceil(PAGE);
+            // Slots count whole pages: regions must be made of them.
+            if !src.bytes.len().is_multiple_of(PAGE) {
+                return false;
+            }
+            let pages = src.bytes.len() / PAGE;
             let mut slots = Vec::with_capacity(pages);
             let mut p = 0;
             while p < pages {

@@ -116,27 +116,30 @@ fn pause_all(inner: &mut Inner) -> Result<(), ControlError> {
     if inner.state == RunState::Paused {
         return Ok(());
     }
-    let mut asked = 0;
+    let mut asked = Vec::with_capacity(inner.vcpus.len());
     let mut result = Ok(());
     for v in &inner.vcpus {
-        if let Err(e) = v.pause() {
-            result = Err(e);
-            break;
+        match v.pause() {
+            Ok(seq) => asked.push((v, seq)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         }
-        asked += 1;
     }
-    let mut paused = Vec::with_capacity(asked);
-    for v in &inner.vcpus[..asked] {
-        match v.receive() {
-            Ok(VcpuResponse::Paused) => paused.push(v),
+    for (v, seq) in &asked {
+        match v.answer(*seq) {
+            Ok(VcpuResponse::Paused) => {}
             Ok(_) => result = result.and(Err(ControlError::Protocol(v.index))),
             Err(e) => result = result.and(Err(e)),
         }
     }
     if result.is_err() {
-        for v in paused {
-            if let Err(e) = v.resume() {
-                tracing::error!("vCPU {}: cannot resume after a failed pause: {e}", v.index);
+        // Undo: every vCPU asked to pause is released, whether it paused already or will when it
+        // gets to the request (requests are served in order).
+        for (v, _) in asked {
+            if let Err(e) = v.release() {
+                tracing::error!("vCPU {}: cannot release after a failed pause: {e}", v.index);
             }
         }
         return result;
@@ -176,7 +179,7 @@ impl VmControl {
         if started_paused {
             state = RunState::Paused;
             for v in &vcpus {
-                if !matches!(v.receive(), Ok(VcpuResponse::Paused)) {
+                if !matches!(v.answer(0), Ok(VcpuResponse::Paused)) {
                     tracing::error!("vCPU {} did not start paused", v.index);
                 }
             }

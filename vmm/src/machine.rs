@@ -100,6 +100,15 @@ pub struct DevicesState {
 }
 
 impl Devices {
+    /// Raises again every interrupt a restored device has pending (edge-triggered lines: one the
+    /// guest had already seen is a spurious interrupt, which drivers tolerate).
+    pub fn replay_interrupts(&self) {
+        lock(&self.serial).replay_interrupt();
+        for t in &self.virtio {
+            lock(t).replay_interrupt();
+        }
+    }
+
     /// Saves every device; the vCPUs must be paused so that no request is in flight.
     pub fn save(&self) -> DevicesState {
         DevicesState { serial: lock(&self.serial).save(), virtio: self.virtio.iter().map(|t| lock(t).save()).collect() }

@@ -194,7 +194,9 @@ pub fn snapshot(control: &VmControl, out: &Path, opts: SnapshotOptions) -> Resul
     })();
     if result.is_err() && resume_on_error {
         // Never lose the guest because its snapshot failed.
-        control.resume()?;
+        if let Err(e) = control.resume() {
+            tracing::error!("cannot resume the guest after its snapshot failed: {e}");
+        }
     }
     result
 }
@@ -304,6 +306,9 @@ pub fn restore(dir: &Path, opts: &ResumeOptions) -> Result<Machine, PersistError
     for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
         vcpu_state::restore(&vcpu.fd, saved, xsave_size).map_err(MachineError::from)?;
     }
+    // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
+    // the devices raise the interrupts they had pending.
+    machine.devices.replay_interrupts();
     Ok(machine)
 }
 

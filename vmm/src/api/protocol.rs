@@ -49,6 +49,10 @@ pub struct Reply {
     pub status: Option<Status>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub snapshot: Option<SnapshotReport>,
+    /// The VM's process, when the request ends the VM: the client can wait for it to be gone
+    /// (and its disks and name free again).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ending_pid: Option<u32>,
 }
 
 impl Reply {

@@ -37,7 +37,10 @@ pub fn bind(path: &Path, name: &str) -> Result<UnixListener, ServerError> {
         match UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::NameInUse(name.to_string(), path.display().to_string())),
             // Nobody listens: a stale socket from a killed vmm.
-            Err(_) => std::fs::remove_file(path).map_err(sock_err)?,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(sock_err)?
+            }
+            Err(err) => return Err(ServerError::Socket { path: path.display().to_string(), err }),
         }
     }
     let listener = UnixListener::bind(path).map_err(sock_err)?;
@@ -77,13 +80,16 @@ fn serve(stream: UnixStream, control: &VmControl) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST));
-    let (reply, end) = match reader.read_line(&mut line) {
+    let (mut reply, end) = match reader.read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
             Ok(request) => handle(request, control),
             Err(e) => (Reply::error(ErrorKind::Input, format!("bad request: {e}")), false),
         },
         Err(e) => (Reply::error(ErrorKind::Input, format!("cannot read request: {e}")), false),
     };
+    if end {
+        reply.ending_pid = Some(std::process::id());
+    }
     let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false}"#.into());
     text.push('\n');
     let _ = (&stream).write_all(text.as_bytes());

@@ -26,6 +26,9 @@ fn call(target: &VmTarget, request: &Request) -> Result<Reply, Failure> {
         other => Failure::runtime(other.to_string()),
     })?;
     if reply.ok {
+        if let Some(pid) = reply.ending_pid {
+            wait_gone(pid);
+        }
         return Ok(reply);
     }
     let message = reply.error.unwrap_or_else(|| "request failed".into());
@@ -33,6 +36,26 @@ fn call(target: &VmTarget, request: &Request) -> Result<Reply, Failure> {
         Some(ErrorKind::Input) => Failure::bad_input(message),
         _ => Failure::runtime(message),
     })
+}
+
+/// Waits (a while) for the VM's process to end, so that what it held (disks, its name) is free
+/// when the command returns.
+fn wait_gone(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Whether process `pid` still runs (a zombie, waiting for its parent to reap it, does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => {
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X")
+        }
+        Err(_) => false,
+    }
 }
 
 pub fn simple(target: &VmTarget, request: Request) -> CmdResult {

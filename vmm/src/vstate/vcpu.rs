@@ -2,7 +2,8 @@
 //! exits to the buses.
 
 use std::cell::Cell;
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -88,14 +89,15 @@ impl Vcpu {
         install_kick_handler()?;
         let (req_tx, req_rx) = channel();
         if paused {
-            req_tx.send(VcpuRequest::Pause).expect("receiver alive");
+            // Request 0; VmControl collects its answer.
+            req_tx.send((0, VcpuRequest::Pause)).expect("receiver alive");
         }
         let (resp_tx, resp_rx) = channel();
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || self.run(io_bus, mmio_bus, exit, saver, req_rx, resp_tx))?;
-        Ok(VcpuHandle { index, thread, requests: req_tx, responses: resp_rx })
+        Ok(VcpuHandle { index, thread, requests: req_tx, responses: resp_rx, next_seq: AtomicU64::new(1) })
     }
 
     fn run(
@@ -104,8 +106,8 @@ impl Vcpu {
         mmio_bus: Arc<Bus>,
         exit: ExitSender,
         saver: StateSaver,
-        requests: Receiver<VcpuRequest>,
-        responses: Sender<VcpuResponse>,
+        requests: Receiver<(u64, VcpuRequest)>,
+        responses: Sender<(u64, VcpuResponse)>,
     ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KICK_TARGET.with(|t| t.set(run_ptr));
@@ -183,14 +185,14 @@ impl Vcpu {
     /// must end (its handle is gone).
     fn serve_requests(
         &mut self,
-        requests: &Receiver<VcpuRequest>,
-        responses: &Sender<VcpuResponse>,
+        requests: &Receiver<(u64, VcpuRequest)>,
+        responses: &Sender<(u64, VcpuResponse)>,
         saver: &StateSaver,
         at_start: bool,
     ) -> bool {
         let mut paused = false;
         loop {
-            let request = if paused {
+            let (seq, request) = if paused {
                 match requests.recv() {
                     Ok(r) => r,
                     Err(_) => return false,
@@ -218,7 +220,7 @@ impl Vcpu {
                     saver.xsave_size,
                 ))),
             };
-            if responses.send(response).is_err() {
+            if responses.send((seq, response)).is_err() {
                 return false;
             }
         }
@@ -260,12 +262,14 @@ pub struct StateSaver {
     pub xsave_size: usize,
 }
 
-/// The VMM's handle on a running vCPU thread.
+/// The VMM's handle on a running vCPU thread. Requests carry a sequence number that their answer
+/// repeats, so a late answer to a request that timed out is never taken for another's.
 pub struct VcpuHandle {
     pub index: u8,
     thread: JoinHandle<()>,
-    requests: Sender<VcpuRequest>,
-    responses: Receiver<VcpuResponse>,
+    requests: Sender<(u64, VcpuRequest)>,
+    responses: Receiver<(u64, VcpuResponse)>,
+    next_seq: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,33 +287,47 @@ pub enum ControlError {
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl VcpuHandle {
-    /// Asks the vCPU to pause and kicks it out of KVM_RUN; `receive` gets its answer.
-    pub fn pause(&self) -> Result<(), ControlError> {
-        self.drain_stale_answers();
-        self.requests.send(VcpuRequest::Pause).map_err(|_| ControlError::Gone(self.index))?;
+    /// Queues a request; returns its sequence number.
+    fn request(&self, request: VcpuRequest) -> Result<u64, ControlError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.requests.send((seq, request)).map_err(|_| ControlError::Gone(self.index))?;
+        Ok(seq)
+    }
+
+    /// Waits for the answer to request `seq`, dropping answers to earlier ones.
+    pub fn answer(&self, seq: u64) -> Result<VcpuResponse, ControlError> {
+        let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok((s, response)) if s == seq => return Ok(response),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => return Err(ControlError::Timeout(self.index, ANSWER_TIMEOUT)),
+                Err(RecvTimeoutError::Disconnected) => return Err(ControlError::Gone(self.index)),
+            }
+        }
+    }
+
+    /// Asks the vCPU to pause and kicks it out of KVM_RUN; `answer(seq)` gets its answer.
+    pub fn pause(&self) -> Result<u64, ControlError> {
+        let seq = self.request(VcpuRequest::Pause)?;
         if self.thread.is_finished() {
             return Err(ControlError::Gone(self.index));
         }
-        self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET).map_err(|_| ControlError::Gone(self.index))
+        self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET).map_err(|_| ControlError::Gone(self.index))?;
+        Ok(seq)
     }
 
-    /// Drops answers to requests that timed out, so they are not taken for the next one's.
-    fn drain_stale_answers(&self) {
-        while self.responses.try_recv().is_ok() {}
+    /// Lets a paused vCPU run again (no kick: it is waiting for this) without waiting for the
+    /// answer: for undoing a pause that may not have happened yet.
+    pub fn release(&self) -> Result<u64, ControlError> {
+        self.request(VcpuRequest::Resume)
     }
 
-    pub fn receive(&self) -> Result<VcpuResponse, ControlError> {
-        self.responses.recv_timeout(ANSWER_TIMEOUT).map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(self.index, ANSWER_TIMEOUT),
-            std::sync::mpsc::RecvTimeoutError::Disconnected => ControlError::Gone(self.index),
-        })
-    }
-
-    /// Lets a paused vCPU run again (no kick: it is waiting for this).
+    /// Lets a paused vCPU run again and waits until it does.
     pub fn resume(&self) -> Result<(), ControlError> {
-        self.drain_stale_answers();
-        self.requests.send(VcpuRequest::Resume).map_err(|_| ControlError::Gone(self.index))?;
-        match self.receive()? {
+        let seq = self.release()?;
+        match self.answer(seq)? {
             VcpuResponse::Resumed => Ok(()),
             _ => Err(ControlError::Protocol(self.index)),
         }
@@ -317,9 +335,8 @@ impl VcpuHandle {
 
     /// Asks a paused vCPU for its state.
     pub fn save(&self) -> Result<VcpuState, ControlError> {
-        self.drain_stale_answers();
-        self.requests.send(VcpuRequest::Save).map_err(|_| ControlError::Gone(self.index))?;
-        match self.receive()? {
+        let seq = self.request(VcpuRequest::Save)?;
+        match self.answer(seq)? {
             VcpuResponse::State(state) => Ok((*state)?),
             _ => Err(ControlError::Protocol(self.index)),
         }

@@ -16,7 +16,6 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_BATCH: usize = 64;
 const XSAVE_LEGACY_BYTES: usize = std::mem::size_of::<kvm_xsave>();
 const KVM_VCPUEVENT_VALID_NMI_PENDING: u32 = 1;
-const KVM_VCPUEVENT_VALID_SIPI_VECTOR: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -118,10 +117,11 @@ fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, VcpuError>
 /// Restores the XSAVE area into a buffer of this host's size: KVM reads that many bytes.
 fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], host_size: usize) -> Result<(), VcpuError> {
     let host_words = host_size.max(XSAVE_LEGACY_BYTES).div_ceil(4);
-    if words.len() > host_words {
-        // The guest used state components this host's KVM does not have.
+    // A larger area from another host is fine if the guest left the extra state unused (zero).
+    if words.len() > host_words && words[host_words..].iter().any(|w| *w != 0) {
         return Err(VcpuError { index, call: "KVM_SET_XSAVE", err: kvm_ioctls::Error::new(libc::E2BIG) });
     }
+    let words = &words[..words.len().min(host_words)];
     let legacy = XSAVE_LEGACY_BYTES / 4;
     if host_words <= legacy {
         let mut x = kvm_xsave::default();
@@ -179,10 +179,10 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), 
     for msr in refused {
         tracing::debug!("vCPU {index}: KVM refused saved MSR {msr:#x}");
     }
-    // Events last: they refer to the LAPIC. KVM_GET_VCPU_EVENTS does not mark the NMI and SIPI
-    // fields valid, so without these flags a pending NMI would be dropped.
+    // Events last: they refer to the LAPIC. The NMI-pending field is marked valid so a pending
+    // NMI is restored whatever the flags of the saved events say.
     let mut events = state.vcpu_events;
-    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
     fd.set_vcpu_events(&events).map_err(err(index, "KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }

@@ -39,6 +39,16 @@ impl<W: Write> SerialPort<W> {
         Ok(Self { uart })
     }
 
+    /// Signals the interrupt again if the UART has one pending (after a restore).
+    pub fn replay_interrupt(&self) {
+        const IIR_NO_INTERRUPT: u8 = 1;
+        if self.uart.state().interrupt_identification & IIR_NO_INTERRUPT == 0 {
+            if let Err(e) = self.uart.interrupt_evt().trigger() {
+                tracing::warn!("serial: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
     pub fn save(&self) -> SerialSnapshot {
         SerialSnapshot::from_superio(&self.uart.state())
     }

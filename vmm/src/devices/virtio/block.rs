@@ -65,7 +65,12 @@ impl Block {
         let lock = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own; it does not touch memory.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), lock | libc::LOCK_NB) } != 0 {
-            return Err(BlockError::InUse(path.display().to_string()));
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(BlockError::InUse(path.display().to_string()));
+            }
+            // A file system without locks: go on, unprotected.
+            tracing::warn!("cannot lock disk {}: {err}", path.display());
         }
         let len = file.metadata().map_err(|err| BlockError::Open { path: path.display().to_string(), err })?.len();
         let mut id = [0u8; ID_BYTES];

@@ -119,14 +119,18 @@ impl MmioTransport {
         transport.driver_features = state.driver_features;
         transport.queue_sel = state.queue_sel;
         transport.config_generation = state.config_generation;
+        transport.interrupt_status = state.interrupt_status;
         if transport.driver_ok() {
             transport.device.activate(transport.driver_features);
         }
-        if state.interrupt_status != 0 {
-            // The guest may not have seen it before the snapshot; a spurious one is harmless.
-            transport.raise_interrupt(state.interrupt_status);
-        }
         Ok(transport)
+    }
+
+    /// Signals the interrupt again if the guest has not acknowledged it (after a restore).
+    pub fn replay_interrupt(&mut self) {
+        if self.interrupt_status != 0 {
+            self.raise_interrupt(0);
+        }
     }
 
     /// Flushes the device's backend to stable storage.
