@@ -47,15 +47,17 @@ fn wait_gone(pid: u32) {
     }
 }
 
-/// Whether process `pid` still runs (a zombie, waiting for its parent to reap it, does not).
+/// Whether process `pid` still runs. A zombie, waiting for its parent to reap it, does not, once
+/// all its threads are gone: the thread-group leader turns zombie first, while the others still
+/// hold the process's files.
 fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => {
-            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X")
-        }
-        Err(_) => false,
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses.
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    if !matches!(state, Some("Z" | "X")) {
+        return true;
     }
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count() > 1).unwrap_or(false)
 }
 
 pub fn simple(target: &VmTarget, request: Request) -> CmdResult {
