@@ -25,18 +25,19 @@ pub type SerialDevice = SerialPort<Box<dyn Write + Send>>;
 
 pub struct SerialPort<W: Write> {
     pub uart: Serial<EventFdTrigger, NoEvents, W>,
+    write_failed: bool,
 }
 
 impl<W: Write> SerialPort<W> {
     pub fn new(irq: EventFd, out: W) -> Self {
-        Self { uart: Serial::new(EventFdTrigger(irq), out) }
+        Self { uart: Serial::new(EventFdTrigger(irq), out), write_failed: false }
     }
 
     /// Recreates the port from saved state (raising any interrupt the state says is pending).
     pub fn restore(state: &SerialSnapshot, irq: EventFd, out: W) -> Result<Self, String> {
         let uart = Serial::from_state(&state.to_superio(), EventFdTrigger(irq), NoEvents, out)
             .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Self { uart })
+        Ok(Self { uart, write_failed: false })
     }
 
     /// Signals the interrupt again if the UART has one pending (after a restore).
@@ -74,7 +75,11 @@ impl<W: Write + Send> BusDevice for SerialPort<W> {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value, ..]) = (u8::try_from(offset), data) {
             if let Err(e) = self.uart.write(off, *value) {
-                tracing::warn!("serial write failed: {e:?}");
+                // Once: a closed stdout would otherwise log every byte the guest prints.
+                if !self.write_failed {
+                    tracing::warn!("serial output failed (further failures not reported): {e:?}");
+                    self.write_failed = true;
+                }
             }
             if off == 0 {
                 let _ = self.uart.writer_mut().flush();
