@@ -266,3 +266,25 @@ fn snapshot_right_after_resume_keeps_untouched_memory() {
     }
     third.kill();
 }
+
+/// `resume --prefault` copies the snapshot's memory in while the guest already runs: the guest
+/// must see exactly its memory, whichever of the two touches a page first.
+#[test]
+fn resume_with_prefault_continues() {
+    let dir = TempDir::new("prefault");
+    let (vm, before) = boot(&dir, "orig");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--prefault", "--api-sock", &sock(&dir, "pf")]);
+    let first = r.wait_for("testguest: tick", T);
+    let mut last = first.clone();
+    for _ in 0..3 {
+        last = r.wait_for("testguest: tick", T);
+    }
+    let ((t0, c0), (t1, c1)) = (tick(&before), tick(&last));
+    assert!(t1 > t0, "{before} -> {last}");
+    assert!((0..VCPUS as usize).all(|c| c1[c] > c0[c]), "{before} -> {last}");
+    assert!(r.lines_with("testguest: ready").is_empty(), "guest rebooted");
+    r.kill();
+}

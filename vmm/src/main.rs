@@ -111,6 +111,10 @@ pub struct ResumeArgs {
     /// Check every memory checksum before resuming.
     #[arg(long)]
     pub verify: bool,
+    /// Copy the snapshot's memory into the VM in the background as soon as it runs, instead of
+    /// page by page as the guest touches it (faster warm-up, more memory used at once).
+    #[arg(long)]
+    pub prefault: bool,
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {

@@ -79,7 +79,7 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    serve(machine, listener, guard, false)
+    serve(machine, listener, guard, false, None)
 }
 
 pub fn resume(args: ResumeArgs) -> CmdResult {
@@ -101,7 +101,8 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
             Failure::runtime(e.to_string())
         }
     })?;
-    serve(machine, listener, guard, args.paused)
+    let prefault = args.prefault.then(|| machine.mem.clone());
+    serve(machine, listener, guard, args.paused, prefault)
 }
 
 /// Claims the VM's name by binding its control socket, before any work; the guard removes the
@@ -117,8 +118,19 @@ fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard)
     Ok((listener, server::SocketGuard(socket.to_path_buf())))
 }
 
-fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, paused: bool) -> CmdResult {
+/// Starts the VM and serves it until it ends; with `prefault`, memory from a snapshot is faulted
+/// in the background once the vCPUs run.
+fn serve(
+    machine: Machine,
+    listener: UnixListener,
+    guard: server::SocketGuard,
+    paused: bool,
+    prefault: Option<vm_memory::GuestMemoryMmap>,
+) -> CmdResult {
     let running = machine.start(paused).map_err(|e| Failure::runtime(e.to_string()))?;
+    if let Some(mem) = prefault {
+        vmm::vstate::memory::spawn_prefault(mem).map_err(|e| Failure::runtime(e.to_string()))?;
+    }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
