@@ -91,3 +91,15 @@ fn guest_crash_ends_vmm_with_status_1_and_says_where() {
     assert!(last.contains("triple fault") || last.contains("emulation failure"), "{last}");
     assert!(last.contains("on vCPU 0 at RIP 0x"), "{last}");
 }
+
+#[test]
+fn guest_reset_ends_vmm_with_status_0() {
+    // Through the FADT's reset register, and through the i8042 (as Linux's reboot=k does).
+    for workload in ["acpireset", "kbdreset"] {
+        let vmm = Vmm::testguest(&format!("workload={workload}"), &[]);
+        let (status, out, stderr) = vmm.wait_exit(BOOT);
+        assert_eq!(status.code(), Some(0), "{workload}: {stderr}");
+        assert!(out.iter().any(|l| l == "testguest: reset"), "{workload}: {}", out.join("\n"));
+        assert!(!out.iter().any(|l| l.contains("FAIL")), "{workload}: {}", out.join("\n"));
+    }
+}

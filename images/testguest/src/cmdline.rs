@@ -8,6 +8,8 @@ pub enum Workload {
     Disk,
     Poweroff,
     TripleFault,
+    AcpiReset,
+    KeyboardReset,
 }
 
 #[derive(Clone, Copy)]
@@ -55,6 +57,8 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     b"disk" => Workload::Disk,
                     b"poweroff" => Workload::Poweroff,
                     b"triplefault" => Workload::TripleFault,
+                    b"acpireset" => Workload::AcpiReset,
+                    b"kbdreset" => Workload::KeyboardReset,
                     _ => return Err(word),
                 };
                 true

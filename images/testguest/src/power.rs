@@ -94,3 +94,24 @@ pub fn poweroff() -> ! {
     sys::sleep_ms(200);
     Line::new().s("FAIL what=poweroff reason=still-running").fail()
 }
+
+/// How `reset` asks for a reset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ResetWay {
+    /// The FADT's reset register.
+    Acpi,
+    /// The i8042's CPU reset command (0xFE to port 0x64).
+    Keyboard,
+}
+
+/// Prints `testguest: reset` and asks the VMM for a reset the way given.
+pub fn reset(way: ResetWay) -> ! {
+    Line::new().s("reset").print();
+    match (way, INFO.get().reset) {
+        (ResetWay::Acpi, Some((reg, value))) => reg.write(value as u32),
+        (ResetWay::Acpi, None) => Line::new().s("FAIL what=reset reason=no-fadt-reset-register").fail(),
+        (ResetWay::Keyboard, _) => sys::out(0x64, 0xFE, 1),
+    }
+    sys::sleep_ms(200);
+    Line::new().s("FAIL what=reset reason=still-running").fail()
+}

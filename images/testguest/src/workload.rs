@@ -72,7 +72,8 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(queue_page as *mut u8, 0, 4096) };
             DISK.set(DiskSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, queue_page, wbuf, rbuf });
         }
-        Workload::Idle | Workload::Poweroff | Workload::TripleFault => {}
+        Workload::Idle | Workload::Poweroff | Workload::TripleFault | Workload::AcpiReset | Workload::KeyboardReset => {
+        }
     }
     CONFIG.set(cfg);
 }
@@ -102,6 +103,8 @@ pub fn run(cpu: usize) -> ! {
         (Workload::Disk, 0) => disk(cfg),
         (Workload::Poweroff, 0) => power::poweroff(),
         (Workload::TripleFault, 0) => sys::triple_fault(),
+        (Workload::AcpiReset, 0) => power::reset(power::ResetWay::Acpi),
+        (Workload::KeyboardReset, 0) => power::reset(power::ResetWay::Keyboard),
         _ => idle(cpu, false),
     }
 }
