@@ -48,7 +48,9 @@ impl SnapshotWriter {
         let name = dest.file_name().ok_or_else(|| Error::NotASnapshot(dest.display().to_string(), "no name"))?;
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let tmp = parent.join(format!(".{}.tmp-{}-{nanos}", name.to_string_lossy(), std::process::id()));
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        remove_abandoned(&parent, &prefix);
+        let tmp = parent.join(format!("{prefix}{}-{nanos}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false })
     }
@@ -134,6 +136,20 @@ impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Removes temporary snapshot directories (`PREFIX<pid>-<nanos>`) left by writers that died:
+/// their process is gone, so nobody will finish them.
+fn remove_abandoned(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -292,6 +308,20 @@ mod tests {
         std::fs::write(other.join("precious"), b"x").unwrap();
         assert!(matches!(write(&other, true, 4), Err(Error::RefuseReplace(_))));
         assert!(other.join("precious").exists());
+    }
+
+    #[test]
+    fn leftovers_of_dead_writers_are_removed() {
+        let s = Scratch::new("leftovers");
+        let dest = s.0.join("snap");
+        // A writer that died (no such pid), and one that still runs (ours).
+        let dead = s.0.join(".snap.tmp-999999999-1");
+        let live = s.0.join(format!(".snap.tmp-{}-1", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::create_dir(&live).unwrap();
+        write(&dest, false, 1).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
     }
 
     #[test]

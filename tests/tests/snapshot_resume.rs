@@ -288,3 +288,49 @@ fn resume_with_prefault_continues() {
     assert!(r.lines_with("testguest: ready").is_empty(), "guest rebooted");
     r.kill();
 }
+
+/// A vmm killed while it writes a snapshot over an existing one (`--force`) leaves a snapshot at
+/// the destination that verifies (the old one, or the new one if it was complete), and nothing
+/// else that passes for a snapshot.
+#[test]
+fn crash_while_snapshotting_leaves_a_valid_snapshot() {
+    let dir = TempDir::new("crash");
+    let s = sock(&dir, "c");
+    let mut vm = Vmm::testguest("workload=mem mem.size=64M", &["--vcpus", "2", "--mem", "512M", "--api-sock", &s]);
+    vm.wait_for("testguest: tick", T);
+    let snap = dir.path().join("snap");
+    let snap_s = snap.to_str().unwrap().to_string();
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", &snap_s]);
+    let before = std::fs::read(snap.join("manifest")).unwrap();
+    for delay_ms in [5u64, 40, 120] {
+        let client = std::process::Command::new(tests::vmm_bin())
+            .args(["snapshot", "--api-sock", &s, "--out", &snap_s, "--force"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        vm.kill();
+        let _ = client.wait_with_output();
+        vmm_ok(&["verify", &snap_s]);
+        // (The next snapshot to this destination removes such leftovers of dead writers.)
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().contains(".tmp-") {
+                let (status, _, _) = vmm_cmd(&["verify", path.to_str().unwrap()]);
+                assert!(!status.success(), "a partial snapshot verifies: {}", path.display());
+                println!("killed at {delay_ms} ms: a partial snapshot was left aside, and does not verify");
+                std::fs::remove_dir_all(&path).unwrap();
+            }
+        }
+        if std::fs::read(snap.join("manifest")).unwrap() == before {
+            println!("killed at {delay_ms} ms: the old snapshot is intact");
+        } else {
+            println!("killed at {delay_ms} ms: the new snapshot was complete");
+        }
+        // A new VM for the next round.
+        vm = Vmm::testguest("workload=mem mem.size=64M", &["--vcpus", "2", "--mem", "512M", "--api-sock", &s]);
+        vm.wait_for("testguest: tick", T);
+    }
+    vm.kill();
+}
