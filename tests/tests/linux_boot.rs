@@ -76,7 +76,8 @@ fn linux_sees_the_machine_vmm_describes() {
 /// it in a new process: the log goes on where it stopped, without a second boot banner.
 #[test]
 fn linux_resumes_mid_boot() {
-    let vmlinux = linux_images().join("vmlinux");
+    let linux = linux_images();
+    let (vmlinux, initrd) = (linux.join("vmlinux"), linux.join("initramfs.cpio.gz"));
     let dir = TempDir::new("linux-snap");
     let sock = dir.path().join("l.sock").display().to_string();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
@@ -84,6 +85,8 @@ fn linux_resumes_mid_boot() {
         "run",
         "--kernel",
         vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
         "--mem",
         MEM,
         "--vcpus",
