@@ -12,39 +12,28 @@ use tests::{hardware_kvm, images_dir, require_kvm, TempDir, Vmm};
 const VCPUS: &str = "2";
 const MEM: &str = "256M";
 
-/// The Linux image directory (images/build.sh), after checking KVM and the PVH vmlinux are there.
-fn linux_images() -> std::path::PathBuf {
+/// Arguments of `vmm run` booting the stock kernel (PVH vmlinux) with the initramfs from
+/// images/build.sh on MEM and VCPUS, followed by `extra`; checks KVM and the images first.
+fn linux_run_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
     require_kvm();
     let linux = images_dir().join("linux");
     let vmlinux = linux.join("vmlinux");
     assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
-    linux
+    let initrd = linux.join("initramfs.cpio.gz");
+    let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), vmlinux.display().to_string()];
+    args.extend(["--initrd".into(), initrd.display().to_string(), "--mem".into(), MEM.into()]);
+    args.extend(["--vcpus".into(), VCPUS.into(), "--cmdline".into(), cmdline.into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 #[test]
 fn linux_sees_the_machine_vmm_describes() {
-    let linux = linux_images();
-    let vmlinux = linux.join("vmlinux");
-    let initrd = linux.join("initramfs.cpio.gz");
     let dir = TempDir::new("linux");
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 vmm.run=/usr/bin/vmm-blk-roundtrip";
-    let args = [
-        "run",
-        "--kernel",
-        vmlinux.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--mem",
-        MEM,
-        "--vcpus",
-        VCPUS,
-        "--cmdline",
-        cmdline,
-        "--disk",
-        disk.to_str().unwrap(),
-    ];
+    let args = linux_run_args(cmdline, &["--disk", disk.to_str().unwrap()]);
     let mut vmm = Vmm::spawn(&args);
 
     // Measured here (PVM): the banner at ~1 s, "Allowing 2 CPUs" at ~6 s of wall time, the
@@ -76,28 +65,10 @@ fn linux_sees_the_machine_vmm_describes() {
 /// it in a new process: the log goes on where it stopped, without a second boot banner.
 #[test]
 fn linux_resumes_mid_boot() {
-    let linux = linux_images();
-    let (vmlinux, initrd) = (linux.join("vmlinux"), linux.join("initramfs.cpio.gz"));
     let dir = TempDir::new("linux-snap");
     let sock = dir.path().join("l.sock").display().to_string();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
-    let args = [
-        "run",
-        "--kernel",
-        vmlinux.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--mem",
-        MEM,
-        "--vcpus",
-        VCPUS,
-        "--cmdline",
-        cmdline,
-        "--name",
-        "linux",
-        "--api-sock",
-        &sock,
-    ];
+    let args = linux_run_args(cmdline, &["--name", "linux", "--api-sock", &sock]);
     let step = Duration::from_secs(120);
     let mut vm = Vmm::spawn(&args);
     vm.wait_for("Linux version", step);
