@@ -30,6 +30,13 @@ pub struct VcpuError {
     pub err: kvm_ioctls::Error,
 }
 
+impl VcpuError {
+    /// Maps a failed KVM call on vCPU `index` to this error.
+    pub fn on(index: u8, call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        move |err| VcpuError { index, call, err }
+    }
+}
+
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
@@ -48,8 +55,7 @@ impl Vcpu {
     }
 
     fn err(&self, call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-        let index = self.index;
-        move |err| VcpuError { index, call, err }
+        VcpuError::on(self.index, call)
     }
 
     /// Sets CPUID, MSRs and local APIC wiring; the boot vCPU also gets the kernel's entry state.

@@ -56,10 +56,6 @@ impl VcpuState {
     }
 }
 
-fn err(index: u8, call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |err| VcpuError { index, call, err }
-}
-
 /// Reads every MSR in `indices` that KVM will give; unreadable ones are skipped (logged).
 fn get_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
     let mut out = Vec::with_capacity(indices.len());
@@ -69,7 +65,7 @@ fn get_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<(u32, u64)>, 
             let entries: Vec<kvm_msr_entry> =
                 rest.iter().map(|&i| kvm_msr_entry { index: i, ..Default::default() }).collect();
             let mut msrs = Msrs::from_entries(&entries).expect("batch within KVM's limit");
-            let n = fd.get_msrs(&mut msrs).map_err(err(index, "KVM_GET_MSRS"))?;
+            let n = fd.get_msrs(&mut msrs).map_err(VcpuError::on(index, "KVM_GET_MSRS"))?;
             out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
             if n < rest.len() {
                 // KVM stops at the first MSR it cannot read: skip that one and go on.
@@ -86,29 +82,29 @@ fn get_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<(u32, u64)>, 
 /// Saves a vCPU's state. The vCPU must be out of KVM_RUN, with pending I/O completed.
 pub fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32], xsave_size: usize) -> Result<VcpuState, VcpuError> {
     // mp_state first: reading it makes KVM process pending INIT/SIPI events into the state.
-    let mp_state = fd.get_mp_state().map_err(err(index, "KVM_GET_MP_STATE"))?;
-    let regs = fd.get_regs().map_err(err(index, "KVM_GET_REGS"))?;
-    let sregs = fd.get_sregs().map_err(err(index, "KVM_GET_SREGS"))?;
+    let mp_state = fd.get_mp_state().map_err(VcpuError::on(index, "KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(VcpuError::on(index, "KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(VcpuError::on(index, "KVM_GET_SREGS"))?;
     let xsave = get_xsave(fd, index, xsave_size)?;
-    let xcrs = fd.get_xcrs().map_err(err(index, "KVM_GET_XCRS"))?;
-    let debugregs = fd.get_debug_regs().map_err(err(index, "KVM_GET_DEBUGREGS"))?;
-    let lapic = fd.get_lapic().map_err(err(index, "KVM_GET_LAPIC"))?;
+    let xcrs = fd.get_xcrs().map_err(VcpuError::on(index, "KVM_GET_XCRS"))?;
+    let debugregs = fd.get_debug_regs().map_err(VcpuError::on(index, "KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(VcpuError::on(index, "KVM_GET_LAPIC"))?;
     let msrs = get_msrs(fd, index, msr_indices)?;
-    let vcpu_events = fd.get_vcpu_events().map_err(err(index, "KVM_GET_VCPU_EVENTS"))?;
-    let cpuid = fd.get_cpuid2(256).map_err(err(index, "KVM_GET_CPUID2"))?.as_slice().to_vec();
+    let vcpu_events = fd.get_vcpu_events().map_err(VcpuError::on(index, "KVM_GET_VCPU_EVENTS"))?;
+    let cpuid = fd.get_cpuid2(256).map_err(VcpuError::on(index, "KVM_GET_CPUID2"))?.as_slice().to_vec();
     let tsc_khz = fd.get_tsc_khz().ok();
     Ok(VcpuState { index, cpuid, msrs, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, vcpu_events, tsc_khz })
 }
 
 fn get_xsave(fd: &VcpuFd, index: u8, size: usize) -> Result<Vec<u32>, VcpuError> {
     if size <= XSAVE_LEGACY_BYTES {
-        let x = fd.get_xsave().map_err(err(index, "KVM_GET_XSAVE"))?;
+        let x = fd.get_xsave().map_err(VcpuError::on(index, "KVM_GET_XSAVE"))?;
         return Ok(x.region.to_vec());
     }
     let fam = (size - XSAVE_LEGACY_BYTES).div_ceil(4);
     let mut x = Xsave::new(fam).expect("xsave size within limits");
     // SAFETY: `x` was allocated with the size KVM_CAP_XSAVE2 reported.
-    unsafe { fd.get_xsave2(&mut x) }.map_err(err(index, "KVM_GET_XSAVE2"))?;
+    unsafe { fd.get_xsave2(&mut x) }.map_err(VcpuError::on(index, "KVM_GET_XSAVE2"))?;
     let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
     words.extend_from_slice(x.as_slice());
     Ok(words)
@@ -127,7 +123,7 @@ fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], host_size: usize) -> Result<
         let mut x = kvm_xsave::default();
         x.region[..words.len()].copy_from_slice(words);
         // SAFETY: a full legacy-size xsave struct, the size this host's KVM reads.
-        return unsafe { fd.set_xsave(&x) }.map_err(err(index, "KVM_SET_XSAVE"));
+        return unsafe { fd.set_xsave(&x) }.map_err(VcpuError::on(index, "KVM_SET_XSAVE"));
     }
     let mut padded = words.to_vec();
     padded.resize(host_words, 0);
@@ -136,7 +132,7 @@ fn set_xsave(fd: &VcpuFd, index: u8, words: &[u32], host_size: usize) -> Result<
     unsafe { x.as_mut_fam_struct().xsave.region.copy_from_slice(&padded[..legacy]) };
     x.as_mut_slice().copy_from_slice(&padded[legacy..]);
     // SAFETY: `x` holds KVM_CAP_XSAVE2's size for this host, all KVM reads.
-    unsafe { fd.set_xsave2(&x) }.map_err(err(index, "KVM_SET_XSAVE2"))
+    unsafe { fd.set_xsave2(&x) }.map_err(VcpuError::on(index, "KVM_SET_XSAVE2"))
 }
 
 /// Orders MSRs for restore: the TSC before the TSC deadline (which is relative to it).
@@ -157,7 +153,7 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), 
     let too_big = || VcpuError { index, call: "KVM_SET_CPUID2", err: kvm_ioctls::Error::new(libc::E2BIG) };
     // CPUID first: KVM checks later state (XSAVE features, MSRs) against it.
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| too_big())?;
-    fd.set_cpuid2(&cpuid).map_err(err(index, "KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(&cpuid).map_err(VcpuError::on(index, "KVM_SET_CPUID2"))?;
     if let Some(khz) = state.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
             if let Err(e) = fd.set_tsc_khz(khz) {
@@ -165,17 +161,17 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), 
             }
         }
     }
-    fd.set_mp_state(state.mp_state).map_err(err(index, "KVM_SET_MP_STATE"))?;
-    fd.set_regs(&state.regs).map_err(err(index, "KVM_SET_REGS"))?;
-    fd.set_sregs(&state.sregs).map_err(err(index, "KVM_SET_SREGS"))?;
+    fd.set_mp_state(state.mp_state).map_err(VcpuError::on(index, "KVM_SET_MP_STATE"))?;
+    fd.set_regs(&state.regs).map_err(VcpuError::on(index, "KVM_SET_REGS"))?;
+    fd.set_sregs(&state.sregs).map_err(VcpuError::on(index, "KVM_SET_SREGS"))?;
     set_xsave(fd, index, &state.xsave, xsave_size)?;
-    fd.set_xcrs(&state.xcrs).map_err(err(index, "KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&state.debugregs).map_err(err(index, "KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&state.lapic).map_err(err(index, "KVM_SET_LAPIC"))?;
+    fd.set_xcrs(&state.xcrs).map_err(VcpuError::on(index, "KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&state.debugregs).map_err(VcpuError::on(index, "KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&state.lapic).map_err(VcpuError::on(index, "KVM_SET_LAPIC"))?;
     // MSRs after the LAPIC: KVM ignores a TSC deadline unless the LAPIC timer is already in
     // TSC-deadline mode, and KVM_SET_LAPIC would clear it. The TSC goes before the deadline.
-    let refused =
-        crate::arch::x86_64::msr::set_msrs(fd, &restore_order(&state.msrs)).map_err(err(index, "KVM_SET_MSRS"))?;
+    let refused = crate::arch::x86_64::msr::set_msrs(fd, &restore_order(&state.msrs))
+        .map_err(VcpuError::on(index, "KVM_SET_MSRS"))?;
     for msr in refused {
         tracing::debug!("vCPU {index}: KVM refused saved MSR {msr:#x}");
     }
@@ -183,7 +179,7 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), 
     // NMI is restored whatever the flags of the saved events say.
     let mut events = state.vcpu_events;
     events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
-    fd.set_vcpu_events(&events).map_err(err(index, "KVM_SET_VCPU_EVENTS"))?;
+    fd.set_vcpu_events(&events).map_err(VcpuError::on(index, "KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 
