@@ -3,7 +3,8 @@
 #   out/testguest.elf               the test guest (images/testguest, a PVH ELF)
 #   out/linux/bzImage               Debian's cloud kernel (for hardware-KVM hosts)
 #   out/linux/vmlinux               the PVH ELF inside that bzImage
-#   out/linux/initramfs.cpio.gz     busybox, virtio modules, guest agent, /init
+#   out/linux/initramfs.cpio.gz     busybox, virtio modules, guest agent, test programs, /init
+#   out/linux/nested-host.cpio.gz   the nested KVM test host's root (tests/nested.sh)
 #   out/linux/{version,config,modules}  kernel release, its .config, the modules in load order
 # Idempotent: a second run with nothing changed takes seconds.
 #
@@ -94,6 +95,18 @@ linux_modules=(
     vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
 )
 
+# The nested test host (tests/nested.sh; docs/testing.md): this same kernel as an L1 KVM host under
+# QEMU's TCG with SVM. Its modules: virtio-pci disks (the workspace image), KVM, and what network
+# tests build (TAP, bridges, veth), loop devices. ext4 is built in.
+nested_host_modules=(
+    virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+    failover net_failover virtio_net
+    irqbypass kvm kvm_amd
+    tun bridge veth loop
+)
+# Host tools the tests run inside it, copied from this (Debian) host with their libraries.
+nested_host_programs=(ip mkfs.ext4 e2fsck debugfs)
+
 # fetch_deb PACKAGE — prints the path of PACKAGE's .deb in out/debs, downloading it if needed.
 fetch_deb() {
     local pkg=$1 debs=$out/debs uri name size have
@@ -174,86 +187,56 @@ check_pvh_note() {
     [[ $(file -b "$1") == 'ELF 64-bit LSB executable, x86-64'* ]] || die "$1 is not an x86-64 ELF executable"
 }
 
+# The guest-agent crate's static binaries: the agent and the memory checker Linux tests run.
 build_guest_agent() {
     need cargo:cargo file:file strip:binutils
     log "guest agent: cargo build (static)"
     (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --release --quiet -p guest-agent --target x86_64-unknown-linux-gnu)
-    local bin=$root/target/x86_64-unknown-linux-gnu/release/vmm-guest-agent
-    local kind
-    kind=$(file -L -b "$bin")
-    [[ $kind == *'statically linked'* || $kind == *'static-pie linked'* ]] ||
-        die "$bin is not statically linked: $kind"
-    strip -o "$out/vmm-guest-agent.stripped" "$bin"
-    install_if_changed "$out/vmm-guest-agent.stripped" "$out/vmm-guest-agent" || true
-    rm -f "$out/vmm-guest-agent.stripped"
+    local name bin kind
+    for name in vmm-guest-agent vmm-memcheck; do
+        bin=$root/target/x86_64-unknown-linux-gnu/release/$name
+        kind=$(file -L -b "$bin")
+        [[ $kind == *'statically linked'* || $kind == *'static-pie linked'* ]] ||
+            die "$bin is not statically linked: $kind"
+        strip -o "$out/$name.stripped" "$bin"
+        install_if_changed "$out/$name.stripped" "$out/$name" || true
+        rm -f "$out/$name.stripped"
+    done
 }
 
-build_linux() {
-    need apt-get:apt apt-cache:apt dpkg-deb:dpkg lz4:lz4 cpio:cpio gzip:gzip file:file \
-        readelf:binutils od:coreutils find:findutils sha256sum:coreutils
+# unpack_debs KDEB BBDEB WORK — the kernel and busybox packages, unpacked once per build.
+unpack_debs() {
+    rm -rf "$3"
+    mkdir -p "$3"
+    dpkg-deb -x "$1" "$3/kernel"
+    dpkg-deb -x "$2" "$3/busybox"
+    kver=$(basename "$(ls -d "$3/kernel/lib/modules/"*)")
+    kmods=$3/kernel/lib/modules/$kver
+    bb=$3/busybox/bin/busybox
+}
 
-    build_guest_agent
-
-    local kpkg kdeb bbdeb
-    kpkg=$(resolve_kernel_pkg)
-    kdeb=$(fetch_deb "$kpkg")
-    bbdeb=$(fetch_deb busybox-static)
-
-    local dst=$out/linux stamp=$out/linux/.stamp fingerprint
-    fingerprint=$(
-        cd "$root"
-        echo "kernel package: $kpkg"
-        echo "modules: ${linux_modules[*]}"
-        echo "depmod: $(command -v depmod || echo busybox)"
-        sha256sum "$kdeb" "$bbdeb" "$out/vmm-guest-agent" images/build.sh \
-            images/linux/init images/linux/vmm-blk-roundtrip
-    )
-    if [[ -f $stamp ]] && [[ $(cat "$stamp") == "$fingerprint" ]] &&
-        [[ -f $dst/bzImage && -f $dst/vmlinux && -f $dst/initramfs.cpio.gz ]]; then
-        log "linux: out/linux up to date ($kpkg)"
-        return
-    fi
-    log "linux: building from $(basename "$kdeb") and $(basename "$bbdeb")"
-    rm -f "$stamp"
-
-    local work=$out/linux-work
-    rm -rf "$work"
-    mkdir -p "$work" "$dst"
-    dpkg-deb -x "$kdeb" "$work/kernel"
-    dpkg-deb -x "$bbdeb" "$work/busybox"
-
-    local kver vmlinuz
-    kver=$(basename "$(ls -d "$work/kernel/lib/modules/"*)")
-    vmlinuz=$work/kernel/boot/vmlinuz-$kver
-    [[ -f $vmlinuz ]] || die "no vmlinuz-$kver in $(basename "$kdeb")"
-
-    # Kernel images.
-    cp "$vmlinuz" "$dst/bzImage.tmp" && mv -f "$dst/bzImage.tmp" "$dst/bzImage"
-    extract_vmlinux "$dst/bzImage" "$dst/vmlinux"
-    check_pvh_note "$dst/vmlinux"
-    cp "$work/kernel/boot/config-$kver" "$dst/config"
-    echo "$kver" >"$dst/version"
-
-    # The initramfs tree.
-    local rootfs=$work/rootfs bb=$work/busybox/bin/busybox
+# busybox_rootfs ROOTFS — a root tree with busybox and a symlink for each applet.
+busybox_rootfs() {
+    local rootfs=$1 applet
     mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,dev,proc,sys,tmp,run,root,mnt}
     cp "$bb" "$rootfs/bin/busybox"
-    local applet
     while read -r applet; do
         [[ $applet == bin/busybox ]] && continue
         mkdir -p "$rootfs/$(dirname "$applet")"
         ln -sf /bin/busybox "$rootfs/$applet"
     done < <("$bb" --list-full)
     [[ -L $rootfs/bin/sh ]] || die "busybox has no sh applet"
-    install -m 0755 "$root/images/linux/init" "$rootfs/init"
-    install -m 0755 "$root/images/linux/vmm-blk-roundtrip" "$rootfs/usr/bin/vmm-blk-roundtrip"
-    install -m 0755 "$out/vmm-guest-agent" "$rootfs/usr/bin/vmm-guest-agent"
     echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
     echo "root:x:0:" >"$rootfs/etc/group"
+}
 
-    # Modules: name -> file index, dependency closure, copy (decompressed), depmod.
-    local kmods=$work/kernel/lib/modules/$kver
+# install_modules ROOTFS MODULE... — MODULE and its dependencies (each .ko's modinfo), decompressed,
+# with modules.dep; /etc/vmm-modules lists them in load order for /init.
+install_modules() {
+    local rootfs=$1 work
+    shift
+    work=$(dirname "$rootfs")
     declare -A modfile=() visited=()
     local f n order=()
     while read -r f; do
@@ -277,14 +260,14 @@ build_linux() {
         local m=$1 d deps
         [[ -n ${visited[$m]:-} ]] && return
         visited[$m]=1
-        [[ -n ${modfile[$m]:-} ]] || die "kernel module $m not found in $(basename "$kdeb")"
+        [[ -n ${modfile[$m]:-} ]] || die "kernel module $m not found in the $kver package"
         deps=$(modinfo_depends "${modfile[$m]}")
         for d in $deps; do
             visit "$d"
         done
         order+=("$m")
     }
-    for n in "${linux_modules[@]}"; do
+    for n in "$@"; do
         visit "$n"
     done
 
@@ -313,19 +296,105 @@ build_linux() {
         "$bb" depmod -b "$rootfs" "$kver"
     fi
     [[ -s $rootfs/lib/modules/$kver/modules.dep ]] || die "depmod wrote no modules.dep"
-    cp "$rootfs/etc/vmm-modules" "$dst/modules"
+}
 
-    # A reproducible newc archive: sorted names, fixed mtimes, root-owned.
+# pack_initramfs ROOTFS DST — a reproducible newc archive: sorted names, fixed mtimes, root-owned.
+pack_initramfs() {
     local epoch=${SOURCE_DATE_EPOCH:-0}
-    find "$rootfs" -exec touch -h -d "@$epoch" {} +
-    (cd "$rootfs" && find . -mindepth 1 | LC_ALL=C sort |
-        cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$dst/initramfs.cpio.gz.tmp"
-    mv -f "$dst/initramfs.cpio.gz.tmp" "$dst/initramfs.cpio.gz"
+    find "$1" -exec touch -h -d "@$epoch" {} +
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$2.tmp"
+    mv -f "$2.tmp" "$2"
+}
+
+# install_host_program ROOTFS PROGRAM... — host programs (from Debian packages) with every shared
+# library ldd names, at the same paths, so they run in the nested host's initramfs.
+install_host_program() {
+    local rootfs=$1 prog path lib
+    shift
+    for prog in "$@"; do
+        path=$(command -v "$prog") || die "host program $prog not found (images/host-packages.txt)"
+        path=$(readlink -f "$path")
+        mkdir -p "$rootfs/usr/sbin"
+        rm -f "$rootfs/usr/sbin/$prog" "$rootfs/sbin/$prog" "$rootfs/bin/$prog" "$rootfs/usr/bin/$prog"
+        cp "$path" "$rootfs/usr/sbin/$prog"
+        while read -r lib; do
+            [[ -e $rootfs$lib ]] && continue
+            mkdir -p "$rootfs$(dirname "$lib")"
+            cp -L "$lib" "$rootfs$lib"
+        done < <(ldd "$path" | grep -o '/[^ ]*' || true)
+    done
+}
+
+build_linux() {
+    need apt-get:apt apt-cache:apt dpkg-deb:dpkg lz4:lz4 cpio:cpio gzip:gzip file:file \
+        readelf:binutils od:coreutils find:findutils sha256sum:coreutils ldd:libc-bin
+
+    build_guest_agent
+
+    local kpkg kdeb bbdeb
+    kpkg=$(resolve_kernel_pkg)
+    kdeb=$(fetch_deb "$kpkg")
+    bbdeb=$(fetch_deb busybox-static)
+
+    local dst=$out/linux stamp=$out/linux/.stamp fingerprint
+    fingerprint=$(
+        cd "$root"
+        echo "kernel package: $kpkg"
+        echo "modules: ${linux_modules[*]}"
+        echo "depmod: $(command -v depmod || echo busybox)"
+        echo "nested host: ${nested_host_modules[*]} / ${nested_host_programs[*]}"
+        dpkg-query -W iproute2 e2fsprogs libc6 2>/dev/null || true
+        sha256sum "$kdeb" "$bbdeb" "$out/vmm-guest-agent" "$out/vmm-memcheck" images/build.sh \
+            images/linux/init images/linux/vmm-* images/nested-host/init
+    )
+    if [[ -f $stamp ]] && [[ $(cat "$stamp") == "$fingerprint" ]] &&
+        [[ -f $dst/bzImage && -f $dst/vmlinux && -f $dst/initramfs.cpio.gz && -f $dst/nested-host.cpio.gz ]]; then
+        log "linux: out/linux up to date ($kpkg)"
+        return
+    fi
+    log "linux: building from $(basename "$kdeb") and $(basename "$bbdeb")"
+    rm -f "$stamp"
+
+    local work=$out/linux-work kver kmods bb
+    unpack_debs "$kdeb" "$bbdeb" "$work"
+    mkdir -p "$dst"
+    local vmlinuz=$work/kernel/boot/vmlinuz-$kver
+    [[ -f $vmlinuz ]] || die "no vmlinuz-$kver in $(basename "$kdeb")"
+
+    # Kernel images.
+    cp "$vmlinuz" "$dst/bzImage.tmp" && mv -f "$dst/bzImage.tmp" "$dst/bzImage"
+    extract_vmlinux "$dst/bzImage" "$dst/vmlinux"
+    check_pvh_note "$dst/vmlinux"
+    cp "$work/kernel/boot/config-$kver" "$dst/config"
+    echo "$kver" >"$dst/version"
+
+    # The guest's initramfs.
+    local rootfs=$work/rootfs script
+    busybox_rootfs "$rootfs"
+    install -m 0755 "$root/images/linux/init" "$rootfs/init"
+    for script in "$root"/images/linux/vmm-*; do
+        install -m 0755 "$script" "$rootfs/usr/bin/$(basename "$script")"
+    done
+    install -m 0755 "$out/vmm-guest-agent" "$rootfs/usr/bin/vmm-guest-agent"
+    install -m 0755 "$out/vmm-memcheck" "$rootfs/usr/bin/vmm-memcheck"
+    install_modules "$rootfs" "${linux_modules[@]}"
+    cp "$rootfs/etc/vmm-modules" "$dst/modules"
+    pack_initramfs "$rootfs" "$dst/initramfs.cpio.gz"
+
+    # The nested test host's initramfs (tests/nested.sh): the same kernel runs as a KVM host.
+    local host=$work/nested-host
+    busybox_rootfs "$host"
+    install -m 0755 "$root/images/nested-host/init" "$host/init"
+    install_host_program "$host" "${nested_host_programs[@]}"
+    install_modules "$host" "${nested_host_modules[@]}"
+    pack_initramfs "$host" "$dst/nested-host.cpio.gz"
 
     rm -rf "$work"
     echo "$fingerprint" >"$stamp"
     log "linux: $kver: bzImage $(stat -c %s "$dst/bzImage"), vmlinux $(stat -c %s "$dst/vmlinux")," \
-        "initramfs.cpio.gz $(stat -c %s "$dst/initramfs.cpio.gz") bytes"
+        "initramfs.cpio.gz $(stat -c %s "$dst/initramfs.cpio.gz")," \
+        "nested-host.cpio.gz $(stat -c %s "$dst/nested-host.cpio.gz") bytes"
 }
 
 build_testguest

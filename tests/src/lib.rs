@@ -35,6 +35,21 @@ pub fn images_dir() -> PathBuf {
     workspace_root().join("images/out")
 }
 
+/// Arguments of `vmm run` booting the stock Debian kernel (PVH vmlinux) with the initramfs from
+/// images/build.sh, followed by `extra`; checks KVM and the images first.
+pub fn linux_run_args(mem: &str, vcpus: u32, cmdline: &str, extra: &[&str]) -> Vec<String> {
+    require_kvm();
+    let linux = images_dir().join("linux");
+    let vmlinux = linux.join("vmlinux");
+    assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
+    let initrd = linux.join("initramfs.cpio.gz");
+    let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), vmlinux.display().to_string()];
+    args.extend(["--initrd".into(), initrd.display().to_string(), "--mem".into(), mem.into()]);
+    args.extend(["--vcpus".into(), vcpus.to_string(), "--cmdline".into(), cmdline.into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 pub fn testguest() -> PathBuf {
     let p = images_dir().join("testguest.elf");
     assert!(p.is_file(), "{} not found: run images/build.sh", p.display());
@@ -47,9 +62,67 @@ pub fn require_kvm() {
     assert!(ok, "this test needs /dev/kvm (read-write): it is missing or not accessible");
 }
 
-/// True on hosts with hardware virtualization; false on PVM, where guest kernels run emulated.
+/// True on hosts with hardware virtualization (or the nested host's SVM); false on PVM, where
+/// guest kernels run emulated.
 pub fn hardware_kvm() -> bool {
     Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists()
+}
+
+/// The three kinds of host the tests meet (docs/testing.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// KVM without hardware virtualization: guest ring 0 is emulated, Linux dies early.
+    Pvm,
+    /// The nested test host of tests/nested.sh: kvm_amd under QEMU's TCG. Full, but slow.
+    Nested,
+    /// kvm_intel or kvm_amd on real hardware.
+    Hardware,
+}
+
+impl HostKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostKind::Pvm => "PVM host (no hardware virtualization: guest kernels run emulated)",
+            HostKind::Nested => "nested KVM host (kvm_amd under QEMU TCG; functional only, timings mean nothing)",
+            HostKind::Hardware => "hardware KVM host",
+        }
+    }
+}
+
+/// Which host this is: the nested host's /init sets VMM_TEST_HOST=nested.
+pub fn host_kind() -> HostKind {
+    if !hardware_kvm() {
+        HostKind::Pvm
+    } else if std::env::var("VMM_TEST_HOST").as_deref() == Ok("nested") {
+        HostKind::Nested
+    } else {
+        HostKind::Hardware
+    }
+}
+
+/// Says which host a test runs on (shown with the test's output) and returns it.
+pub fn announce_host() -> HostKind {
+    let kind = host_kind();
+    println!("host: {}", kind.describe());
+    kind
+}
+
+/// For tests that need a guest kernel to run for real: fails clearly on PVM.
+pub fn require_hardware_kvm() -> HostKind {
+    require_kvm();
+    let kind = announce_host();
+    assert!(
+        kind != HostKind::Pvm,
+        "this test needs hardware virtualization (SVM/VMX); on a PVM host run it in the nested host: tests/nested.sh"
+    );
+    kind
+}
+
+/// A wait of `secs` seconds on this host: 4x longer in the nested host, where TCG runs everything
+/// (guest and VMM) 10-50x slower than native.
+pub fn bound(secs: u64) -> Duration {
+    let scale = if host_kind() == HostKind::Nested { 4 } else { 1 };
+    Duration::from_secs(secs * scale)
 }
 
 /// A unique scratch directory, removed when dropped.
@@ -83,17 +156,28 @@ pub struct Vmm {
     /// Every stdout line seen so far.
     pub seen: Vec<String>,
     stderr: std::thread::JoinHandle<String>,
+    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Vmm {
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        Self::spawn_with_stdin(args, Stdio::null())
+    }
+
+    /// Like `spawn`, with a pipe to the guest console's input (see `send`).
+    pub fn spawn_with_console_input<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        Self::spawn_with_stdin(args, Stdio::piped())
+    }
+
+    fn spawn_with_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: Stdio) -> Self {
         let mut child = Command::new(vmm_bin())
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
+        let stdin = child.stdin.take();
         let (tx, lines) = channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
@@ -110,7 +194,32 @@ impl Vmm {
             let _ = err_pipe.read_to_string(&mut s);
             s
         });
-        Self { child, lines, seen: Vec::new(), stderr }
+        Self { child, lines, seen: Vec::new(), stderr, stdin }
+    }
+
+    /// Types `text` on the guest console (needs `spawn_with_console_input`).
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("vmm spawned without console input");
+        stdin.write_all(text.as_bytes()).and_then(|()| stdin.flush()).expect("write to vmm's stdin");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything known about an unexpected end or a stuck wait: stdout so far, vmm's stderr
+    /// (once it has exited) or, while it still runs, where each of its threads stands.
+    fn diagnosis(&mut self) -> String {
+        let mut out = format!("--- output ---\n{}", self.seen.join("\n"));
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+                out.push_str(&format!("\n--- vmm ended: {status} ---\n--- stderr ---\n{}", join_bounded(stderr)));
+            }
+            _ => out.push_str(&format!("\n--- vmm still running ---\n{}", process_stacks(self.child.id()))),
+        }
+        out
     }
 
     /// Boots the test guest with `cmdline` and extra vmm arguments.
@@ -136,7 +245,7 @@ impl Vmm {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.contains("testguest: FAIL") && !needles.iter().any(|n| n.contains("FAIL")) {
+                    if is_guest_failure(&line) && !needles.iter().any(|n| n.contains("FAIL")) {
                         panic!("guest failure: {line}\n--- output ---\n{}", self.seen.join("\n"));
                     }
                     if needles.iter().any(|n| line.contains(n)) {
@@ -144,20 +253,26 @@ impl Vmm {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "timed out after {timeout:?} waiting for {needles:?}\n--- output ---\n{}",
-                        self.seen.join("\n")
-                    )
+                    panic!("timed out after {timeout:?} waiting for {needles:?}\n{}", self.diagnosis())
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait().ok();
-                    panic!(
-                        "vmm ended ({status:?}) before printing {needles:?}\n--- output ---\n{}",
-                        self.seen.join("\n")
-                    )
+                    // stdout closed: vmm is ending; give it a bounded moment so its status is known.
+                    let _ = self.wait_status(Duration::from_secs(10));
+                    panic!("vmm ended before printing {needles:?}\n{}", self.diagnosis())
                 }
             }
         }
+    }
+
+    /// Every stdout line that arrives within `period` (no panic when none does).
+    pub fn lines_for(&mut self, period: Duration) -> Vec<String> {
+        let deadline = Instant::now() + period;
+        let mut got = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(line.clone());
+            got.push(line);
+        }
+        got
     }
 
     /// Waits for the process to end; returns its status, all stdout lines and its stderr.
@@ -165,19 +280,22 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                // Every line up to the end of stdout (bounded: a grandchild could hold the pipe).
+                let drain_until = Instant::now() + Duration::from_secs(5);
+                while let Ok(line) = self.lines.recv_timeout(drain_until.saturating_duration_since(Instant::now())) {
                     self.seen.push(line);
                 }
                 let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
-                let err = stderr.join().unwrap_or_default();
+                let err = join_bounded(stderr);
                 return (status, std::mem::take(&mut self.seen), err);
             }
             while let Ok(line) = self.lines.try_recv() {
                 self.seen.push(line);
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("vmm did not exit within {timeout:?}\n--- output ---\n{}", self.seen.join("\n"));
+                let diagnosis = self.diagnosis();
+                self.kill();
+                panic!("vmm did not exit within {timeout:?}\n{diagnosis}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -199,9 +317,26 @@ impl Vmm {
         self.seen.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
+    /// SIGKILL, then reaps it, within a bound: a vmm that cannot die is a finding, not a hang.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.wait_status(Duration::from_secs(30)).is_none() {
+            panic!("vmm (pid {}) not reaped 30 s after SIGKILL\n{}", self.child.id(), process_stacks(self.child.id()));
+        }
+    }
+
+    /// The exit status if the process ends within `timeout`.
+    fn wait_status(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -221,6 +356,45 @@ impl Drop for Vmm {
         }
         self.kill();
     }
+}
+
+/// A line in which one of our guests reports a failed check.
+pub fn is_guest_failure(line: &str) -> bool {
+    line.contains("testguest: FAIL") || line.contains("memcheck: FAIL") || (line.contains("vmm-guest:") && line.contains(" FAIL"))
+}
+
+/// Joins the stderr reader unless it is still blocked (a grandchild holding the pipe).
+fn join_bounded(reader: std::thread::JoinHandle<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if reader.is_finished() {
+        reader.join().unwrap_or_default()
+    } else {
+        "(stderr still open 5 s after vmm ended)".into()
+    }
+}
+
+/// Where each thread of process `pid` stands: name, state, kernel wait channel and stack.
+pub fn process_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let state = read("status").lines().find(|l| l.starts_with("State:")).unwrap_or_default().to_string();
+        out.push_str(&format!(
+            "thread {} ({}) {state} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
 }
 
 /// Runs a client command (`vmm status|pause|continue|snapshot ...`) to completion.

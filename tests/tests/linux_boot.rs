@@ -7,24 +7,13 @@
 
 use std::time::Duration;
 
-use tests::{hardware_kvm, images_dir, require_kvm, TempDir, Vmm};
+use tests::{announce_host, HostKind, TempDir, Vmm};
 
 const VCPUS: &str = "2";
 const MEM: &str = "256M";
 
-/// Arguments of `vmm run` booting the stock kernel (PVH vmlinux) with the initramfs from
-/// images/build.sh on MEM and VCPUS, followed by `extra`; checks KVM and the images first.
 fn linux_run_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
-    require_kvm();
-    let linux = images_dir().join("linux");
-    let vmlinux = linux.join("vmlinux");
-    assert!(vmlinux.is_file(), "{} not found: run images/build.sh", vmlinux.display());
-    let initrd = linux.join("initramfs.cpio.gz");
-    let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), vmlinux.display().to_string()];
-    args.extend(["--initrd".into(), initrd.display().to_string(), "--mem".into(), MEM.into()]);
-    args.extend(["--vcpus".into(), VCPUS.into(), "--cmdline".into(), cmdline.into()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    tests::linux_run_args(MEM, VCPUS.parse().unwrap(), cmdline, extra)
 }
 
 #[test]
@@ -34,11 +23,12 @@ fn linux_sees_the_machine_vmm_describes() {
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 vmm.run=/usr/bin/vmm-blk-roundtrip";
     let args = linux_run_args(cmdline, &["--disk", disk.to_str().unwrap()]);
+    let host = announce_host();
     let mut vmm = Vmm::spawn(&args);
 
     // Measured here (PVM): the banner at ~1 s, "Allowing 2 CPUs" at ~6 s of wall time, the
     // emulation failure at ~35 s. Generous margins for a loaded CI machine.
-    let step = Duration::from_secs(120);
+    let step = tests::bound(120);
     vmm.wait_for("Linux version", step);
     vmm.wait_for("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable", step);
     for table in ["ACPI: RSDP", "ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC"] {
@@ -47,7 +37,7 @@ fn linux_sees_the_machine_vmm_describes() {
     vmm.wait_for("Using ACPI (MADT) for SMP configuration information", step);
     vmm.wait_for(&format!("Allowing {VCPUS} CPUs"), step);
 
-    if hardware_kvm() {
+    if host != HostKind::Pvm {
         let ready = vmm.wait_for("vmm-guest: ready", step);
         assert!(ready.contains(&format!("nproc={VCPUS}")), "{ready}");
         vmm.wait_for("vmm-guest: blk ok", step);
@@ -69,7 +59,8 @@ fn linux_resumes_mid_boot() {
     let sock = dir.path().join("l.sock").display().to_string();
     let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
     let args = linux_run_args(cmdline, &["--name", "linux", "--api-sock", &sock]);
-    let step = Duration::from_secs(120);
+    let step = tests::bound(120);
+    let host = announce_host();
     let mut vm = Vmm::spawn(&args);
     vm.wait_for("Linux version", step);
     vm.wait_for("ACPI: RSDP", step);
@@ -85,7 +76,7 @@ fn linux_resumes_mid_boot() {
         "the kernel booted again instead of continuing after: {last_before}\n{}",
         resumed.seen.join("\n")
     );
-    if hardware_kvm() {
+    if host != HostKind::Pvm {
         resumed.wait_for("vmm-guest: ready", step);
     } else {
         println!("PVM host: resumed Linux checked through its early boot only");

@@ -1,0 +1,178 @@
+//! What only a real Linux guest shows: a userspace process that keeps its memory and its clock
+//! across snapshot → kill → resume cycles, an fsync'd ext4 file that is on the disk when a
+//! `--stop` snapshot returns, and the guest agent freezing a real ext4.
+//!
+//! These need a guest kernel that runs: hardware KVM, or the nested host (`tests/nested.sh`,
+//! which `tests/run.sh` uses on PVM hosts). They are `#[ignore]`d by default so that a plain
+//! `cargo test` on a PVM host does not fail; the runners pass `--include-ignored` where they can run.
+
+use std::process::Command;
+
+use tests::{bound, field, linux_run_args, require_hardware_kvm, vmm_ok, TempDir, Vmm};
+
+fn sock(dir: &TempDir) -> String {
+    dir.path().join("vm.sock").display().to_string()
+}
+
+/// A fresh 64 MiB ext4 image (mkfs.ext4 from e2fsprogs).
+fn ext4_disk(dir: &TempDir) -> String {
+    let disk = dir.path().join("disk.img");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "vmmtest", disk.to_str().unwrap(), "64M"])
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) runs");
+    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    disk.display().to_string()
+}
+
+/// `e2fsck -fn IMAGE`: (exit code, output). 0 means clean, with nothing to replay.
+fn fsck_readonly(image: &str) -> (i32, String) {
+    let out = Command::new("e2fsck").args(["-fn", image]).output().expect("e2fsck runs");
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The md5 of file `path` inside ext4 image `image`, read by debugfs on a copy whose journal was
+/// replayed by e2fsck (as a host mounting the disk after a crash would see it).
+fn md5_in_image(image: &str, path: &str, dir: &TempDir) -> String {
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(image, &copy).unwrap();
+    let copy = copy.to_str().unwrap();
+    let fsck = Command::new("e2fsck").args(["-fy", copy]).output().unwrap();
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "e2fsck -fy on a copy of the disk: {:?}\n{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let script = format!("debugfs -R 'cat {path}' {copy} 2>/dev/null | md5sum");
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let sum = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string();
+    std::fs::remove_file(copy).unwrap();
+    sum
+}
+
+/// `memcheck: thread=T pass=N errors=E mono_ms=M` → (T, N, M).
+fn memcheck(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = &line[line.find("memcheck: thread=")?..];
+    Some((field(rest, "thread")?, field(rest, "pass")?, field(rest, "mono_ms")?))
+}
+
+/// Waits until every one of `threads` memcheck threads reports a pass above `after[t]`; returns
+/// the passes and the clock of those lines, and checks every memcheck line on the way.
+fn passes_beyond(vm: &mut Vmm, after: &[u64], min_mono_ms: u64) -> Vec<u64> {
+    let mut latest = after.to_vec();
+    let mut done = vec![false; after.len()];
+    while !done.iter().all(|d| *d) {
+        let line = vm.wait_for("memcheck: thread=", bound(120));
+        let (t, pass, mono) = memcheck(&line).unwrap_or_else(|| panic!("unparsable: {line}"));
+        let t = t as usize;
+        assert!(t < after.len(), "unexpected thread: {line}");
+        assert!(line.contains("errors=0"), "pattern errors: {line}");
+        assert!(mono >= min_mono_ms, "the guest's monotonic clock went back to {mono} ms (was {min_mono_ms} ms): {line}");
+        assert!(pass >= latest[t], "thread {t} pass went back from {}: {line}", latest[t]);
+        latest[t] = pass;
+        if pass > after[t] {
+            done[t] = true;
+        }
+    }
+    latest
+}
+
+#[test]
+#[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
+fn userspace_memory_and_clock_survive_snapshot_kill_resume_cycles() {
+    require_hardware_kvm();
+    let dir = TempDir::new("linux-cycles");
+    let s = sock(&dir);
+    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-memcheck";
+    let mut vm = Vmm::spawn(&linux_run_args("512M", 2, cmdline, &["--api-sock", &s]));
+    let ready = vm.wait_for("vmm-guest: ready", bound(180));
+    assert!(ready.contains("nproc=2"), "{ready}");
+    vm.wait_for("memcheck: start threads=2", bound(60));
+    let mut passes = passes_beyond(&mut vm, &[1, 1], 0);
+
+    for cycle in 1..=3 {
+        // What the guest showed before the snapshot request: the resumed guest must go on from there.
+        let clock_before = vm.seen.iter().filter_map(|l| memcheck(l)).map(|(_, _, m)| m).max().unwrap();
+        let snap = dir.path().join(format!("snap{cycle}"));
+        vmm_ok(&["snapshot", "--api-sock", &s, "--out", snap.to_str().unwrap()]);
+        vm.kill();
+
+        vm = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
+        passes = passes_beyond(&mut vm, &passes, clock_before);
+        for reboot_sign in ["Linux version", "vmm-guest: ready", "memcheck: start"] {
+            assert!(vm.lines_with(reboot_sign).is_empty(), "cycle {cycle}: the guest restarted:\n{}", vm.seen.join("\n"));
+        }
+        println!("cycle {cycle}: passes {passes:?}, guest clock from {clock_before} ms on");
+        std::fs::remove_dir_all(&snap).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
+fn fsynced_ext4_file_is_on_disk_after_a_stop_snapshot_and_there_after_resume() {
+    require_hardware_kvm();
+    let dir = TempDir::new("linux-ext4");
+    let s = sock(&dir);
+    let disk = ext4_disk(&dir);
+    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-ext4-fsync";
+    let mut vm = Vmm::spawn(&linux_run_args("256M", 2, cmdline, &["--api-sock", &s, "--disk", &disk]));
+    let written = vm.wait_for("vmm-guest: ext4 written md5=", bound(240));
+    let sum = written.rsplit('=').next().unwrap().trim().to_string();
+
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", snap.to_str().unwrap(), "--stop"]);
+    let (status, _, stderr) = vm.wait_exit(bound(60));
+    assert_eq!(status.code(), Some(0), "snapshot --stop: {stderr}");
+    // The snapshot returned: what the guest fsync'd is on the host's disk image.
+    assert_eq!(md5_in_image(&disk, "/data", &dir), sum, "the fsync'd file is not on the disk after the snapshot");
+
+    let mut vm = Vmm::spawn_with_console_input(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
+    vm.send("go\n");
+    let read = vm.wait_for("vmm-guest: ext4 read md5=", bound(120));
+    assert!(read.ends_with(&sum), "after resume the guest read {read}, wrote {sum}");
+    vm.wait_for("vmm-guest: ext4 unmounted", bound(60));
+    let (status, _, stderr) = vm.wait_exit(bound(120));
+    assert_eq!(status.code(), Some(0), "guest power-off: {stderr}");
+    let (code, report) = fsck_readonly(&disk);
+    assert_eq!(code, 0, "the disk is not clean after the guest unmounted it:\n{report}");
+}
+
+#[test]
+#[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
+fn guest_agent_freezes_and_thaws_a_real_ext4() {
+    require_hardware_kvm();
+    let dir = TempDir::new("linux-agent");
+    let disk = ext4_disk(&dir);
+    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-agent-freeze";
+    let mut vm = Vmm::spawn_with_console_input(&linux_run_args("256M", 2, cmdline, &["--disk", &disk]));
+    vm.wait_for("vmm-guest: agent serving", bound(240));
+    vm.wait_for("vmm-guest: writer 2", bound(60));
+    vm.send("ping\n");
+    vm.wait_for("ok pong", bound(60));
+
+    vm.send("freeze\n");
+    let frozen = vm.wait_for_any(&["ok frozen", "err "], bound(60));
+    assert!(frozen.starts_with("ok frozen 1 /mnt"), "freeze: {frozen}");
+    // Frozen: the disk image is consistent as it is (journal flushed, nothing to replay) ...
+    let copy = dir.path().join("frozen.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let (code, report) = fsck_readonly(copy.to_str().unwrap());
+    assert_eq!(code, 0, "a frozen ext4 must be clean on the host:\n{report}");
+    // ... and the writer is blocked (it writes once a second; one write may have been under way).
+    let while_frozen = vm.lines_for(bound(5));
+    let writes: Vec<_> = while_frozen.iter().filter(|l| l.contains("vmm-guest: writer")).collect();
+    assert!(writes.len() <= 1, "the guest wrote while frozen: {writes:?}");
+
+    vm.send("thaw\n");
+    let thawed = vm.wait_for_any(&["ok thawed", "err "], bound(60));
+    assert!(thawed.starts_with("ok thawed 1 /mnt"), "thaw: {thawed}");
+    vm.wait_for("vmm-guest: writer", bound(60));
+    vm.send("quit\n");
+    vm.wait_for("ok bye", bound(60));
+    vm.wait_for("vmm-guest: ext4 unmounted", bound(60));
+    let (status, _, stderr) = vm.wait_exit(bound(120));
+    assert_eq!(status.code(), Some(0), "guest power-off: {stderr}");
+    let (code, report) = fsck_readonly(&disk);
+    assert_eq!(code, 0, "the disk is not clean after the guest unmounted it:\n{report}");
+}
