@@ -5,7 +5,7 @@
 #   out/linux/vmlinux               the PVH ELF inside that bzImage
 #   out/linux/initramfs.cpio.gz     busybox, virtio modules, guest agent, test programs, /init
 #   out/linux/nested-host.cpio.gz   the nested KVM test host's root (tests/nested.sh)
-#   out/linux/{version,config,modules}  kernel release, its .config, the modules in load order
+#   out/linux/{version,config,modules,System.map}  kernel release, .config, modules in load order, symbols
 # Idempotent: a second run with nothing changed takes seconds.
 #
 # usage: images/build.sh [--testguest-only]
@@ -367,6 +367,7 @@ build_linux() {
     extract_vmlinux "$dst/bzImage" "$dst/vmlinux"
     check_pvh_note "$dst/vmlinux"
     cp "$work/kernel/boot/config-$kver" "$dst/config"
+    cp "$work/kernel/boot/System.map-$kver" "$dst/System.map"
     echo "$kver" >"$dst/version"
 
     # The guest's initramfs.

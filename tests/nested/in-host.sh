@@ -36,6 +36,21 @@ kill_tree() {
 
 # The shared libraries of vmm and the test binaries, staged by tests/nested.sh.
 export LD_LIBRARY_PATH="$here/lib"
+# Record every guest shutdown (triple fault) that KVM sees, with the guest RIP before AMD's KVM
+# resets the vCPU (SVM exit code 0x7f); shown after a failed test binary.
+trace=/sys/kernel/tracing
+if mount -t tracefs tracefs "$trace" 2>/dev/null || [ -e "$trace/trace" ]; then
+    echo 'exit_reason == 127' >"$trace/events/kvm/kvm_exit/filter" &&
+        echo 1 >"$trace/events/kvm/kvm_exit/enable" &&
+        echo 1 >"$trace/events/kvm/kvm_inj_exception/enable" ||
+        say "cannot trace KVM shutdown exits"
+fi
+show_trace() {
+    [ -r "$trace/trace" ] || return
+    grep -E 'kvm_exit|kvm_inj_exception' "$trace/trace" | tail -n 20 | sed 's/^/nested-host: trace: /'
+    echo >"$trace/trace"
+}
+
 failed=0
 total=0
 while read -r name limit exe args; do
@@ -73,7 +88,10 @@ while read -r name limit exe args; do
     done
     status=$(cat "$status_file")
     say "end $name status=$status after $(($(date +%s) - start))s"
-    [ "$status" = 0 ] || failed=$((failed + 1))
+    if [ "$status" != 0 ]; then
+        failed=$((failed + 1))
+        show_trace
+    fi
 done <"$here/job"
 say "$total test binaries, $failed failed"
 exit "$failed"

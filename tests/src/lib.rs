@@ -225,6 +225,7 @@ impl Vmm {
     /// Boots the test guest with `cmdline` and extra vmm arguments.
     pub fn testguest(cmdline: &str, extra: &[&str]) -> Self {
         require_kvm();
+        announce_host();
         let kernel = testguest();
         let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), kernel.display().to_string()];
         args.extend(["--cmdline".into(), cmdline.to_string()]);
@@ -360,7 +361,9 @@ impl Drop for Vmm {
 
 /// A line in which one of our guests reports a failed check.
 pub fn is_guest_failure(line: &str) -> bool {
-    line.contains("testguest: FAIL") || line.contains("memcheck: FAIL") || (line.contains("vmm-guest:") && line.contains(" FAIL"))
+    line.contains("testguest: FAIL")
+        || line.contains("memcheck: FAIL")
+        || (line.contains("vmm-guest:") && line.contains(" FAIL"))
 }
 
 /// Joins the stderr reader unless it is still blocked (a grandchild holding the pipe).

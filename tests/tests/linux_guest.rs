@@ -28,7 +28,10 @@ fn ext4_disk(dir: &TempDir) -> String {
 /// `e2fsck -fn IMAGE`: (exit code, output). 0 means clean, with nothing to replay.
 fn fsck_readonly(image: &str) -> (i32, String) {
     let out = Command::new("e2fsck").args(["-fn", image]).output().expect("e2fsck runs");
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 /// The md5 of file `path` inside ext4 image `image`, read by debugfs on a copy whose journal was
@@ -68,7 +71,10 @@ fn passes_beyond(vm: &mut Vmm, after: &[u64], min_mono_ms: u64) -> Vec<u64> {
         let t = t as usize;
         assert!(t < after.len(), "unexpected thread: {line}");
         assert!(line.contains("errors=0"), "pattern errors: {line}");
-        assert!(mono >= min_mono_ms, "the guest's monotonic clock went back to {mono} ms (was {min_mono_ms} ms): {line}");
+        assert!(
+            mono >= min_mono_ms,
+            "the guest's monotonic clock went back to {mono} ms (was {min_mono_ms} ms): {line}"
+        );
         assert!(pass >= latest[t], "thread {t} pass went back from {}: {line}", latest[t]);
         latest[t] = pass;
         if pass > after[t] {
@@ -101,7 +107,11 @@ fn userspace_memory_and_clock_survive_snapshot_kill_resume_cycles() {
         vm = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
         passes = passes_beyond(&mut vm, &passes, clock_before);
         for reboot_sign in ["Linux version", "vmm-guest: ready", "memcheck: start"] {
-            assert!(vm.lines_with(reboot_sign).is_empty(), "cycle {cycle}: the guest restarted:\n{}", vm.seen.join("\n"));
+            assert!(
+                vm.lines_with(reboot_sign).is_empty(),
+                "cycle {cycle}: the guest restarted:\n{}",
+                vm.seen.join("\n")
+            );
         }
         println!("cycle {cycle}: passes {passes:?}, guest clock from {clock_before} ms on");
         std::fs::remove_dir_all(&snap).unwrap();

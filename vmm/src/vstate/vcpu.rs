@@ -147,9 +147,7 @@ impl Vcpu {
                     Step::Continue
                 }
                 Ok(VcpuExit::Hlt) => Step::Continue,
-                Ok(VcpuExit::Shutdown) => {
-                    Step::Stop(ExitReason::Fatal(self.describe("triple fault (KVM_EXIT_SHUTDOWN)")))
-                }
+                Ok(VcpuExit::Shutdown) => Step::Stop(ExitReason::Fatal(self.describe_shutdown())),
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Step::Stop(ExitReason::PowerOff),
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Step::Stop(ExitReason::Reset),
                 Ok(VcpuExit::InternalError) => {
@@ -240,6 +238,22 @@ impl Vcpu {
     }
 
     /// Names the vCPU and its instruction pointer in a fatal-exit message.
+    /// KVM on AMD resets the vCPU before reporting a shutdown (the VMCB is undefined after the
+    /// SHUTDOWN intercept, arch/x86/kvm/svm/svm.c), so the reset vector is all that is left.
+    fn describe_shutdown(&self) -> String {
+        const WHAT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+        let reset = matches!((self.fd.get_regs(), self.fd.get_sregs()),
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.base == 0xffff_0000);
+        if reset {
+            format!(
+                "{WHAT} on vCPU {} (KVM reset the vCPU before reporting it, as on AMD: where it faulted is lost)",
+                self.index
+            )
+        } else {
+            self.describe(WHAT)
+        }
+    }
+
     fn describe(&self, what: &str) -> String {
         match self.fd.get_regs() {
             Ok(regs) => format!("{what} on vCPU {} at RIP {:#x}", self.index, regs.rip),
