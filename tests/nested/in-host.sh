@@ -37,11 +37,14 @@ kill_tree() {
 # The shared libraries of vmm and the test binaries, staged by tests/nested.sh.
 export LD_LIBRARY_PATH="$here/lib"
 # Record every guest shutdown (triple fault) that KVM sees, with the guest RIP before AMD's KVM
-# resets the vCPU (SVM exit code 0x7f); shown after a failed test binary.
+# resets the vCPU (SVM exit code 0x7f), and the exceptions KVM injects but #UD (which it
+# intercepts and reflects all the time, the test guest's ring-3 services use ud2); shown after a
+# failed test binary.
 trace=/sys/kernel/tracing
 if mount -t tracefs tracefs "$trace" 2>/dev/null || [ -e "$trace/trace" ]; then
     echo 'exit_reason == 127' >"$trace/events/kvm/kvm_exit/filter" &&
         echo 1 >"$trace/events/kvm/kvm_exit/enable" &&
+        echo 'exception != 6' >"$trace/events/kvm/kvm_inj_exception/filter" &&
         echo 1 >"$trace/events/kvm/kvm_inj_exception/enable" ||
         say "cannot trace KVM shutdown exits"
 fi

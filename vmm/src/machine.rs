@@ -90,6 +90,8 @@ pub struct Devices {
     pub mmio_bus: Arc<Bus>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Where the serial port's output goes: a bounded buffer that never blocks a vCPU.
+    pub console: console::ConsoleOutput,
 }
 
 /// Saved state of every device that has any.
@@ -223,7 +225,9 @@ impl Machine {
         let mut mmio_bus = Bus::default();
 
         let serial_irq = vm.irqfd(COM1_IRQ)?;
-        let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+        let console = console::ConsoleOutput::spawn(std::io::stdout(), console::OUTPUT_BUFFER_BYTES)
+            .map_err(MachineError::Thread)?;
+        let out: Box<dyn std::io::Write + Send> = Box::new(console.clone());
         let serial = match saved {
             Some(s) => SerialDevice::restore(&s.serial, serial_irq, out).map_err(MachineError::State)?,
             None => SerialDevice::new(serial_irq, out),
@@ -270,7 +274,7 @@ impl Machine {
         }
 
         let vcpus = (0..config.vcpus).map(|i| Vcpu::new(&vm, i)).collect::<Result<Vec<_>, _>>()?;
-        let devices = Devices { io_bus: Arc::new(io_bus), mmio_bus: Arc::new(mmio_bus), serial, virtio };
+        let devices = Devices { io_bus: Arc::new(io_bus), mmio_bus: Arc::new(mmio_bus), serial, virtio, console };
         Ok((Self { config, vm, mem, vcpus, devices, exit_tx, exit_rx }, infos))
     }
 

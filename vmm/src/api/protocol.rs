@@ -36,6 +36,9 @@ pub struct Status {
     pub vcpus: u8,
     pub mem_bytes: u64,
     pub pid: u32,
+    /// Guest console bytes dropped because nobody read vmm's stdout in time.
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -110,6 +110,7 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 vcpus: control.config.vcpus,
                 mem_bytes: control.config.mem_bytes,
                 pid: std::process::id(),
+                console_dropped_bytes: control.devices.console.dropped_bytes(),
             }),
             ..Reply::ok()
         },

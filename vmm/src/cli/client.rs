@@ -68,7 +68,15 @@ pub fn simple(target: &VmTarget, request: Request) -> CmdResult {
 pub fn status(target: &VmTarget) -> CmdResult {
     let reply = call(target, &Request::Status)?;
     let s = reply.status.ok_or_else(|| Failure::runtime("reply has no status"))?;
-    println!("{} {} vcpus={} mem={}MiB pid={}", s.name, s.state, s.vcpus, s.mem_bytes >> 20, s.pid);
+    println!(
+        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}",
+        s.name,
+        s.state,
+        s.vcpus,
+        s.mem_bytes >> 20,
+        s.pid,
+        s.console_dropped_bytes
+    );
     Ok(0)
 }
 

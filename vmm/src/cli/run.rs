@@ -138,6 +138,8 @@ fn serve(
     vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
     let reason = running.wait();
+    // The guest's last lines (a panic, a power-off message) reach the terminal before vmm ends.
+    running.control.devices.console.flush_for(std::time::Duration::from_secs(2));
     terminal.restore();
     guard.remove();
     match reason {

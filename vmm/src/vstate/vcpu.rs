@@ -241,16 +241,13 @@ impl Vcpu {
     /// KVM on AMD resets the vCPU before reporting a shutdown (the VMCB is undefined after the
     /// SHUTDOWN intercept, arch/x86/kvm/svm/svm.c), so the reset vector is all that is left.
     fn describe_shutdown(&self) -> String {
-        const WHAT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+        let what = self.describe("triple fault (KVM_EXIT_SHUTDOWN)");
         let reset = matches!((self.fd.get_regs(), self.fd.get_sregs()),
             (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.base == 0xffff_0000);
         if reset {
-            format!(
-                "{WHAT} on vCPU {} (KVM reset the vCPU before reporting it, as on AMD: where it faulted is lost)",
-                self.index
-            )
+            format!("{what} (the reset vector: KVM resets the vCPU before reporting it on AMD, so where it faulted is lost)")
         } else {
-            self.describe(WHAT)
+            what
         }
     }
 
