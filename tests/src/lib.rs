@@ -400,10 +400,63 @@ pub fn process_stacks(pid: u32) -> String {
     out
 }
 
-/// Runs a client command (`vmm status|pause|continue|snapshot ...`) to completion.
+/// How long a client command (`vmm status|pause|snapshot ...`) may take before the test fails.
+pub fn client_bound() -> Duration {
+    bound(120)
+}
+
+/// Runs a client command (`vmm status|pause|continue|snapshot ...`) to completion, within
+/// `client_bound()`: a command that hangs fails the test with where it and every vmm this test
+/// started stood, instead of stalling the suite.
 pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(vmm_bin()).args(args).stdin(Stdio::null()).output().expect("run vmm");
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmm");
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = pipe.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let err = read_all(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + client_bound();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let mut report = format!("--- client (pid {}) ---\n{}", child.id(), process_stacks(child.id()));
+            for pid in children_of(std::process::id()) {
+                if pid != child.id() {
+                    report.push_str(&format!("--- vmm (pid {pid}) ---\n{}", process_stacks(pid)));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm {args:?} did not finish within {:?}\n{report}", client_bound());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, join_bounded(out), join_bounded(err))
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+            rest.split_whitespace().nth(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
 }
 
 /// Like `vmm_cmd`, and asserts that it succeeded.

@@ -127,7 +127,7 @@ fn fsynced_ext4_file_is_on_disk_after_a_stop_snapshot_and_there_after_resume() {
     let disk = ext4_disk(&dir);
     let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-ext4-fsync";
     let mut vm = Vmm::spawn(&linux_run_args("256M", 2, cmdline, &["--api-sock", &s, "--disk", &disk]));
-    let written = vm.wait_for("vmm-guest: ext4 written md5=", bound(240));
+    let written = vm.wait_for("vmm-guest: ext4 written md5=", bound(90));
     let sum = written.rsplit('=').next().unwrap().trim().to_string();
 
     let snap = dir.path().join("snap");
@@ -156,7 +156,7 @@ fn guest_agent_freezes_and_thaws_a_real_ext4() {
     let disk = ext4_disk(&dir);
     let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-agent-freeze";
     let mut vm = Vmm::spawn_with_console_input(&linux_run_args("256M", 2, cmdline, &["--disk", &disk]));
-    vm.wait_for("vmm-guest: agent serving", bound(240));
+    vm.wait_for("vmm-guest: agent serving", bound(90));
     vm.wait_for("vmm-guest: writer 2", bound(60));
     vm.send("ping\n");
     vm.wait_for("ok pong", bound(60));

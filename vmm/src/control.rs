@@ -1,18 +1,20 @@
 //! Control of a running VM: pause and continue every vCPU, snapshot, shut down. The control
 //! socket and the main thread both act through this.
 
+use crate::vstate::memory::GuestMemory;
 use std::sync::{Mutex, MutexGuard};
 
 use snapshot::MemorySource;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::exit::{ExitReason, ExitSender};
 use crate::machine::{Devices, DevicesState};
+use crate::vstate::dirty::DirtyPages;
 use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState;
-use crate::vstate::vm::{Vm, VmState};
+use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// Whether the guest runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,12 +35,22 @@ impl RunState {
 struct Inner {
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// KVM's dirty log is on for every memory slot.
+    dirty_logging: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    #[error("dirty logging is not started")]
+    NotStarted,
+    #[error(transparent)]
+    Kvm(#[from] VmError),
 }
 
 pub struct VmControl {
     pub config: VmConfig,
     pub vm: Vm,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemory,
     pub devices: Devices,
     inner: Mutex<Inner>,
     exit: ExitSender,
@@ -169,7 +181,7 @@ impl VmControl {
     pub fn new(
         config: VmConfig,
         vm: Vm,
-        mem: GuestMemoryMmap,
+        mem: GuestMemory,
         devices: Devices,
         vcpus: Vec<VcpuHandle>,
         started_paused: bool,
@@ -184,7 +196,7 @@ impl VmControl {
                 }
             }
         }
-        Self { config, vm, mem, devices, inner: Mutex::new(Inner { vcpus, state }), exit }
+        Self { config, vm, mem, devices, inner: Mutex::new(Inner { vcpus, state, dirty_logging: false }), exit }
     }
 
     pub fn run_state(&self) -> RunState {
@@ -206,6 +218,36 @@ impl VmControl {
         let was = inner.state;
         pause_all(&mut inner)?;
         Ok(PausedVm { control: self, inner, was, keep_paused: false })
+    }
+
+    /// Starts recording the pages the guest and the VMM write (see `vstate::dirty`); a no-op
+    /// when already started.
+    pub fn start_dirty_log(&self) -> Result<(), DirtyLogError> {
+        let mut inner = lock(&self.inner);
+        if !inner.dirty_logging {
+            self.vm.set_dirty_logging(&self.mem, true)?;
+            inner.dirty_logging = true;
+        }
+        Ok(())
+    }
+
+    /// The pages written since the log started or was last fetched; clears it.
+    pub fn fetch_dirty_log(&self) -> Result<DirtyPages, DirtyLogError> {
+        let inner = lock(&self.inner);
+        if !inner.dirty_logging {
+            return Err(DirtyLogError::NotStarted);
+        }
+        Ok(self.vm.fetch_dirty_pages(&self.mem)?)
+    }
+
+    /// Stops recording; a no-op when not started.
+    pub fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
+        let mut inner = lock(&self.inner);
+        if inner.dirty_logging {
+            self.vm.set_dirty_logging(&self.mem, false)?;
+            inner.dirty_logging = false;
+        }
+        Ok(())
     }
 
     /// A handle to end the VM from elsewhere (signals).

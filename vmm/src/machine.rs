@@ -4,7 +4,7 @@ use std::fs::File;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemory;
 
 use crate::arch::x86_64::acpi::{self, AcpiConfig, MmioDeviceInfo};
 use crate::arch::x86_64::boot::{self, BootEntry, BootError};
@@ -121,7 +121,7 @@ impl Devices {
 pub struct Machine {
     pub config: VmConfig,
     pub vm: Vm,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemory,
     pub vcpus: Vec<Vcpu>,
     pub devices: Devices,
     exit_tx: ExitSender,
@@ -209,7 +209,7 @@ impl Machine {
     pub fn assemble(
         config: VmConfig,
         vm: Vm,
-        mem: GuestMemoryMmap,
+        mem: GuestMemory,
         disks: Vec<Block>,
         saved: Option<(&VmState, &DevicesState)>,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {

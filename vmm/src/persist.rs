@@ -1,6 +1,7 @@
 //! Snapshot and restore of a whole machine: collect the state of every vCPU, the VM and every
 //! device plus guest memory, through the `snapshot` crate's format; and rebuild a VM from it.
 
+use crate::vstate::memory::GuestMemory;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::{
     DeviceSummary, DiskDescription, Manifest, Snapshot, SnapshotWriter, StagedMemory, VcpuSummary, VmDescription,
 };
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress};
 
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout::COM1_PORT;
@@ -247,23 +248,23 @@ pub fn load(dir: &Path, verify_memory: bool) -> Result<(Snapshot, MachineState),
 
 /// Maps the page file as guest memory, privately: pages load on first touch and guest writes
 /// never reach the snapshot.
-fn map_memory(snap: &Snapshot) -> Result<GuestMemoryMmap, PersistError> {
+fn map_memory(snap: &Snapshot) -> Result<GuestMemory, PersistError> {
     let path = snap.memory_path();
     let mut regions = Vec::new();
     for r in &snap.manifest.memory.regions {
         let file = File::open(&path).map_err(|e| PersistError::MapMemory(format!("{}: {e}", path.display())))?;
-        let mapping = MmapRegion::build(
+        let mapping = memory::GuestMapping::build(
             Some(FileOffset::new(file, r.file_offset)),
             r.size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
         .map_err(|e| PersistError::MapMemory(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+        let region = memory::GuestRegion::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| PersistError::MapMemory(format!("region at {:#x} overflows", r.guest_addr)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| PersistError::MapMemory(e.to_string()))
+    GuestMemory::from_regions(regions).map_err(|e| PersistError::MapMemory(e.to_string()))
 }
 
 /// Refuses a snapshot whose guest was given CPU features this host cannot offer.

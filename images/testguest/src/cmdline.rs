@@ -10,6 +10,7 @@ pub enum Workload {
     TripleFault,
     AcpiReset,
     KeyboardReset,
+    Dirty,
 }
 
 #[derive(Clone, Copy)]
@@ -26,6 +27,8 @@ pub struct Config {
     pub ticks: u64,
     /// Milliseconds of guest time between tick lines.
     pub tick_ms: u64,
+    /// Pages the dirty workload writes each tick (one every 64 KiB).
+    pub dirty_pages: u64,
 }
 
 impl Default for Config {
@@ -38,6 +41,7 @@ impl Default for Config {
             disk_rounds: 1,
             ticks: 0,
             tick_ms: 1000,
+            dirty_pages: 16,
         }
     }
 }
@@ -59,6 +63,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     b"triplefault" => Workload::TripleFault,
                     b"acpireset" => Workload::AcpiReset,
                     b"kbdreset" => Workload::KeyboardReset,
+                    b"dirty" => Workload::Dirty,
                     _ => return Err(word),
                 };
                 true
@@ -68,6 +73,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"disk.sectors" => number(value).map(|v| cfg.disk_sectors = v).is_some() && cfg.disk_sectors > 0,
             b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
+            b"dirty.pages" => number(value).map(|v| cfg.dirty_pages = v).is_some() && cfg.dirty_pages > 0,
             b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,
             _ => true,
         };

@@ -37,6 +37,9 @@ struct DiskSetup {
     rbuf: u64,
 }
 static DISK: Once<DiskSetup> = Once::new();
+/// The dirty workload's pages: one every DIRTY_STRIDE bytes from here.
+static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
+const DIRTY_STRIDE: u64 = 64 << 10;
 
 /// Sizes and allocates what the workload needs, before the APs start. Fails clearly if RAM is short.
 pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
@@ -72,6 +75,10 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(queue_page as *mut u8, 0, 4096) };
             DISK.set(DiskSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, queue_page, wbuf, rbuf });
         }
+        Workload::Dirty => match alloc.alloc(cfg.dirty_pages.saturating_mul(DIRTY_STRIDE), DIRTY_STRIDE, MAP_LIMIT) {
+            Some(addr) => DIRTY_BASE.store(addr, Relaxed),
+            None => fail("dirty", "reason=ram-too-small"),
+        },
         Workload::Idle | Workload::Poweroff | Workload::TripleFault | Workload::AcpiReset | Workload::KeyboardReset => {
         }
     }
@@ -94,13 +101,14 @@ pub fn start_ticks() {
 pub fn run(cpu: usize) -> ! {
     let cfg = CONFIG.get();
     let ticking = cpu == 0
-        && (matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle)
+        && (matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle | Workload::Dirty)
             || (cfg.workload == Workload::Disk && cfg.disk_rounds != 1));
     smp::mark_running(cpu);
     match (cfg.workload, cpu) {
         (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
         (Workload::Idle, _) => idle(cpu, ticking),
         (Workload::Disk, 0) => disk(cfg),
+        (Workload::Dirty, 0) => dirty(cfg),
         (Workload::Poweroff, 0) => power::poweroff(),
         (Workload::TripleFault, 0) => sys::triple_fault(),
         (Workload::AcpiReset, 0) => power::reset(power::ResetWay::Acpi),
@@ -225,6 +233,24 @@ fn mem(cpu: usize, cfg: &Config, ticking: bool) -> ! {
             TICKS[cpu].fetch_add(1, Relaxed);
         }
         PASS[cpu].store(pass + 1, Relaxed);
+    }
+}
+
+/// CPU 0: once per tick, writes one word to each of `dirty.pages` pages (one every 64 KiB) and
+/// nothing else of its own, so the host can check its dirty log against a known set.
+fn dirty(cfg: &Config) -> ! {
+    let base = DIRTY_BASE.load(Relaxed);
+    Line::new().s("dirty pages=").u(cfg.dirty_pages).s(" base=").x(base).s(" stride=").x(DIRTY_STRIDE).print();
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        for i in 0..cfg.dirty_pages {
+            // SAFETY: the page lies in the region allocated for this workload alone (prepare).
+            unsafe { core::ptr::write_volatile((base + i * DIRTY_STRIDE) as *mut u64, round) };
+        }
+        TICKS[0].store(round, Relaxed);
+        sys::sleep_ms(cfg.tick_ms);
+        tick_check(kvmclock::uptime_ns(0));
     }
 }
 

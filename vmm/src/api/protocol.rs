@@ -19,6 +19,28 @@ pub enum Request {
         stop: bool,
     },
     Shutdown,
+    /// Dirty page tracking (`vstate::dirty`): start, fetch-and-clear, stop.
+    #[serde(rename = "dirty-log")]
+    DirtyLog {
+        op: DirtyLogOp,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyLogOp {
+    Start,
+    Fetch,
+    Stop,
+}
+
+/// The pages written since the log started or was last fetched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyReport {
+    /// Number of dirty 4 KiB pages.
+    pub pages: u64,
+    /// Maximal runs of dirty pages: [guest physical address, length in bytes].
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Who is at fault when a request fails: the caller (exit status 2) or the VM/host (1).
@@ -52,6 +74,8 @@ pub struct Reply {
     pub status: Option<Status>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub snapshot: Option<SnapshotReport>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dirty: Option<DirtyReport>,
     /// The VM's process, when the request ends the VM: the client can wait for it to be gone
     /// (and its disks and name free again).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -78,6 +102,8 @@ mod tests {
         assert_eq!(r, Request::Snapshot { out: "/tmp/s".into(), force: false, stop: false });
         assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"verb":"reboot"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"verb":"dirty-log","op":"fetch"}"#).unwrap();
+        assert_eq!(r, Request::DirtyLog { op: DirtyLogOp::Fetch });
         let e = serde_json::to_string(&Reply::error(ErrorKind::Input, "no")).unwrap();
         assert_eq!(e, r#"{"ok":false,"error":"no","error_kind":"input"}"#);
     }

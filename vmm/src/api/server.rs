@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::protocol::{ErrorKind, Reply, Request, Status};
-use crate::control::VmControl;
+use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, Reply, Request, Status};
+use crate::control::{DirtyLogError, VmControl};
 use crate::exit::ExitReason;
 use crate::persist::{self, SnapshotOptions};
 
@@ -117,6 +117,20 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
         Request::Pause => result(control.pause()),
         Request::Continue => result(control.resume()),
         Request::Shutdown => return (Reply::ok(), true),
+        Request::DirtyLog { op } => {
+            let done = match op {
+                DirtyLogOp::Start => control.start_dirty_log().map(|()| None),
+                DirtyLogOp::Stop => control.stop_dirty_log().map(|()| None),
+                DirtyLogOp::Fetch => {
+                    control.fetch_dirty_log().map(|d| Some(DirtyReport { pages: d.count(), ranges: d.ranges() }))
+                }
+            };
+            match done {
+                Ok(dirty) => Reply { dirty, ..Reply::ok() },
+                Err(e @ DirtyLogError::NotStarted) => Reply::error(ErrorKind::Input, e.to_string()),
+                Err(e) => Reply::error(ErrorKind::Runtime, e.to_string()),
+            }
+        }
         Request::Snapshot { out, force, stop } => {
             let path = Path::new(&out);
             if !path.is_absolute() {

@@ -125,7 +125,7 @@ fn serve(
     listener: UnixListener,
     guard: server::SocketGuard,
     paused: bool,
-    prefault: Option<vm_memory::GuestMemoryMmap>,
+    prefault: Option<vmm::vstate::memory::GuestMemory>,
 ) -> CmdResult {
     let running = machine.start(paused).map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(mem) = prefault {

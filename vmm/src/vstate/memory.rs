@@ -1,7 +1,8 @@
 //! Guest memory: anonymous mappings laid out around the MMIO hole.
 
 use snapshot::PageKind;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::memory_map::ram_regions;
 
@@ -12,11 +13,18 @@ pub struct MemoryError {
     pub reason: String,
 }
 
+/// Guest memory as the VMM sees it. Every write the VMM itself makes through it (a device's used
+/// ring, a disk read, the boot tables) marks its pages in the region's bitmap: KVM's dirty log
+/// sees only the vCPUs' writes (see `vstate::dirty`).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestMapping = vm_memory::MmapRegion<AtomicBitmap>;
+
 /// Maps `mem_size` bytes of guest RAM. Pages are only backed when touched.
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> =
         ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError { size: mem_size, reason: e.to_string() })
+    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError { size: mem_size, reason: e.to_string() })
 }
 
 /// For each region, where each page's content is, when that can be known without touching the
@@ -24,7 +32,7 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
 /// touched, so it is zero (not when the host swaps: a swapped-out page is not resident either).
 /// Memory mapped privately from a snapshot: a page /proc/self/pagemap does not report present is
 /// still the file's, and zero where the file has a hole. None: unknown, read every page.
-pub fn page_kinds(mem: &GuestMemoryMmap) -> Vec<Option<Vec<PageKind>>> {
+pub fn page_kinds(mem: &GuestMemory) -> Vec<Option<Vec<PageKind>>> {
     let swap = host_swaps();
     mem.iter()
         .map(|region| {
@@ -117,7 +125,7 @@ fn host_swaps() -> bool {
 /// Bytes to set aside to copy the guest's non-zero memory (the pages not known to be zero, with
 /// room for pages touched meanwhile), or None when that would not fit
 /// comfortably in half of what the host has available.
-pub fn staging_size(mem: &GuestMemoryMmap, kinds: &[Option<Vec<PageKind>>]) -> Option<usize> {
+pub fn staging_size(mem: &GuestMemory, kinds: &[Option<Vec<PageKind>>]) -> Option<usize> {
     let bound: u64 = mem
         .iter()
         .zip(kinds)
@@ -140,7 +148,7 @@ const PREFAULT_CHUNK: usize = 2 << 20;
 /// page by page as the guest first touches it (each such touch is a fault, expensive in a VM):
 /// for a restored guest that goes back to work on its whole memory. Holes of the file are left
 /// alone (they stay unbacked zero pages until the guest writes them).
-pub fn spawn_prefault(mem: GuestMemoryMmap) -> std::io::Result<()> {
+pub fn spawn_prefault(mem: GuestMemory) -> std::io::Result<()> {
     std::thread::Builder::new().name("prefault".into()).spawn(move || {
         let start = std::time::Instant::now();
         let mut bytes = 0usize;

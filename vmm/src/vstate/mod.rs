@@ -1,5 +1,6 @@
-//! KVM objects: guest memory, the VM (memory slots, irqchip, PIT) and the vCPUs.
+//! KVM objects: guest memory and its dirty log, the VM (memory slots, irqchip, PIT) and the vCPUs.
 
+pub mod dirty;
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -1,8 +1,10 @@
 //! The KVM VM: memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs), PIT and irqfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use super::dirty::{self, DirtyPages, DirtyRegion};
+use super::memory::GuestMemory;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM needs three pages for the TSS of real-mode emulation somewhere outside RAM.
@@ -56,7 +58,13 @@ impl Vm {
     }
 
     /// Registers every guest memory region as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        self.set_slots(mem, 0)
+    }
+
+    /// (Re)registers each region of `mem` as slot i with `flags`; changing only the flags of a
+    /// registered slot is how KVM's dirty log is switched on and off at run time.
+    fn set_slots(&self, mem: &GuestMemory, flags: u32) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let region = kvm_userspace_memory_region {
@@ -64,13 +72,37 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host,
-                flags: 0,
+                flags,
             };
             // SAFETY: the region's mapping lives as long as `mem`, which the machine keeps for
             // the VM's whole life, and slots do not overlap.
             unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
+    }
+
+    /// Starts or stops dirty logging of every memory slot. Starting also forgets the VMM's
+    /// earlier writes, so the first fetch holds exactly the pages written since.
+    pub fn set_dirty_logging(&self, mem: &GuestMemory, on: bool) -> Result<(), VmError> {
+        if on {
+            dirty::clear_vmm_writes(mem);
+        }
+        self.set_slots(mem, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// The pages written since logging started or since the previous fetch, by the vCPUs (KVM's
+    /// log) or by the VMM (its bitmaps), and clears both. Logging must be on.
+    pub fn fetch_dirty_pages(&self, mem: &GuestMemory) -> Result<DirtyPages, VmError> {
+        // The VMM's bitmaps first: a device write that lands in guest memory after KVM's log was
+        // read is then still found at the next fetch.
+        let vmm = dirty::take_vmm_writes(mem);
+        let mut regions = Vec::new();
+        for (slot, ((addr, pages), vmm)) in dirty::region_pages(mem).into_iter().zip(&vmm).enumerate() {
+            let size = (pages * dirty::PAGE_SIZE) as usize;
+            let kvm = self.fd.get_dirty_log(slot as u32, size).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            regions.push(DirtyRegion::merge(addr, pages, &kvm, vmm));
+        }
+        Ok(DirtyPages { regions })
     }
 
     /// Creates the in-kernel PIC, IOAPIC and PIT. Must come before the vCPUs.

@@ -169,7 +169,7 @@ fn align8(addr: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::vstate::memory::GuestMemory;
 
     fn checksum_ok(table: &[u8]) -> bool {
         table.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn rsdp_points_to_tables_in_guest_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rsdp = write_acpi_tables(&mem, &config(1, 1)).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();

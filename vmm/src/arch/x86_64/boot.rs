@@ -1,6 +1,7 @@
 //! Loading a kernel (bzImage or PVH ELF) and initrd, and writing what the kernel reads at entry:
 //! the command line, and boot_params (Linux boot protocol) or hvm_start_info (PVH).
 
+use crate::vstate::memory::GuestMemory;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
@@ -10,7 +11,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START,
@@ -158,7 +159,7 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Loads the kernel image into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(mem: &GuestMemory, kernel: &mut File) -> Result<LoadedKernel, BootError> {
     let kind = detect_kernel_kind(kernel)?;
     let himem = Some(GuestAddress(HIMEM_START));
     match kind {
@@ -187,7 +188,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
 
 /// Loads the initrd at the top of low RAM (below the MMIO hole and the kernel's limit), page aligned.
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     kernel: &LoadedKernel,
     initrd: &mut File,
     mem_size: u64,
@@ -210,7 +211,7 @@ pub fn load_initrd(
 }
 
 /// Checks and writes the kernel command line; returns its length without the NUL.
-pub fn write_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<usize, BootError> {
+pub fn write_cmdline(mem: &GuestMemory, text: &str) -> Result<usize, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !text.is_empty() {
         cmdline.insert_str(text).map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -221,7 +222,7 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<usize, BootErr
 
 /// Writes the structures the kernel reads at entry and returns where to start the boot vCPU.
 pub fn configure_boot(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline: &str,
     initrd: Option<InitrdRegion>,
@@ -244,7 +245,7 @@ pub fn configure_boot(
 }
 
 fn write_boot_params(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<InitrdRegion>,
@@ -291,7 +292,7 @@ unsafe impl ByteValued for MemmapEntry {}
 unsafe impl ByteValued for ModlistEntry {}
 
 fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     initrd: Option<InitrdRegion>,
     rsdp: GuestAddress,
     map: &[MapEntry],
@@ -343,7 +344,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_describes_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let map = guest_memory_map(64 << 20);
         write_pvh_start_info(&mem, None, GuestAddress(0xe0000), &map).unwrap();
         let info: StartInfo = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();

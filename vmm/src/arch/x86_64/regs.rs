@@ -1,7 +1,8 @@
 //! Initial register state of the boot vCPU for each entry protocol, and local APIC wiring.
 
+use crate::vstate::memory::GuestMemory;
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::boot::{BootEntry, KernelKind};
 use super::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START};
@@ -44,7 +45,7 @@ fn segment(index: usize) -> kvm_segment {
 
 /// Writes the boot GDT, an empty IDT and (for the 64-bit Linux entry) identity page tables for
 /// the first GiB.
-pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_boot_tables(mem: &GuestMemory, entry: &BootEntry) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, desc) in GDT.iter().enumerate() {
         mem.write_obj(*desc, GuestAddress(BOOT_GDT_START + 8 * i as u64))?;
     }

@@ -4,10 +4,15 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+
+use crate::vstate::memory::GuestMemory;
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Descriptor-chain reader and writer over guest memory (writes mark the dirty bitmap).
+type Reader<'a> = virtio_queue::Reader<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
+type Writer<'a> = virtio_queue::Writer<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -193,7 +198,7 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -239,7 +244,7 @@ mod tests {
 
     struct Driver {
         dev: MmioTransport,
-        mem: GuestMemoryMmap,
+        mem: GuestMemory,
         next_avail: u16,
         disk: std::path::PathBuf,
     }
@@ -248,7 +253,7 @@ mod tests {
         fn new(tag: &str, read_only: bool, used_ring: u64) -> Self {
             let disk = std::env::temp_dir().join(format!("vmm-blk-unit-{}-{tag}", std::process::id()));
             std::fs::write(&disk, vec![0u8; (DISK_SECTORS * SECTOR_SIZE) as usize]).unwrap();
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let block = Block::open(&disk, read_only, 0).unwrap();
             let mut dev = MmioTransport::new(Box::new(block), mem.clone(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
             let w = |dev: &mut MmioTransport, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
@@ -336,6 +341,26 @@ mod tests {
         assert_eq!(back, pattern);
         assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, 0).1, VIRTIO_BLK_S_OK);
         assert_eq!(d.request(VIRTIO_BLK_T_GET_ID, 0, 20), (21, VIRTIO_BLK_S_OK));
+    }
+
+    /// KVM's dirty log never sees what the device writes into guest memory: the region bitmap
+    /// must (the data of a disk read, the status byte, the used ring), and nothing else.
+    #[test]
+    fn device_writes_to_guest_memory_are_in_the_dirty_bitmap() {
+        use crate::vstate::dirty;
+        let mut d = Driver::new("dirty", false, USED);
+        d.mem.write_obj(u64::from(VIRTIO_BLK_T_IN), GuestAddress(HEADER)).unwrap();
+        d.mem.write_obj(0u64, GuestAddress(HEADER + 8)).unwrap();
+        d.desc(0, HEADER, 16, F_NEXT, 1);
+        d.desc(1, DATA, 4096, F_NEXT | F_WRITE, 2);
+        d.desc(2, STATUS, 1, F_WRITE, 0);
+        d.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        d.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        dirty::clear_vmm_writes(&d.mem);
+        d.dev.write(0x50, &0u32.to_le_bytes());
+        let taken = dirty::take_vmm_writes(&d.mem);
+        let pages: Vec<u64> = (0..256u64).filter(|p| taken[0][(p / 64) as usize] >> (p % 64) & 1 == 1).collect();
+        assert_eq!(pages, vec![USED / 4096, DATA / 4096, STATUS / 4096]);
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! the queues it sets up. Every guest-written value is checked; a hostile guest can only break
 //! its own device.
 
+use crate::vstate::memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
@@ -50,7 +50,7 @@ pub const INT_USED_RING: u32 = 1;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     interrupt: EventFd,
     queues: Vec<Queue>,
     status: u32,
@@ -63,7 +63,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: EventFd) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, interrupt: EventFd) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -102,7 +102,7 @@ impl MmioTransport {
     /// Recreates a transport from saved state around a freshly opened `device`.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestMemory,
         interrupt: EventFd,
         state: &MmioTransportState,
     ) -> Result<Self, String> {

@@ -3,8 +3,8 @@
 pub mod block;
 pub mod mmio;
 
+use crate::vstate::memory::GuestMemory;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 pub use block::Block;
 pub use mmio::{MmioTransport, MmioTransportState};
@@ -35,5 +35,5 @@ pub trait VirtioDevice: Send {
     }
     /// Processes the available buffers of queue `index`. Returns true if it used any, so the
     /// transport raises an interrupt.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
 }
