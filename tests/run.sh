@@ -17,14 +17,16 @@ trap 'rm -f "$log"' EXIT
 status=0
 if [[ -e /sys/module/kvm_intel || -e /sys/module/kvm_amd ]]; then
     echo "run.sh: hardware KVM: every test runs here"
-    cargo test --release --workspace -- --include-ignored 2>&1 | tee "$log" || status=$?
+    cargo test --release --workspace --no-fail-fast -- --include-ignored 2>&1 | tee "$log" || status=$?
 else
     echo "run.sh: no hardware virtualization (PVM): the Linux-only tests run in the nested host below"
-    cargo test --release --workspace 2>&1 | tee "$log" || status=$?
+    cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
     nested=0
     tests/nested.sh 2>&1 | tee -a "$log" || nested=$?
     ((status)) || status=$nested
 fi
 # cargo prints one summary per test binary (the last is often an empty doc-test run): add them up.
-awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+# A failure outside any test (a build, the nested host itself) counts as one failed.
+awk -v status="$status" '/^test result:/ { p += $4; f += $6 }
+    END { if (status != 0 && f == 0) f = 1; printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -11,10 +11,12 @@
 # "nested-host: retried" lines name every test that needed its second attempt.
 # Exit status: the number of binaries with a test that failed both attempts.
 here=$(cd "$(dirname "$0")" && pwd)
+set -f # the job's words are arguments, never patterns
 say() { echo "nested-host: $*"; }
 
 # descendants PID — PID and every process below it.
 descendants() {
+    local child
     echo "$1"
     for child in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
         descendants "$child"
@@ -23,6 +25,7 @@ descendants() {
 
 # where PID — what each process of PID's tree is doing.
 where() {
+    local p t
     for p in $(descendants "$1"); do
         [ -d /proc/"$p" ] || continue
         say "  pid $p: $(tr '\0' ' ' </proc/"$p"/cmdline 2>/dev/null | cut -c1-300)"
@@ -35,6 +38,7 @@ where() {
 }
 
 kill_tree() {
+    local p
     for p in $(descendants "$1"); do
         kill -9 "$p" 2>/dev/null
     done
@@ -61,7 +65,7 @@ show_trace() {
 # (with the binary's own "test result:" lines renamed: the runner writes the line that counts)
 # and kept in LOG; leaves its exit status in /tmp/nested-status (124: it had to be killed).
 bounded() {
-    b_name=$1 b_limit=$2 b_log=$3
+    local b_name=$1 b_limit=$2 b_log=$3 runner b_start n
     shift 3
     rm -f /tmp/nested-status /tmp/nested-exit
     (
@@ -71,10 +75,12 @@ bounded() {
         ) | tee "$b_log" | awk '{ sub(/^test result:/, "attempt result:"); print; fflush() }'
     ) &
     runner=$!
-    start=$(date +%s)
+    b_start=$(date +%s)
     while kill -0 "$runner" 2>/dev/null && [ ! -e /tmp/nested-exit ]; do
-        if [ $(($(date +%s) - start)) -ge "$b_limit" ]; then
-            say "TIMEOUT: $b_name still running after ${b_limit}s; where it stood:"
+        if [ $(($(date +%s) - b_start)) -ge "$b_limit" ]; then
+            say "TIMEOUT: $b_name still running after ${b_limit}s; its last output:"
+            tail -n 5 "$b_log" | sed 's/^/nested-host:   | /'
+            say "where it stood:"
             where "$runner"
             kill_tree "$runner"
             n=0
@@ -130,7 +136,7 @@ while read -r name limit exe args; do
         for t in $tests; do
             say "retry $name: $t"
             bounded "$name:$t" "$limit" "$log.retry" "$exe" --include-ignored --test-threads=1 --exact "$t"
-            if [ "$(cat /tmp/nested-status)" = 0 ]; then
+            if [ "$(cat /tmp/nested-status)" = 0 ] && grep -q '^test result: ok. 1 passed' "$log.retry"; then
                 say "retried: $name::$t failed once and passed on its second attempt"
                 passed=$((passed + 1))
             else

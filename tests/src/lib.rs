@@ -181,8 +181,16 @@ impl Vmm {
         let (tx, lines) = channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
+            // Guest output need not be UTF-8: a bad byte must not end the reader.
+            let mut reader = BufReader::new(stdout);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw).trim_end_matches(['\n', '\r']).to_string();
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -217,7 +225,10 @@ impl Vmm {
                 let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
                 out.push_str(&format!("\n--- vmm ended: {status} ---\n--- stderr ---\n{}", join_bounded(stderr)));
             }
-            _ => out.push_str(&format!("\n--- vmm still running ---\n{}", process_stacks(self.child.id()))),
+            _ => {
+                out.push_str(&format!("\n--- vmm still running ---\n{}", process_stacks(self.child.id())));
+                out.push_str(&kvm_trace_of(self.child.id()));
+            }
         }
         out
     }
@@ -355,7 +366,15 @@ impl Drop for Vmm {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        self.kill();
+        // Never panic here: a panic while a failed test unwinds would abort the whole binary.
+        let _ = self.child.kill();
+        if self.wait_status(Duration::from_secs(30)).is_none() {
+            eprintln!(
+                "vmm (pid {}) not reaped 30 s after SIGKILL\n{}",
+                self.child.id(),
+                process_stacks(self.child.id())
+            );
+        }
     }
 }
 
@@ -377,6 +396,21 @@ fn join_bounded(reader: std::thread::JoinHandle<String>) -> String {
     } else {
         "(stderr still open 5 s after vmm ended)".into()
     }
+}
+
+/// The last KVM events of process `pid`'s vCPU threads, when KVM tracing is on (the nested host
+/// turns on `kvm_exit` and `kvm_inj_exception` in tracefs): what a stuck guest keeps doing.
+pub fn kvm_trace_of(pid: u32) -> String {
+    let Ok(trace) = std::fs::read_to_string("/sys/kernel/tracing/trace") else { return String::new() };
+    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|t| format!("-{}", t.file_name().to_string_lossy())).collect())
+        .unwrap_or_default();
+    let ours: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.split_whitespace().next().is_some_and(|task| tids.iter().any(|t| task.ends_with(t.as_str()))))
+        .collect();
+    let tail = &ours[ours.len().saturating_sub(40)..];
+    format!("--- last KVM events of its vCPUs (tracefs) ---\n{}\n", tail.join("\n"))
 }
 
 /// Where each thread of process `pid` stands: name, state, kernel wait channel and stack.
@@ -438,7 +472,6 @@ pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
                 }
             }
             let _ = child.kill();
-            let _ = child.wait();
             panic!("vmm {args:?} did not finish within {:?}\n{report}", client_bound());
         }
         std::thread::sleep(Duration::from_millis(20));
