@@ -10,6 +10,11 @@ use std::process::Command;
 
 use tests::{bound, field, linux_run_args, require_hardware_kvm, vmm_ok, TempDir, Vmm};
 
+/// The Linux guest's command line that runs /usr/bin/`program` from the initramfs.
+fn running(program: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/{program}")
+}
+
 fn sock(dir: &TempDir) -> String {
     dir.path().join("vm.sock").display().to_string()
 }
@@ -90,7 +95,7 @@ fn userspace_memory_and_clock_survive_snapshot_kill_resume_cycles() {
     require_hardware_kvm();
     let dir = TempDir::new("linux-cycles");
     let s = sock(&dir);
-    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-memcheck";
+    let cmdline = &running("vmm-memcheck");
     let mut vm = Vmm::spawn(&linux_run_args("512M", 2, cmdline, &["--api-sock", &s]));
     let ready = vm.wait_for("vmm-guest: ready", bound(180));
     assert!(ready.contains("nproc=2"), "{ready}");
@@ -125,7 +130,7 @@ fn fsynced_ext4_file_is_on_disk_after_a_stop_snapshot_and_there_after_resume() {
     let dir = TempDir::new("linux-ext4");
     let s = sock(&dir);
     let disk = ext4_disk(&dir);
-    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-ext4-fsync";
+    let cmdline = &running("vmm-ext4-fsync");
     let mut vm = Vmm::spawn(&linux_run_args("256M", 2, cmdline, &["--api-sock", &s, "--disk", &disk]));
     let written = vm.wait_for("vmm-guest: ext4 written md5=", bound(90));
     let sum = written.rsplit('=').next().unwrap().trim().to_string();
@@ -154,7 +159,7 @@ fn guest_agent_freezes_and_thaws_a_real_ext4() {
     require_hardware_kvm();
     let dir = TempDir::new("linux-agent");
     let disk = ext4_disk(&dir);
-    let cmdline = "console=ttyS0 reboot=k panic=-1 vmm.run=/usr/bin/vmm-agent-freeze";
+    let cmdline = &running("vmm-agent-freeze");
     let mut vm = Vmm::spawn_with_console_input(&linux_run_args("256M", 2, cmdline, &["--disk", &disk]));
     vm.wait_for("vmm-guest: agent serving", bound(90));
     vm.wait_for("vmm-guest: writer 2", bound(60));
