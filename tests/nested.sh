@@ -118,18 +118,17 @@ size_mib=$(($(du -sm "$work/tree" | cut -f1) * 5 / 4 + 64))
 mkfs.ext4 -q -F -L vmm-workspace -d "$work/tree" "$work/workspace.img" "${size_mib}M" ||
     die "mkfs.ext4 could not make the workspace disk"
 
-# kvm_amd.npt=0: L1's KVM runs the guests on shadow page tables. With nested paging, TCG's SVM
-# (QEMU 7.2) now and then hands a new guest stale translations of a VM that just ended: guests
-# booted back to back hung or triple-faulted in about one boot in three (page walks into
-# addresses past the guest's RAM), and once L1 itself died. With shadow paging none did, at the
-# same speed (docs/testing.md).
+# TCG's SVM is not a perfect CPU: now and then a guest hangs or triple-faults there, or L1 itself
+# dies (docs/testing.md: what was seen, and what did not help). Shadow paging (NESTED_NPT=0)
+# avoided the hangs of back-to-back boots but soft-locked L1 under a memory-heavy guest; one TCG
+# thread (NESTED_TCG_THREAD=single) did not help. Nested paging on multi-threaded TCG it is.
 token=$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
-append="console=ttyS0 panic=-1 quiet loglevel=4 kvm_amd.npt=0 nested.token=$token nested.root=$root ${NESTED_APPEND:-}"
+append="console=ttyS0 panic=-1 quiet loglevel=4 kvm_amd.npt=${NESTED_NPT:-1} nested.token=$token nested.root=$root ${NESTED_APPEND:-}"
 log=$work/console.log
 : >"$log"
 echo "nested.sh: booting the nested host (QEMU TCG, SVM, $mem) for: ${specs[*]}" >&2
 exec {console}< <(
-    exec qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC-v1,+svm,+npt -smp 2 -m "$mem" \
+    exec qemu-system-x86_64 -accel "tcg,thread=${NESTED_TCG_THREAD:-multi}" -cpu EPYC-v1,+svm,+npt -smp 2 -m "$mem" \
         -M pc -nodefaults -display none -no-reboot -serial stdio -monitor none \
         -kernel images/out/linux/bzImage -initrd images/out/linux/nested-host.cpio.gz -append "$append" \
         -drive "file=$work/workspace.img,format=raw,if=virtio,readonly=on" </dev/null 2>&1

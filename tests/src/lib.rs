@@ -170,6 +170,7 @@ impl Vmm {
     }
 
     fn spawn_with_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: Stdio) -> Self {
+        settle_after_last_vm();
         let mut child = Command::new(vmm_bin())
             .args(args)
             .stdin(stdin)
@@ -292,6 +293,7 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                note_vm_end();
                 // Every line up to the end of stdout (bounded: a grandchild could hold the pipe).
                 let drain_until = Instant::now() + Duration::from_secs(5);
                 while let Ok(line) = self.lines.recv_timeout(drain_until.saturating_duration_since(Instant::now())) {
@@ -342,6 +344,7 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                note_vm_end();
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -361,6 +364,7 @@ impl Drop for Vmm {
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
+                    note_vm_end();
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -376,6 +380,25 @@ impl Drop for Vmm {
             );
         }
     }
+}
+
+static LAST_VM_END: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// In the nested host, a VM starts at least 3 s after the previous one ended: guests started right
+/// after another ended fail far more often under TCG's SVM (docs/testing.md). Elsewhere a no-op.
+fn settle_after_last_vm() {
+    if host_kind() != HostKind::Nested {
+        return;
+    }
+    let last = *LAST_VM_END.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(end) = last {
+        let wait = Duration::from_secs(3).saturating_sub(end.elapsed());
+        std::thread::sleep(wait);
+    }
+}
+
+fn note_vm_end() {
+    *LAST_VM_END.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
 }
 
 /// A line in which one of our guests reports a failed check.
