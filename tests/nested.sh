@@ -135,6 +135,8 @@ exec {console}< <(
 )
 qemu_pid=$!
 trap 'kill -9 "$qemu_pid" 2>/dev/null || true; rm -f "$manifest"' EXIT
+# A TERM (timeout) or INT ends the run through the EXIT trap, so QEMU never outlives it.
+trap 'echo "nested.sh: stopped by a signal" >&2; exit 1' TERM INT
 
 # A failure outside any test still ends with a line tests/run.sh counts.
 failed_run() {
