@@ -7,6 +7,16 @@ use std::time::{Duration, Instant};
 
 use tests::{field, require_kvm, testguest, vmm_bin, vmm_cmd, vmm_ok, TempDir};
 
+/// Kills the vmm if the test fails before it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_console_nobody_reads_blocks_nothing() {
     require_kvm();
@@ -14,14 +24,16 @@ fn a_console_nobody_reads_blocks_nothing() {
     let dir = TempDir::new("console");
     let sock = dir.path().join("c.sock").display().to_string();
     // A tick line every millisecond on each of 2 vCPUs' behalf: far more than a stalled pipe holds.
-    let mut child = Command::new(vmm_bin())
-        .args(["run", "--kernel", testguest().to_str().unwrap(), "--cmdline", "workload=demo tick.ms=1"])
-        .args(["--vcpus", "2", "--mem", "128M", "--api-sock", &sock])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped()) // never read
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn vmm");
+    let mut child = KillOnDrop(
+        Command::new(vmm_bin())
+            .args(["run", "--kernel", testguest().to_str().unwrap(), "--cmdline", "workload=demo tick.ms=1"])
+            .args(["--vcpus", "2", "--mem", "128M", "--api-sock", &sock])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()) // never read
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn vmm"),
+    );
 
     let deadline = Instant::now() + tests::bound(120);
     let dropped = loop {
@@ -49,7 +61,7 @@ fn a_console_nobody_reads_blocks_nothing() {
 
     let deadline = Instant::now() + tests::bound(30);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "vmm did not end after shutdown with a stalled console");
