@@ -180,11 +180,10 @@ kill -9 "$qemu_pid" 2>/dev/null || true
 elapsed=$(($(date +%s) - started))
 
 if [[ -z $status ]]; then
-    if grep -q 'qemu-system-x86_64:' "$log"; then
-        failed_run "QEMU failed: $(grep -m1 'qemu-system-x86_64:' "$log" | grep -v "doesn't support requested feature" || true)"
-    fi
-    grep -qE 'Kernel panic|BUG:' "$log" &&
-        failed_run "the nested host's kernel crashed after ${elapsed}s: $(grep -m1 -E 'Kernel panic|BUG:' "$log")"
+    crash=$(grep -m1 -E 'Kernel panic|BUG:' "$log" || true)
+    [[ -z $crash ]] || failed_run "the nested host's kernel crashed after ${elapsed}s: $crash"
+    qemu_error=$(grep 'qemu-system-x86_64:' "$log" | grep -v "doesn't support requested feature" | head -n 1 || true)
+    [[ -z $qemu_error ]] || failed_run "QEMU failed: $qemu_error"
     failed_run "the nested host ended without finishing after ${elapsed}s (console: ${log#"$root/"})"
 fi
 if [[ $status == setup ]]; then
