@@ -184,12 +184,15 @@ impl Write for ConsoleOutput {
     /// Never blocks on the reader and never fails: what does not fit is dropped and counted.
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let mut buffer = lock_unpoisoned(&self.shared.buffer);
+        let was_empty = buffer.is_empty();
         let room = self.shared.capacity.saturating_sub(buffer.len()).min(data.len());
         buffer.extend(&data[..room]);
         if room < data.len() {
             self.shared.dropped.fetch_add((data.len() - room) as u64, Ordering::Relaxed);
         }
-        if room > 0 {
+        // The drainer only sleeps on an empty buffer: wake it on that transition alone, not for
+        // every byte a vCPU writes to the UART (each wake is a futex call).
+        if was_empty && room > 0 {
             self.shared.changed.notify_all();
         }
         Ok(data.len())
