@@ -1,9 +1,15 @@
-//! Checksums: xxh3-64, fast enough to run over all of guest memory.
+//! Checksums: xxh3, fast enough to run over all of guest memory (not a cryptographic hash: it
+//! catches damage, not forgery).
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
 pub fn checksum(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
+}
+
+/// 128 bits, for ids: two different manifests never share one in practice.
+pub fn checksum128(bytes: &[u8]) -> u128 {
+    xxh3_128(bytes)
 }
 
 /// Streaming checksum, for data read in pieces.

@@ -1,26 +1,43 @@
-//! The snapshot directory: written atomically (temporary sibling, fsync, rename) and opened with
-//! every size and checksum checked before anything is trusted.
+//! The snapshot directory: written atomically (temporary sibling, fsync, rename), private to its
+//! owner (0700, files 0600, whatever the umask: guest memory is in it), and opened with every size
+//! and checksum checked before anything is trusted.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::digest::checksum;
-use crate::manifest::{FileDigest, Manifest};
-use crate::pages::{self, MemoryLayout, MemorySource, StagedMemory};
+use crate::manifest::{Manifest, SnapshotId, StateDigest};
+use crate::pages::{self, MemoryData, MemoryLayout};
+use crate::progress::Progress;
 use crate::{io_err, Error, Result, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
 
+/// Modes of what a snapshot holds: guest memory may hold secrets.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
 /// Builds a snapshot in a temporary sibling of its destination; `commit` makes it appear whole.
-/// Dropped without commit, it removes what it wrote and leaves the destination untouched.
+/// Dropped without commit, it removes what it wrote and leaves the destination untouched. While
+/// it lives it holds an exclusive lock (flock) on the temporary directory: a directory whose lock
+/// can be taken was abandoned by a writer that died, and the next writer removes it.
 pub struct SnapshotWriter {
     dest: PathBuf,
     tmp: PathBuf,
     force: bool,
     committed: bool,
+    _lock: File,
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io_err(path))
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// A directory `--force` may replace (and then delete): an empty one, or one holding only a
@@ -38,21 +55,33 @@ fn looks_like_snapshot(dir: &Path) -> bool {
 
 impl SnapshotWriter {
     /// Prepares to write a snapshot to `dest`. An existing `dest` is refused unless `force`, and
-    /// even then only if it is a snapshot (or empty).
+    /// even then only if it is a snapshot (or empty). Errors name `dest`, never the temporary path.
     pub fn create(dest: &Path, force: bool) -> Result<Self> {
         Self::check_dest(dest, force)?;
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_of(dest);
         let name = dest.file_name().ok_or_else(|| Error::NotASnapshot(dest.display().to_string(), "no name"))?;
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let prefix = format!(".{}.tmp-", name.to_string_lossy());
         remove_abandoned(&parent, &prefix);
         let tmp = parent.join(format!("{prefix}{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-        Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false })
+        let create_err = |err| Error::Create { path: dest.display().to_string(), err };
+        std::fs::DirBuilder::new().mode(DIR_MODE).create(&tmp).map_err(create_err)?;
+        let lock = (|| {
+            // The umask may have taken bits away: the mode is exactly 0700.
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(DIR_MODE))?;
+            let lock = File::open(&tmp)?;
+            lock.try_lock().map_err(std::io::Error::from)?;
+            Ok(lock)
+        })();
+        let lock = match lock {
+            Ok(lock) => lock,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(create_err(err));
+            }
+        };
+        Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false, _lock: lock })
     }
 
     fn check_dest(dest: &Path, force: bool) -> Result<()> {
@@ -67,58 +96,66 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    fn create_file(&self, name: &str) -> Result<(File, PathBuf)> {
+    fn create_file(&self, name: &str) -> Result<File> {
         let path = self.tmp.join(name);
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
-        Ok((file, path))
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&path)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE)).map(|()| f))
+            .map_err(|err| self.error(name, err))
     }
 
-    /// Writes the machine state; returns its digest for the manifest.
-    pub fn write_state(&self, bytes: &[u8]) -> Result<FileDigest> {
-        let (mut file, path) = self.create_file(STATE_FILE)?;
-        file.write_all(bytes).map_err(io_err(&path))?;
-        Ok(FileDigest { size: bytes.len() as u64, checksum: checksum(bytes) })
+    /// An I/O error on a file of the snapshot, named by where it will be.
+    fn error(&self, name: &str, err: std::io::Error) -> Error {
+        Error::Io { path: self.dest.join(name).display().to_string(), err }
+    }
+
+    /// Writes the machine state; returns its digest for the manifest (sections not filled in).
+    pub fn write_state(&self, bytes: &[u8]) -> Result<StateDigest> {
+        let mut file = self.create_file(STATE_FILE)?;
+        file.write_all(bytes).map_err(|e| self.error(STATE_FILE, e))?;
+        Ok(StateDigest { size: bytes.len() as u64, checksum: checksum(bytes), sections: Vec::new() })
     }
 
     /// Writes guest memory (zero pages become holes) and returns its layout with checksums.
-    pub fn write_memory(&self, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
-        let (file, path) = self.create_file(MEMORY_FILE)?;
-        pages::write_pages(&file, &path, sources)
-    }
-
-    /// Writes memory copied aside while the guest was paused, like `write_memory`.
-    pub fn write_staged_memory(&self, staged: &StagedMemory) -> Result<MemoryLayout> {
-        let (file, path) = self.create_file(MEMORY_FILE)?;
-        pages::write_staged(&file, &path, staged)
+    pub fn write_memory(&self, memory: MemoryData<'_>, progress: &Progress) -> Result<MemoryLayout> {
+        let file = self.create_file(MEMORY_FILE)?;
+        let path = self.dest.join(MEMORY_FILE);
+        memory.write_page_file(&file, &path, progress)
     }
 
     /// Writes the manifest, makes everything durable and moves the snapshot into place. Until the
     /// final rename (or exchange, with `force`) the destination is untouched. Returns the bytes
-    /// the snapshot takes on disk.
-    pub fn commit(mut self, manifest: &Manifest) -> Result<u64> {
-        let (mut file, path) = self.create_file(MANIFEST_FILE)?;
-        file.write_all(&manifest.encode()).map_err(io_err(&path))?;
+    /// the snapshot takes on disk and its id.
+    pub fn commit(mut self, manifest: &Manifest) -> Result<(u64, SnapshotId)> {
+        let mut file = self.create_file(MANIFEST_FILE)?;
+        file.write_all(&manifest.encode()).map_err(|e| self.error(MANIFEST_FILE, e))?;
         for name in [STATE_FILE, MEMORY_FILE, MANIFEST_FILE] {
             let p = self.tmp.join(name);
-            File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
+            File::open(&p).and_then(|f| f.sync_all()).map_err(|e| self.error(name, e))?;
         }
-        sync_dir(&self.tmp)?;
+        File::open(&self.tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(|err| Error::Io { path: self.dest.display().to_string(), err })?;
         let bytes = disk_usage(&self.tmp);
         Self::check_dest(&self.dest, self.force)?;
         if self.dest.exists() {
             exchange(&self.tmp, &self.dest)?;
-            // The old snapshot now sits at the temporary name; Drop removes it.
+            // The old snapshot now sits at the temporary name; Drop removes it. A VM resumed from
+            // it keeps its memory file: renaming and unlinking never change a mapped file.
         } else {
             std::fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
             self.committed = true;
         }
         // The snapshot is in place and its files are durable: a failure to sync the parent
         // directory only risks the rename itself, and is no reason to report the snapshot lost.
-        let parent = self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        if let Err(e) = sync_dir(parent) {
+        if let Err(e) = sync_dir(&parent_of(&self.dest)) {
             eprintln!("warning: snapshot written, but {e}");
         }
-        Ok(bytes)
+        Ok((bytes, manifest.id()))
     }
 }
 
@@ -140,15 +177,16 @@ impl Drop for SnapshotWriter {
     }
 }
 
-/// Removes temporary snapshot directories (`PREFIX<pid>-<nanos>`) left by writers that died:
-/// their process is gone, so nobody will finish them.
+/// Removes temporary snapshot directories (`PREFIX...`) left by writers that died: a live
+/// writer holds its directory's lock, so one whose lock can be taken will never be finished.
 fn remove_abandoned(parent: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()) else { continue };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let Ok(dir) = File::open(entry.path()) else { continue };
+        if dir.try_lock().is_ok() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -173,20 +211,31 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
 /// An existing snapshot, its manifest checked.
 pub struct Snapshot {
     pub dir: PathBuf,
+    pub id: SnapshotId,
     pub manifest: Manifest,
 }
 
 impl Snapshot {
     /// Opens `dir`: the manifest must decode and check, and the files must have the sizes it says.
+    /// A file that cannot be read (permissions, I/O) is an I/O error naming it, not "not a
+    /// snapshot": only a missing manifest means that.
     pub fn open(dir: &Path) -> Result<Self> {
         let what = dir.display().to_string();
-        if !dir.is_dir() {
-            return Err(Error::NotASnapshot(what, "not a directory"));
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(Error::NotASnapshot(what, "not a directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotASnapshot(what, "no such directory"))
+            }
+            Err(err) => return Err(Error::Io { path: what, err }),
         }
         let manifest_path = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&manifest_path).map_err(|_| Error::NotASnapshot(what.clone(), "no manifest"))?;
-        let manifest = Manifest::decode(&bytes, &what)?;
-        let snap = Self { dir: dir.to_path_buf(), manifest };
+        let bytes = std::fs::read(&manifest_path).map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => Error::NotASnapshot(what.clone(), "no manifest"),
+            _ => Error::Io { path: manifest_path.display().to_string(), err },
+        })?;
+        let decoded = Manifest::decode(&bytes, &what)?;
+        let snap = Self { dir: dir.to_path_buf(), id: decoded.id, manifest: decoded.manifest };
         snap.check_size(STATE_FILE, snap.manifest.state.size)?;
         snap.check_size(MEMORY_FILE, snap.manifest.memory.total_size())?;
         Ok(snap)
@@ -195,7 +244,10 @@ impl Snapshot {
     fn check_size(&self, file: &'static str, expected: u64) -> Result<()> {
         let path = self.dir.join(file);
         let actual = std::fs::metadata(&path)
-            .map_err(|_| Error::NotASnapshot(self.dir.display().to_string(), "a file is missing"))?
+            .map_err(|err| match err.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingFile(self.dir.display().to_string(), file),
+                _ => Error::Io { path: path.display().to_string(), err },
+            })?
             .len();
         if actual != expected {
             return Err(Error::Truncated { file, expected, actual });
@@ -248,6 +300,7 @@ impl Snapshot {
 mod tests {
     use super::*;
     use crate::manifest::tests::sample;
+    use crate::pages::MemorySource;
 
     struct Scratch(PathBuf);
     impl Scratch {
@@ -269,7 +322,8 @@ mod tests {
         let mut m = sample();
         m.state = w.write_state(b"machine state")?;
         let mem = vec![fill; 2 << 20];
-        m.memory = w.write_memory(&[MemorySource { guest_addr: 0, bytes: &mem, kinds: None, backing: None }])?;
+        let sources = [MemorySource { guest_addr: 0, bytes: &mem, kinds: None, backing: None }];
+        m.memory = w.write_memory(MemoryData::Sources(&sources), &Progress::default())?;
         w.commit(&m).map(|_| ())
     }
 
@@ -283,6 +337,12 @@ mod tests {
         assert_eq!(snap.read_state().unwrap(), b"machine state");
         // No temporary directories left behind.
         assert_eq!(std::fs::read_dir(&s.0).unwrap().count(), 1);
+        // Private whatever the umask (the test runs under the default one).
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o700);
+        for f in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
+            assert_eq!(std::fs::metadata(dest.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+        }
     }
 
     #[test]
@@ -314,11 +374,13 @@ mod tests {
     fn leftovers_of_dead_writers_are_removed() {
         let s = Scratch::new("leftovers");
         let dest = s.0.join("snap");
-        // A writer that died (no such pid), and one that still runs (ours).
+        // A writer that died (nobody holds its lock), and one that still writes (holds it).
         let dead = s.0.join(".snap.tmp-999999999-1");
         let live = s.0.join(format!(".snap.tmp-{}-1", std::process::id()));
         std::fs::create_dir(&dead).unwrap();
         std::fs::create_dir(&live).unwrap();
+        let live_lock = File::open(&live).unwrap();
+        live_lock.lock().unwrap();
         write(&dest, false, 1).unwrap();
         assert!(!dead.exists());
         assert!(live.exists());
@@ -356,5 +418,8 @@ mod tests {
         assert!(matches!(Snapshot::open(&dest).unwrap().read_state(), Err(Error::StateChecksum)));
         // Not a snapshot at all.
         assert!(matches!(Snapshot::open(&s.0), Err(Error::NotASnapshot(..))));
+        // A missing file is named.
+        std::fs::remove_file(&state).unwrap();
+        assert!(matches!(Snapshot::open(&dest), Err(Error::MissingFile(_, STATE_FILE))));
     }
 }

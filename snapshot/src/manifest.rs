@@ -1,13 +1,17 @@
 //! The manifest: what the snapshot is (format version, VM description, memory layout, host CPU)
 //! and the checksums of everything else. Stored as one header line carrying the format version
-//! and a checksum of the JSON body that follows, so a flipped bit anywhere is caught before the
-//! body is trusted.
+//! and the snapshot's id, a 128-bit hash of the JSON body that follows: a flipped bit anywhere is
+//! caught before the body is trusted, and a child snapshot names its parent by that id.
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::checksum;
+use crate::digest::checksum128;
 use crate::pages::MemoryLayout;
+use crate::state::SectionSummary;
 use crate::{Error, Result, FORMAT_VERSION};
+
+/// A snapshot's id: 32 lowercase hex digits, the xxh3-128 hash of its manifest's body.
+pub type SnapshotId = String;
 
 const MAGIC: &str = "VMM-SNAPSHOT";
 
@@ -26,6 +30,45 @@ pub struct VmDescription {
 pub struct DiskDescription {
     pub path: String,
     pub read_only: bool,
+    /// The disk file as it was when the snapshot was taken: resume refuses one that changed.
+    #[serde(default)]
+    pub identity: Option<FileIdentity>,
+}
+
+/// What identifies a file's content without reading it (stat(2) fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, in nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+
+    /// What differs from `now`, in words, or None if nothing does.
+    pub fn changes(&self, now: &FileIdentity) -> Option<String> {
+        if (self.dev, self.ino) != (now.dev, now.ino) {
+            Some("it is another file now".into())
+        } else if self.size != now.size {
+            Some(format!("its size changed from {} to {} bytes", self.size, now.size))
+        } else if self.mtime_ns != now.mtime_ns {
+            Some("it was modified".into())
+        } else {
+            None
+        }
+    }
 }
 
 /// The host CPU the snapshot was taken on; resume checks the features the guest may use.
@@ -54,16 +97,24 @@ pub struct DeviceSummary {
     pub detail: String,
 }
 
-/// Size and checksum of a file of the snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileDigest {
+/// Size and checksum of the state file, and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// Bytes.
     pub size: u64,
+    /// xxh3-64.
     pub checksum: u64,
+    #[serde(default)]
+    pub sections: Vec<SectionSummary>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
+    /// The snapshot this one is a difference from: its memory extents of kind `parent` are that
+    /// snapshot's (which may itself have a parent).
+    #[serde(default)]
+    pub parent: Option<SnapshotId>,
     /// Seconds since the Unix epoch when the snapshot was taken.
     pub created_unix: u64,
     pub vmm_version: String,
@@ -71,22 +122,49 @@ pub struct Manifest {
     pub host_cpu: CpuIdentity,
     pub vcpus: Vec<VcpuSummary>,
     pub devices: Vec<DeviceSummary>,
-    pub state: FileDigest,
+    pub state: StateDigest,
     pub memory: MemoryLayout,
 }
 
+/// A manifest as read: its content and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedManifest {
+    pub id: SnapshotId,
+    pub manifest: Manifest,
+}
+
+fn hex128(v: u128) -> String {
+    format!("{v:032x}")
+}
+
 impl Manifest {
-    /// Encodes the manifest: `VMM-SNAPSHOT format=1 checksum=HEX\n` then the JSON body.
+    /// Encodes the manifest: `VMM-SNAPSHOT format=2 id=HEX32\n` then the JSON body.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).expect("manifest serializes");
         let mut out =
-            format!("{MAGIC} format={} checksum={:016x}\n", self.format_version, checksum(&body)).into_bytes();
+            format!("{MAGIC} format={} id={}\n", self.format_version, hex128(checksum128(&body))).into_bytes();
         out.extend_from_slice(&body);
         out
     }
 
+    /// The id `encode` gives this manifest.
+    pub fn id(&self) -> SnapshotId {
+        let body = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        hex128(checksum128(&body))
+    }
+
     /// Decodes and checks a manifest. `what` names the snapshot in errors.
-    pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
+    pub fn decode(bytes: &[u8], what: &str) -> Result<DecodedManifest> {
+        Self::decode_as(bytes, what, false)
+    }
+
+    /// Decodes and checks the manifest at the head of a stream, whose memory is described by the
+    /// frames that follow: its layout has regions, but no extents or checksums.
+    pub fn decode_streamed(bytes: &[u8], what: &str) -> Result<DecodedManifest> {
+        Self::decode_as(bytes, what, true)
+    }
+
+    fn decode_as(bytes: &[u8], what: &str, streamed: bool) -> Result<DecodedManifest> {
         let not_snapshot = |why| Error::NotASnapshot(what.to_string(), why);
         let newline = bytes.iter().position(|b| *b == b'\n').ok_or_else(|| not_snapshot("no manifest header"))?;
         let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| not_snapshot("no manifest header"))?;
@@ -108,40 +186,51 @@ impl Manifest {
         if version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
-        // Exactly 16 lowercase hex digits, so no other spelling of the same value passes.
-        let hex = field(words.next(), "checksum=")?;
-        let canonical = hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        let expected = u64::from_str_radix(&hex, 16)
-            .ok()
-            .filter(|_| canonical)
-            .ok_or_else(|| Error::CorruptManifest("bad checksum field".into()))?;
+        // Exactly 32 lowercase hex digits, so no other spelling of the same value passes.
+        let id = field(words.next(), "id=")?;
+        let canonical = id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !canonical {
+            return Err(Error::CorruptManifest("bad id field".into()));
+        }
         if words.next().is_some() {
             return Err(Error::CorruptManifest("trailing header fields".into()));
         }
         let body = &bytes[newline + 1..];
-        if checksum(body) != expected {
+        if hex128(checksum128(body)) != id {
             return Err(Error::CorruptManifest("checksum mismatch".into()));
         }
         let manifest: Manifest = serde_json::from_slice(body).map_err(|e| Error::CorruptManifest(e.to_string()))?;
         if manifest.format_version != version {
             return Err(Error::CorruptManifest("header and body disagree on the format version".into()));
         }
-        manifest.memory.validate().map_err(Error::CorruptManifest)?;
+        if streamed {
+            manifest.memory.validate_regions().map_err(Error::CorruptManifest)?;
+            if !manifest.memory.extents.is_empty() || !manifest.memory.chunk_checksums.is_empty() {
+                return Err(Error::CorruptManifest("a streamed manifest describes memory pages".into()));
+            }
+        } else {
+            manifest.memory.validate().map_err(Error::CorruptManifest)?;
+        }
         if manifest.state.size > crate::MAX_STATE_BYTES {
             return Err(Error::CorruptManifest(format!("state size {} is implausible", manifest.state.size)));
         }
-        Ok(manifest)
+        if manifest.parent.is_none() && manifest.memory.parent_pages() > 0 {
+            return Err(Error::CorruptManifest("memory refers to a parent snapshot, but none is named".into()));
+        }
+        Ok(DecodedManifest { id, manifest })
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::pages::{MemoryLayout, RegionLayout};
+    use crate::digest::checksum;
+    use crate::pages::{Extent, ExtentKind, MemoryLayout, RegionLayout};
 
     pub fn sample() -> Manifest {
         Manifest {
             format_version: FORMAT_VERSION,
+            parent: None,
             created_unix: 1,
             vmm_version: "0.1.0".into(),
             vm: VmDescription {
@@ -155,13 +244,16 @@ pub(crate) mod tests {
             host_cpu: CpuIdentity::default(),
             vcpus: vec![],
             devices: vec![],
-            state: FileDigest { size: 3, checksum: 7 },
+            state: StateDigest { size: 3, checksum: 7, sections: vec![] },
             memory: MemoryLayout {
                 page_size: 4096,
                 chunk_size: 1 << 20,
                 regions: vec![RegionLayout { guest_addr: 0, size: 1 << 21, file_offset: 0 }],
+                extents: vec![
+                    Extent { guest_addr: 0, len: 1 << 20, kind: ExtentKind::Data },
+                    Extent { guest_addr: 1 << 20, len: 1 << 20, kind: ExtentKind::Zero },
+                ],
                 chunk_checksums: vec![1, 2],
-                zero_pages: 0,
             },
         }
     }
@@ -169,7 +261,27 @@ pub(crate) mod tests {
     #[test]
     fn round_trip() {
         let m = sample();
-        assert_eq!(Manifest::decode(&m.encode(), "x").unwrap(), m);
+        let decoded = Manifest::decode(&m.encode(), "x").unwrap();
+        assert_eq!(decoded.manifest, m);
+        assert_eq!(decoded.id, m.id());
+        assert_eq!(decoded.id.len(), 32);
+        let mut child = m.clone();
+        child.parent = Some(decoded.id.clone());
+        child.memory.extents[1].kind = ExtentKind::Parent;
+        assert_ne!(child.id(), decoded.id);
+        assert_eq!(Manifest::decode(&child.encode(), "x").unwrap().manifest, child);
+        // Parent pages without a parent are refused.
+        child.parent = None;
+        assert!(matches!(Manifest::decode(&child.encode(), "x"), Err(Error::CorruptManifest(_))));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_so_older_readers_read_newer_manifests() {
+        let m = sample();
+        let text = String::from_utf8(m.encode()).unwrap();
+        let body = text.split_once('\n').unwrap().1.replacen('{', "{\n  \"added_later\": [1, 2],", 1);
+        let bytes = format!("VMM-SNAPSHOT format=2 id={:032x}\n{body}", checksum128(body.as_bytes()));
+        assert_eq!(Manifest::decode(bytes.as_bytes(), "x").unwrap().manifest, m);
     }
 
     #[test]
@@ -209,7 +321,7 @@ pub(crate) mod tests {
                     _ => body.insert(at, b"9-0\"e"[(rand() % 5) as usize]),
                 }
             }
-            let mut bytes = format!("VMM-SNAPSHOT format=1 checksum={:016x}\n", checksum(&body)).into_bytes();
+            let mut bytes = format!("VMM-SNAPSHOT format=2 id={:032x}\n", checksum128(&body)).into_bytes();
             bytes.extend_from_slice(&body);
             let _ = Manifest::decode(&bytes, "fuzz");
         }
@@ -217,8 +329,12 @@ pub(crate) mod tests {
 
     #[test]
     fn wrong_version_and_garbage() {
-        let text = String::from_utf8(sample().encode()).unwrap().replacen("format=1", "format=9", 1);
+        let text = String::from_utf8(sample().encode()).unwrap().replacen("format=2", "format=9", 1);
         assert!(matches!(Manifest::decode(text.as_bytes(), "x"), Err(Error::UnsupportedVersion { found: 9, .. })));
+        let v1 = format!("VMM-SNAPSHOT format=1 checksum={:016x}\n{{}}", checksum(b"{}"));
+        let err = Manifest::decode(v1.as_bytes(), "x").unwrap_err();
+        assert!(matches!(err, Error::UnsupportedVersion { found: 1, .. }));
+        assert!(err.to_string().contains("version 1"), "{err}");
         assert!(matches!(Manifest::decode(b"hello\nworld", "x"), Err(Error::NotASnapshot(..))));
         assert!(matches!(Manifest::decode(b"", "x"), Err(Error::NotASnapshot(..))));
         let encoded = sample().encode();

@@ -1,6 +1,7 @@
 //! The page file: guest memory regions one after another, raw and uncompressed so it can be mapped
 //! straight back as guest memory. All-zero pages are holes and take no disk space. Each chunk of
-//! the file has a checksum in the manifest.
+//! the file has a checksum in the manifest, and an extent map says what each range of guest
+//! memory is: data in the file, zero, or the parent snapshot's (a hole in this file).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -8,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Hasher;
+use crate::progress::Progress;
 use crate::{io_err, Error, Result};
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -22,16 +24,44 @@ pub struct RegionLayout {
     pub file_offset: u64,
 }
 
+/// What a range of guest memory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtentKind {
+    /// In the page file, at its region's offset.
+    Data,
+    /// All zero (a hole in the page file).
+    Zero,
+    /// Unchanged since the parent snapshot: read it there (a hole in this page file).
+    Parent,
+}
+
+/// A range of guest memory, in bytes, page aligned, inside one region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryLayout {
     pub page_size: u64,
     pub chunk_size: u64,
     pub regions: Vec<RegionLayout>,
-    /// Checksum of each `chunk_size` piece of each region, region after region (a region's last
-    /// chunk may be shorter).
+    /// Every byte of every region, in order, as maximal runs of one kind.
+    pub extents: Vec<Extent>,
+    /// Checksum of each `chunk_size` piece of each region of the page file, region after region
+    /// (a region's last chunk may be shorter; holes count as zeros).
     pub chunk_checksums: Vec<u64>,
-    /// Pages that were all zero (holes in the page file).
-    pub zero_pages: u64,
+}
+
+/// Adds `len` bytes of `kind` at `guest_addr` to `extents`, merging with the last one.
+pub fn push_extent(extents: &mut Vec<Extent>, guest_addr: u64, len: u64, kind: ExtentKind) {
+    match extents.last_mut() {
+        Some(last) if last.kind == kind && last.guest_addr + last.len == guest_addr => last.len += len,
+        _ => extents.push(Extent { guest_addr, len, kind }),
+    }
 }
 
 /// Guest memory to save: a region's guest address and its bytes, as mapped in the VMM.
@@ -66,6 +96,25 @@ impl MemoryLayout {
         self.total_size() / self.page_size
     }
 
+    fn pages_of(&self, kind: ExtentKind) -> u64 {
+        self.extents.iter().filter(|e| e.kind == kind).map(|e| e.len / self.page_size).sum()
+    }
+
+    /// Pages that are zero.
+    pub fn zero_pages(&self) -> u64 {
+        self.pages_of(ExtentKind::Zero)
+    }
+
+    /// Pages whose content is in the page file.
+    pub fn data_pages(&self) -> u64 {
+        self.pages_of(ExtentKind::Data)
+    }
+
+    /// Pages that are the parent snapshot's.
+    pub fn parent_pages(&self) -> u64 {
+        self.pages_of(ExtentKind::Parent)
+    }
+
     /// Number of checksummed chunks.
     pub fn chunk_count(&self) -> u64 {
         self.regions.iter().map(|r| r.size.div_ceil(self.chunk_size)).sum()
@@ -83,6 +132,12 @@ impl MemoryLayout {
 
     /// Checks the layout is self-consistent, so nothing later trusts nonsense.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_regions()?;
+        self.validate_content()
+    }
+
+    /// Checks the page and chunk sizes and the regions.
+    pub fn validate_regions(&self) -> std::result::Result<(), String> {
         if self.page_size != PAGE_SIZE {
             return Err(format!("page size {} is not {PAGE_SIZE}", self.page_size));
         }
@@ -101,11 +156,29 @@ impl MemoryLayout {
             offset = offset.checked_add(r.size).ok_or("region sizes overflow")?;
             last_end = r.guest_addr.checked_add(r.size).ok_or("region end overflows")?;
         }
+        Ok(())
+    }
+
+    /// Checks the checksums and extents against the regions.
+    fn validate_content(&self) -> std::result::Result<(), String> {
         if self.chunk_checksums.len() as u64 != self.chunk_count() {
             return Err("chunk checksum count does not match memory size".into());
         }
-        if self.zero_pages > offset / self.page_size {
-            return Err("more zero pages than pages".into());
+        // The extents tile the regions exactly, in order.
+        let mut extents = self.extents.iter().peekable();
+        for r in &self.regions {
+            let mut at = r.guest_addr;
+            let end = r.guest_addr + r.size;
+            while at < end {
+                let e = extents.next().ok_or_else(|| format!("no extent covers guest address {at:#x}"))?;
+                if e.guest_addr != at || e.len == 0 || !e.len.is_multiple_of(self.page_size) {
+                    return Err(format!("extent at {:#x} is misplaced or not page aligned", e.guest_addr));
+                }
+                at = at.checked_add(e.len).filter(|&a| a <= end).ok_or("an extent crosses its region's end")?;
+            }
+        }
+        if extents.next().is_some() {
+            return Err("extents past the last region".into());
         }
         Ok(())
     }
@@ -283,29 +356,96 @@ impl PageSource for StagedView<'_> {
     }
 }
 
+/// A run of guest memory: bytes to send, or a range known to be zero.
+pub enum Run<'a> {
+    Data { guest_addr: u64, bytes: &'a [u8] },
+    Zero { guest_addr: u64, len: u64 },
+}
+
+/// Guest memory to save: read from the paused guest, or copied aside while it was paused.
+#[derive(Clone, Copy)]
+pub enum MemoryData<'a> {
+    Sources(&'a [MemorySource<'a>]),
+    Staged(&'a StagedMemory),
+}
+
+impl MemoryData<'_> {
+    fn with_sources<T>(&self, f: impl FnOnce(&[&dyn PageSource]) -> T) -> T {
+        match self {
+            MemoryData::Sources(sources) => {
+                let sources: Vec<&dyn PageSource> = sources.iter().map(|s| s as &dyn PageSource).collect();
+                f(&sources)
+            }
+            MemoryData::Staged(staged) => {
+                let views: Vec<StagedView<'_>> =
+                    staged.regions.iter().map(|region| StagedView { region, data: &staged.data }).collect();
+                let sources: Vec<&dyn PageSource> = views.iter().map(|v| v as &dyn PageSource).collect();
+                f(&sources)
+            }
+        }
+    }
+
+    /// Bytes of guest memory, zero or not.
+    pub fn total_size(&self) -> u64 {
+        self.with_sources(|sources| sources.iter().map(|s| s.size() as u64).sum())
+    }
+
+    /// Calls `f` for every maximal run of non-zero pages and of zero pages, in guest address
+    /// order, region by region; stops at the first error.
+    pub fn visit_runs<E>(
+        &self,
+        mut f: impl FnMut(Run<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        self.with_sources(|sources| {
+            for &src in sources {
+                let pages = src.size().div_ceil(PAGE);
+                let mut p = 0;
+                while p < pages {
+                    let zero = src.page(p).is_none();
+                    let end = (p + 1..pages).find(|&q| src.page(q).is_none() != zero).unwrap_or(pages);
+                    let guest_addr = src.guest_addr() + (p * PAGE) as u64;
+                    if zero {
+                        f(Run::Zero { guest_addr, len: ((end - p) * PAGE) as u64 })?;
+                    } else {
+                        f(Run::Data { guest_addr, bytes: src.run(p, end) })?;
+                    }
+                    p = end;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes a page file (see `write_pages`), counting progress a chunk at a time.
+    pub fn write_page_file(&self, file: &File, path: &std::path::Path, progress: &Progress) -> Result<MemoryLayout> {
+        self.with_sources(|sources| write_regions(file, path, sources, progress))
+    }
+}
+
 /// Writes `sources` into `file` (regions one after another), leaving zero pages as holes, and
 /// checksums every chunk on the way (from memory: reading the file back before it is flushed is
 /// slow). The guest must not run while this reads its memory.
 pub fn write_pages(file: &File, path: &std::path::Path, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
-    let sources: Vec<&dyn PageSource> = sources.iter().map(|s| s as &dyn PageSource).collect();
-    write_regions(file, path, &sources)
+    MemoryData::Sources(sources).write_page_file(file, path, &Progress::default())
 }
 
 /// Writes memory copied aside by `StagedMemory::copy`, like `write_pages`.
 pub fn write_staged(file: &File, path: &std::path::Path, staged: &StagedMemory) -> Result<MemoryLayout> {
-    let views: Vec<StagedView<'_>> =
-        staged.regions.iter().map(|region| StagedView { region, data: &staged.data }).collect();
-    let sources: Vec<&dyn PageSource> = views.iter().map(|v| v as &dyn PageSource).collect();
-    write_regions(file, path, &sources)
+    MemoryData::Staged(staged).write_page_file(file, path, &Progress::default())
 }
 
-fn write_regions(file: &File, path: &std::path::Path, sources: &[&dyn PageSource]) -> Result<MemoryLayout> {
+fn write_regions(
+    file: &File,
+    path: &std::path::Path,
+    sources: &[&dyn PageSource],
+    progress: &Progress,
+) -> Result<MemoryLayout> {
     let total: u64 = sources.iter().map(|s| s.size() as u64).sum();
     file.set_len(total).map_err(io_err(path))?;
     let pages_per_chunk = (CHUNK_SIZE / PAGE_SIZE) as usize;
     let mut regions = Vec::with_capacity(sources.len());
     let mut chunk_checksums = Vec::new();
-    let mut zero_pages = 0;
+    let mut extents = Vec::new();
     let mut file_offset = 0u64;
     for &src in sources {
         // A run of non-zero pages waiting to be written: [first, end) page indices.
@@ -320,25 +460,28 @@ fn write_regions(file: &File, path: &std::path::Path, sources: &[&dyn PageSource
         for first in (0..page_count).step_by(pages_per_chunk) {
             let mut hasher = Hasher::default();
             for p in first..(first + pages_per_chunk).min(page_count) {
+                let addr = src.guest_addr() + (p * PAGE) as u64;
                 match src.page(p) {
                     None => {
-                        zero_pages += 1;
+                        push_extent(&mut extents, addr, PAGE_SIZE, ExtentKind::Zero);
                         hasher.update(&ZERO_PAGE[..PAGE.min(src.size() - p * PAGE)]);
                         flush(&mut run)?;
                     }
                     Some(bytes) => {
+                        push_extent(&mut extents, addr, PAGE_SIZE, ExtentKind::Data);
                         hasher.update(bytes);
                         run = Some((run.map_or(p, |(start, _)| start), p + 1));
                     }
                 }
             }
             chunk_checksums.push(hasher.finish());
+            progress.advance((src.size() - first * PAGE).min(pages_per_chunk * PAGE) as u64)?;
         }
         flush(&mut run)?;
         regions.push(RegionLayout { guest_addr: src.guest_addr(), size: src.size() as u64, file_offset });
         file_offset += src.size() as u64;
     }
-    Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, chunk_checksums, zero_pages })
+    Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, extents, chunk_checksums })
 }
 
 /// Computes the checksum of every chunk of the page file, as `write_pages` did.
@@ -391,7 +534,7 @@ mod tests {
         let layout = write_pages(&file, &path, &sources).unwrap();
         layout.validate().unwrap();
         assert_eq!(checksum_pages(&file, &path, &layout).unwrap(), layout.chunk_checksums);
-        assert_eq!(layout.zero_pages, 1024 - 2);
+        assert_eq!(layout.zero_pages(), 1024 - 2);
         assert_eq!(layout.regions[1], RegionLayout { guest_addr: 1 << 32, size: 8192, file_offset: 4 << 20 });
         // Only the three non-zero pages take disk space.
         assert!(file.metadata().unwrap().blocks() * 512 <= 4 * 4096, "{} blocks", file.metadata().unwrap().blocks());
@@ -427,7 +570,7 @@ mod tests {
         let out =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&out_path).unwrap();
         let layout = write_staged(&out, &out_path, &staged).unwrap();
-        assert_eq!(layout.zero_pages, 1);
+        assert_eq!(layout.zero_pages(), 1);
         let mut back = vec![0u8; 4 * 4096];
         out.read_exact_at(&mut back, 0).unwrap();
         assert!(back[..4096].iter().all(|b| *b == 0x22));
@@ -448,7 +591,7 @@ mod tests {
         let kinds = vec![PageKind::Mapped, PageKind::Zero, PageKind::Mapped, PageKind::Zero];
         let src = MemorySource { guest_addr: 0, bytes: &mem, kinds: Some(kinds), backing: None };
         let layout = write_pages(&file, &path, &[src]).unwrap();
-        assert_eq!(layout.zero_pages, 2);
+        assert_eq!(layout.zero_pages(), 2);
         let mut back = vec![0u8; mem.len()];
         file.read_exact_at(&mut back, 0).unwrap();
         assert!(back[4096..8192].iter().all(|b| *b == 0) && back[..4096].iter().all(|b| *b == 0xee));
@@ -489,8 +632,8 @@ mod tests {
             page_size: PAGE_SIZE,
             chunk_size: CHUNK_SIZE,
             regions: vec![RegionLayout { guest_addr: 0, size: CHUNK_SIZE * 2, file_offset: 0 }],
+            extents: vec![Extent { guest_addr: 0, len: CHUNK_SIZE * 2, kind: ExtentKind::Data }],
             chunk_checksums: vec![0, 0],
-            zero_pages: 0,
         };
         good.validate().unwrap();
         let mut bad = good.clone();
@@ -499,8 +642,16 @@ mod tests {
         let mut bad = good.clone();
         bad.regions[0].file_offset = 4096;
         assert!(bad.validate().is_err());
-        let mut bad = good;
+        let mut bad = good.clone();
         bad.regions[0].size = 100;
+        assert!(bad.validate().is_err());
+        let mut bad = good.clone();
+        bad.extents[0].len -= 4096;
+        assert!(bad.validate().is_err(), "a gap at the end");
+        bad.extents.push(Extent { guest_addr: CHUNK_SIZE * 2 - 4096, len: 8192, kind: ExtentKind::Zero });
+        assert!(bad.validate().is_err(), "past the region");
+        let mut bad = good;
+        bad.extents[0].guest_addr = 4096;
         assert!(bad.validate().is_err());
     }
 }

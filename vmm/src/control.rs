@@ -2,7 +2,7 @@
 //! socket and the main thread both act through this.
 
 use crate::vstate::memory::GuestMemory;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use snapshot::MemorySource;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -10,7 +10,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::exit::{ExitReason, ExitSender};
-use crate::machine::{Devices, DevicesState};
+use crate::machine::Devices;
+use crate::persist::Job;
 use crate::vstate::dirty::DirtyPages;
 use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState;
@@ -54,7 +55,13 @@ pub struct VmControl {
     pub devices: Devices,
     inner: Mutex<Inner>,
     exit: ExitSender,
+    /// The snapshot being taken, if any: one at a time.
+    job: Mutex<Option<Arc<Job>>>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("busy: a snapshot of this VM is already being taken")]
+pub struct Busy;
 
 /// A guard holding every vCPU paused; dropping it lets the guest run again if it was running.
 /// What can only be read from a paused machine is read through it.
@@ -74,11 +81,6 @@ impl PausedVm<'_> {
     /// Saves the VM-wide KVM state.
     pub fn vm_state(&self) -> Result<VmState, crate::vstate::vm::VmError> {
         self.control.vm.save_state()
-    }
-
-    /// Saves every device.
-    pub fn devices_state(&self) -> DevicesState {
-        self.control.devices.save()
     }
 
     /// Guest memory as byte slices, valid while the machine stays paused, with where each page
@@ -116,6 +118,7 @@ impl PausedVm<'_> {
 impl Drop for PausedVm<'_> {
     fn drop(&mut self) {
         if self.was == RunState::Running && !self.keep_paused {
+            self.control.devices.resume_workers();
             if let Err(e) = resume_all(&mut self.inner) {
                 tracing::error!("cannot resume the guest: {e}");
             }
@@ -196,28 +199,62 @@ impl VmControl {
                 }
             }
         }
-        Self { config, vm, mem, devices, inner: Mutex::new(Inner { vcpus, state, dirty_logging: false }), exit }
+        let inner = Mutex::new(Inner { vcpus, state, dirty_logging: false });
+        Self { config, vm, mem, devices, inner, exit, job: Mutex::new(None) }
     }
 
     pub fn run_state(&self) -> RunState {
         lock(&self.inner).state
     }
 
-    /// Pauses the guest until `resume`.
+    /// Pauses the guest (its vCPUs, then the devices' worker threads) until `resume`.
     pub fn pause(&self) -> Result<(), ControlError> {
-        pause_all(&mut lock(&self.inner))
+        let mut inner = lock(&self.inner);
+        if inner.state == RunState::Running {
+            pause_all(&mut inner)?;
+            self.devices.pause_workers();
+        }
+        Ok(())
     }
 
     pub fn resume(&self) -> Result<(), ControlError> {
-        resume_all(&mut lock(&self.inner))
+        let mut inner = lock(&self.inner);
+        if inner.state == RunState::Paused {
+            self.devices.resume_workers();
+        }
+        resume_all(&mut inner)
     }
 
-    /// Pauses every vCPU (if running) for as long as the returned guard lives.
+    /// Pauses every vCPU and device worker (if running) for as long as the returned guard lives.
     pub fn pause_for(&self) -> Result<PausedVm<'_>, ControlError> {
         let mut inner = lock(&self.inner);
         let was = inner.state;
-        pause_all(&mut inner)?;
+        if was == RunState::Running {
+            pause_all(&mut inner)?;
+            self.devices.pause_workers();
+        }
         Ok(PausedVm { control: self, inner, was, keep_paused: false })
+    }
+
+    /// Registers a new snapshot job, or fails if one runs.
+    pub fn start_job(&self) -> Result<Arc<Job>, Busy> {
+        let mut job = lock(&self.job);
+        if job.is_some() {
+            return Err(Busy);
+        }
+        let new = Arc::new(Job::default());
+        *job = Some(new.clone());
+        Ok(new)
+    }
+
+    /// The snapshot job running, if any.
+    pub fn current_job(&self) -> Option<Arc<Job>> {
+        lock(&self.job).clone()
+    }
+
+    /// Forgets the finished job.
+    pub fn end_job(&self) {
+        *lock(&self.job) = None;
     }
 
     /// Starts recording the pages the guest and the VMM write (see `vstate::dirty`); a no-op

@@ -84,6 +84,14 @@ pub fn block_termination_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
+/// Waits for a termination signal (blocked by `block_termination_signals`) and returns it.
+pub fn wait_termination_signal() -> Option<libc::c_int> {
+    let set = termination_set();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: valid set and output pointer.
+    (unsafe { libc::sigwait(&set, &mut sig) } == 0).then_some(sig)
+}
+
 /// Waits for a termination signal and ends the VM with it.
 pub fn spawn_signal_waiter(exit: ExitSender) -> std::io::Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {

@@ -17,9 +17,8 @@ use crate::config::VmConfig;
 use crate::console;
 use crate::control::VmControl;
 use crate::devices::bus::lock;
-use crate::devices::legacy::SerialSnapshot;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
-use crate::devices::virtio::MmioTransportState;
+use crate::devices::persist::{DeviceRecord, DurableFile, Persist, Resources};
 use crate::devices::virtio::{block::BlockError, Block, MmioTransport, VirtioDevice};
 use crate::devices::{bus::OverlapError, Bus};
 use crate::exit::{exit_channel, ExitReason, ExitSender, ExitTrigger};
@@ -64,6 +63,8 @@ pub enum MachineError {
     Thread(std::io::Error),
     #[error("cannot restore machine state: {0}")]
     State(String),
+    #[error("the snapshot's devices do not match: {0}")]
+    DeviceMismatch(String),
 }
 
 impl MachineError {
@@ -77,43 +78,111 @@ impl MachineError {
             | MachineError::NoVcpus
             | MachineError::TooManyVcpus { .. }
             | MachineError::TooManyDevices(_)
-            | MachineError::State(_) => true,
+            | MachineError::State(_)
+            | MachineError::DeviceMismatch(_) => true,
             MachineError::Boot(e) => !matches!(e, BootError::GuestMemory(_)),
             _ => false,
         }
     }
 }
 
+/// A device of the machine, as snapshots see it.
+pub struct DeviceEntry {
+    /// Stable id: the same device gets the same id on every boot of the same configuration.
+    pub id: String,
+    pub kind: &'static str,
+    pub resources: Resources,
+    pub device: Arc<Mutex<dyn Persist>>,
+}
+
 /// The VM's devices and the buses the vCPUs reach them through.
 pub struct Devices {
     pub io_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
+    /// COM1, which also takes the host's stdin.
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Every device, in creation order.
+    pub list: Vec<DeviceEntry>,
     /// Where the serial port's output goes: a bounded buffer that never blocks a vCPU.
     pub console: console::ConsoleOutput,
-}
-
-/// Saved state of every device that has any.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct DevicesState {
-    pub serial: SerialSnapshot,
-    pub virtio: Vec<MmioTransportState>,
 }
 
 impl Devices {
     /// Raises again every interrupt a restored device has pending (edge-triggered lines: one the
     /// guest had already seen is a spurious interrupt, which drivers tolerate).
     pub fn replay_interrupts(&self) {
-        lock(&self.serial).replay_interrupt();
-        for t in &self.virtio {
-            lock(t).replay_interrupt();
+        for entry in &self.list {
+            lock(&entry.device).replay_interrupt();
         }
     }
 
-    /// Saves every device; the vCPUs must be paused so that no request is in flight.
-    pub fn save(&self) -> DevicesState {
-        DevicesState { serial: lock(&self.serial).save(), virtio: self.virtio.iter().map(|t| lock(t).save()).collect() }
+    /// Saves every device; the vCPUs (and device workers) must be paused.
+    pub fn save(&self) -> Vec<DeviceRecord> {
+        self.list
+            .iter()
+            .map(|e| DeviceRecord {
+                id: e.id.clone(),
+                kind: e.kind.to_string(),
+                resources: e.resources,
+                state: lock(&e.device).save(),
+            })
+            .collect()
+    }
+
+    /// Restores saved devices into these freshly built ones, matched by id: the kinds and
+    /// resources must agree and every device must have its record, or the error names the first
+    /// device that differs.
+    pub fn restore(&self, records: &[DeviceRecord]) -> Result<(), MachineError> {
+        let mismatch = |m: String| Err(MachineError::DeviceMismatch(m));
+        for r in records {
+            let Some(e) = self.list.iter().find(|e| e.id == r.id) else {
+                return mismatch(format!(
+                    "device '{}' ({}) is not one this vmm builds from the snapshot's configuration",
+                    r.id, r.kind
+                ));
+            };
+            if e.kind != r.kind {
+                return mismatch(format!(
+                    "device '{}' is a {} in the snapshot, this vmm builds a {}",
+                    r.id, r.kind, e.kind
+                ));
+            }
+            if e.resources != r.resources {
+                return mismatch(format!(
+                    "device '{}' ({}) was at {} in the snapshot, this vmm puts it at {}",
+                    r.id, r.kind, r.resources, e.resources
+                ));
+            }
+        }
+        if let Some(e) = self.list.iter().find(|e| !records.iter().any(|r| r.id == e.id)) {
+            return mismatch(format!("device '{}' ({}) is missing from the snapshot", e.id, e.kind));
+        }
+        for r in records {
+            let e = self.list.iter().find(|e| e.id == r.id).expect("matched above");
+            lock(&e.device)
+                .restore(&r.state)
+                .map_err(|m| MachineError::DeviceMismatch(format!("device '{}' ({}): {m}", r.id, r.kind)))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the worker threads of every device.
+    pub fn pause_workers(&self) {
+        for e in &self.list {
+            lock(&e.device).pause_workers();
+        }
+    }
+
+    /// Lets the worker threads of every device run again.
+    pub fn resume_workers(&self) {
+        for e in &self.list {
+            lock(&e.device).resume_workers();
+        }
+    }
+
+    /// The files devices write guest data to (taken under each device's lock, synced outside).
+    pub fn durable_files(&self) -> Vec<DurableFile> {
+        self.list.iter().filter_map(|e| lock(&e.device).durable_file()).collect()
     }
 }
 
@@ -204,54 +273,49 @@ impl Machine {
         Ok(machine)
     }
 
-    /// Creates the irqchip, devices and vCPUs of a VM around its memory. With `saved`, devices
-    /// come back in their saved state. Returns the virtio devices for the ACPI tables.
+    /// Creates the irqchip, devices and vCPUs of a VM around its memory; with `saved_vm`, the
+    /// interrupt controllers and PIT come back in their saved state (before any device exists
+    /// that could raise an interrupt). Devices are always built fresh, in the same order and at
+    /// the same places for the same configuration (so their ids and resources match a snapshot
+    /// of it). Returns the virtio devices for the ACPI tables.
     pub fn assemble(
         config: VmConfig,
         vm: Vm,
         mem: GuestMemory,
         disks: Vec<Block>,
-        saved: Option<(&VmState, &DevicesState)>,
+        saved_vm: Option<&VmState>,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
         vm.register_memory(&mem)?;
         vm.create_irqchip()?;
-        if let Some((vm_state, _)) = saved {
+        if let Some(vm_state) = saved_vm {
             vm.restore_irqchips(vm_state)?;
         }
-        let saved = saved.map(|(_, devices)| devices);
 
         let (exit_tx, exit_rx) = exit_channel();
         let mut io_bus = Bus::default();
         let mut mmio_bus = Bus::default();
+        let mut list = Vec::new();
 
-        let serial_irq = vm.irqfd(COM1_IRQ)?;
         let console = console::ConsoleOutput::spawn(std::io::stdout(), console::OUTPUT_BUFFER_BYTES)
             .map_err(MachineError::Thread)?;
         let out: Box<dyn std::io::Write + Send> = Box::new(console.clone());
-        let serial = match saved {
-            Some(s) => SerialDevice::restore(&s.serial, serial_irq, out).map_err(MachineError::State)?,
-            None => SerialDevice::new(serial_irq, out),
-        };
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(vm.irqfd(COM1_IRQ)?, out)));
         io_bus.insert(serial.clone(), COM1_PORT.into(), 8)?;
-        let reset = ExitTrigger { sender: exit_tx.clone(), reason: ExitReason::Reset };
-        io_bus.insert(Arc::new(Mutex::new(I8042(vm_superio::I8042Device::new(reset)))), I8042_PORT.into(), 5)?;
-        io_bus.insert(
-            Arc::new(Mutex::new(AcpiPmDevice::new(exit_tx.clone()))),
-            ACPI_SLEEP_CONTROL_PORT.into(),
-            AcpiPmDevice::PORTS,
-        )?;
+        let resources = Resources { pio: Some((COM1_PORT, 8)), gsi: Some(COM1_IRQ), mmio: None };
+        list.push(DeviceEntry { id: "serial0".into(), kind: "serial", resources, device: serial.clone() });
 
-        if let Some(s) = saved {
-            if s.virtio.len() != disks.len() {
-                return Err(MachineError::State(format!(
-                    "snapshot has {} virtio devices, the configuration {}",
-                    s.virtio.len(),
-                    disks.len()
-                )));
-            }
-        }
-        let mut virtio = Vec::new();
+        let reset = ExitTrigger { sender: exit_tx.clone(), reason: ExitReason::Reset };
+        let i8042 = Arc::new(Mutex::new(I8042(vm_superio::I8042Device::new(reset))));
+        io_bus.insert(i8042.clone(), I8042_PORT.into(), 5)?;
+        let resources = Resources { pio: Some((I8042_PORT, 5)), ..Default::default() };
+        list.push(DeviceEntry { id: "i8042".into(), kind: "i8042", resources, device: i8042 });
+
+        let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(exit_tx.clone())));
+        io_bus.insert(acpi_pm.clone(), ACPI_SLEEP_CONTROL_PORT.into(), AcpiPmDevice::PORTS)?;
+        let resources =
+            Resources { pio: Some((ACPI_SLEEP_CONTROL_PORT, AcpiPmDevice::PORTS as u16)), ..Default::default() };
+        list.push(DeviceEntry { id: "acpi-pm".into(), kind: "acpi-pm", resources, device: acpi_pm });
+
         let mut infos = Vec::new();
         for (index, disk) in disks.into_iter().enumerate() {
             let gsi = VIRTIO_IRQ_BASE + index as u32;
@@ -259,27 +323,22 @@ impl Machine {
                 return Err(MachineError::TooManyDevices(index));
             }
             let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-            let irq = vm.irqfd(gsi)?;
             let device: Box<dyn VirtioDevice> = Box::new(disk);
-            let transport = match saved {
-                Some(s) => {
-                    MmioTransport::restore(device, mem.clone(), irq, &s.virtio[index]).map_err(MachineError::State)?
-                }
-                None => MmioTransport::new(device, mem.clone(), irq),
-            };
-            let transport = Arc::new(Mutex::new(transport));
+            let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), vm.irqfd(gsi)?)));
             mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-            virtio.push(transport);
+            let resources = Resources { mmio: Some((base, VIRTIO_MMIO_SIZE)), gsi: Some(gsi), pio: None };
+            list.push(DeviceEntry { id: format!("blk{index}"), kind: "virtio-blk", resources, device: transport });
             infos.push(MmioDeviceInfo { base, size: VIRTIO_MMIO_SIZE, gsi });
         }
 
         let vcpus = (0..config.vcpus).map(|i| Vcpu::new(&vm, i)).collect::<Result<Vec<_>, _>>()?;
-        let devices = Devices { io_bus: Arc::new(io_bus), mmio_bus: Arc::new(mmio_bus), serial, virtio, console };
+        let devices = Devices { io_bus: Arc::new(io_bus), mmio_bus: Arc::new(mmio_bus), serial, list, console };
         Ok((Self { config, vm, mem, vcpus, devices, exit_tx, exit_rx }, infos))
     }
 
-    /// Starts every vCPU (paused first, if asked) and the console.
-    pub fn start(self, paused: bool) -> Result<RunningVm, MachineError> {
+    /// Starts every vCPU (paused first, if asked) and the console; `stdin_input`: the host's
+    /// stdin is the serial port's input (not when stdin carried a snapshot stream).
+    pub fn start(self, paused: bool, stdin_input: bool) -> Result<RunningVm, MachineError> {
         let saver = StateSaver { msr_indices: Arc::new(self.vm.saveable_msrs()?), xsave_size: self.vm.xsave_size() };
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
@@ -288,7 +347,10 @@ impl Machine {
                 vcpu.start(io, mmio, self.exit_tx.clone(), saver.clone(), paused).map_err(MachineError::Thread)?;
             handles.push(handle);
         }
-        console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone()).map_err(MachineError::Thread)?;
+        if stdin_input {
+            console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone())
+                .map_err(MachineError::Thread)?;
+        }
         let control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
         Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
     }

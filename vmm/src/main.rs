@@ -32,20 +32,8 @@ pub struct VmTarget {
 enum Command {
     /// Boot a guest; with no --kernel, boots the project's test guest.
     Run(RunArgs),
-    /// Save a running VM to a snapshot directory.
-    Snapshot {
-        #[command(flatten)]
-        target: VmTarget,
-        /// Snapshot directory to create.
-        #[arg(long)]
-        out: PathBuf,
-        /// Replace an existing snapshot at --out (only once the new one is complete).
-        #[arg(long)]
-        force: bool,
-        /// End the VM once the snapshot is safely on disk.
-        #[arg(long)]
-        stop: bool,
-    },
+    /// Save a running VM to a snapshot directory, or as a stream to stdout (--out -).
+    Snapshot(SnapshotArgs),
     /// Continue a saved VM where it stopped.
     Resume(ResumeArgs),
     /// Pause a running VM.
@@ -56,15 +44,42 @@ enum Command {
     Status(VmTarget),
     /// End a running VM.
     Shutdown(VmTarget),
-    /// Describe a snapshot.
+    /// Describe a snapshot (a directory, or a stream on stdin: -).
     Inspect {
+        /// Snapshot directory, or - to read a snapshot stream from stdin.
         dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
-    /// Check every checksum of a snapshot.
-    Verify { dir: PathBuf },
+    /// Check every checksum of a snapshot (a directory, or a stream on stdin: -).
+    Verify {
+        /// Snapshot directory, or - to read a snapshot stream from stdin.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub target: VmTarget,
+    /// Snapshot directory to create, or - to write a snapshot stream to stdout (e.g. into
+    /// `vmm resume -` through a pipe).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing snapshot at --out (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// End the VM once the snapshot is safely on disk (or the stream wholly written); if it
+    /// cannot be, the VM keeps running.
+    #[arg(long)]
+    pub stop: bool,
+    /// zstd-compress the stream (--out - only).
+    #[arg(long)]
+    pub compress: bool,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,7 +112,7 @@ pub struct RunArgs {
 
 #[derive(clap::Args)]
 pub struct ResumeArgs {
-    /// Snapshot directory.
+    /// Snapshot directory, or - to read a snapshot stream from stdin.
     pub dir: PathBuf,
     /// Name of the resumed VM (default: the snapshot's).
     #[arg(long)]
@@ -108,9 +123,13 @@ pub struct ResumeArgs {
     /// Stay paused until `vmm continue`.
     #[arg(long)]
     pub paused: bool,
-    /// Check every memory checksum before resuming.
+    /// Check every memory checksum before resuming (a stream is always checked).
     #[arg(long)]
     pub verify: bool,
+    /// Resume even if a disk changed since the snapshot was taken (the guest then sees a disk
+    /// that does not match what it remembers of it).
+    #[arg(long)]
+    pub disk_changed_ok: bool,
     /// Copy the snapshot's memory into the VM in the background as soon as it runs, instead of
     /// page by page as the guest touches it (faster warm-up, more memory used at once).
     #[arg(long)]
@@ -146,10 +165,17 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_BAD_INPUT);
         }
     };
+    if !matches!(cli.command, Command::Run(_) | Command::Resume(_)) {
+        // Commands that print end quietly when their reader goes away (`vmm inspect s | head`),
+        // as shell tools do. A VM's process keeps ignoring SIGPIPE: it may write a snapshot
+        // stream into a pipe whose reader dies, and must survive that.
+        // SAFETY: restoring the default disposition of a signal; no handler is involved.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => cli::run::run(args),
         Command::Resume(args) => cli::run::resume(args),
-        Command::Snapshot { target, out, force, stop } => cli::client::snapshot(&target, &out, force, stop),
+        Command::Snapshot(args) => cli::client::snapshot(&args),
         Command::Pause(target) => cli::client::simple(&target, vmm::api::protocol::Request::Pause),
         Command::Continue(target) => cli::client::simple(&target, vmm::api::protocol::Request::Continue),
         Command::Shutdown(target) => cli::client::simple(&target, vmm::api::protocol::Request::Shutdown),

@@ -11,13 +11,19 @@ pub enum Request {
     Pause,
     Continue,
     Snapshot {
-        /// Absolute path of the snapshot directory to write.
+        /// Absolute path of the snapshot directory to write, or "-": a snapshot stream to the
+        /// file descriptor sent with the request (SCM_RIGHTS), e.g. the client's stdout.
         out: String,
         #[serde(default)]
         force: bool,
         #[serde(default)]
         stop: bool,
+        /// zstd-compress the stream's frames.
+        #[serde(default)]
+        compress: bool,
     },
+    /// Cancels the snapshot being taken: the guest runs on, nothing is left at its destination.
+    Cancel,
     Shutdown,
     /// Dirty page tracking (`vstate::dirty`): start, fetch-and-clear, stop.
     #[serde(rename = "dirty-log")]
@@ -43,12 +49,25 @@ pub struct DirtyReport {
     pub ranges: Vec<(u64, u64)>,
 }
 
-/// Who is at fault when a request fails: the caller (exit status 2) or the VM/host (1).
+/// Who is at fault when a request fails: the caller (exit status 2) or the VM/host (1); or the
+/// request was cancelled (130, as for an interrupted command).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorKind {
     Input,
     Runtime,
+    Cancelled,
+}
+
+/// A snapshot being taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// preparing, pausing, saving state, writing memory, syncing disks, committing.
+    pub phase: String,
+    /// Guest memory bytes written (or found zero) so far.
+    pub done_bytes: u64,
+    /// Guest memory bytes in all.
+    pub total_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +80,9 @@ pub struct Status {
     /// Guest console bytes dropped because nobody read vmm's stdout in time.
     #[serde(default)]
     pub console_dropped_bytes: u64,
+    /// The snapshot being taken, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -99,7 +121,7 @@ mod tests {
     #[test]
     fn wire_format() {
         let r: Request = serde_json::from_str(r#"{"verb":"snapshot","out":"/tmp/s"}"#).unwrap();
-        assert_eq!(r, Request::Snapshot { out: "/tmp/s".into(), force: false, stop: false });
+        assert_eq!(r, Request::Snapshot { out: "/tmp/s".into(), force: false, stop: false, compress: false });
         assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"verb":"reboot"}"#).is_err());
         let r: Request = serde_json::from_str(r#"{"verb":"dirty-log","op":"fetch"}"#).unwrap();

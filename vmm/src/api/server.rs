@@ -1,19 +1,22 @@
 //! The control socket server: a thread per VM accepting one request per connection.
 
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, Reply, Request, Status};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, JobStatus, Reply, Request, Status};
 use crate::control::{DirtyLogError, VmControl};
 use crate::exit::ExitReason;
-use crate::persist::{self, SnapshotOptions};
+use crate::persist::{self, DirSink, Sink, SnapshotOptions, StreamSink};
 
 /// Largest request accepted (requests are small JSON objects).
-const MAX_REQUEST: u64 = 64 * 1024;
+const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -63,7 +66,8 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Serves requests on `listener` for the life of the process.
+/// Serves requests on `listener` for the life of the process. Requests are served one at a
+/// time, each quickly: a snapshot is only started here, and runs on its own thread.
 pub fn spawn(listener: UnixListener, control: Arc<VmControl>) -> std::io::Result<()> {
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for stream in listener.incoming() {
@@ -76,25 +80,127 @@ pub fn spawn(listener: UnixListener, control: Arc<VmControl>) -> std::io::Result
     Ok(())
 }
 
-fn serve(stream: UnixStream, control: &VmControl) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut line = String::new();
-    let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST));
-    let (mut reply, end) = match reader.read_line(&mut line) {
-        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(request, control),
-            Err(e) => (Reply::error(ErrorKind::Input, format!("bad request: {e}")), false),
-        },
-        Err(e) => (Reply::error(ErrorKind::Input, format!("cannot read request: {e}")), false),
-    };
+/// Reads one request line, and the file descriptor sent with it, if any.
+fn read_request(stream: &UnixStream) -> Result<(Request, Option<File>), String> {
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let (mut len, mut fd) = (0, None);
+    while !buf[..len].contains(&b'\n') {
+        if len == buf.len() {
+            return Err("request too large".into());
+        }
+        let (n, file) = stream.recv_with_fd(&mut buf[len..]).map_err(|e| format!("cannot read request: {e}"))?;
+        fd = fd.or(file);
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    let text = std::str::from_utf8(&buf[..len]).map_err(|_| "bad request: not UTF-8".to_string())?;
+    let request = serde_json::from_str(text.trim()).map_err(|e| format!("bad request: {e}"))?;
+    Ok((request, fd))
+}
+
+fn send_reply(stream: &UnixStream, mut reply: Reply, end: bool) {
     if end {
         reply.ending_pid = Some(std::process::id());
     }
     let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false}"#.into());
     text.push('\n');
-    let _ = (&stream).write_all(text.as_bytes());
+    let _ = (&*stream).write_all(text.as_bytes());
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn serve(stream: UnixStream, control: &Arc<VmControl>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let (reply, end) = match read_request(&stream) {
+        Ok((Request::Snapshot { out, force, stop, compress }, fd)) => {
+            match start_snapshot(control, &out, fd, force, compress) {
+                Ok(run) => {
+                    // The job answers on this connection when it is done.
+                    let control = control.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("snapshot".into())
+                        .spawn(move || finish_snapshot(&control, stream, run, &out, stop));
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start the snapshot thread: {e}");
+                    }
+                    return;
+                }
+                Err((kind, message)) => (Reply::error(kind, message), false),
+            }
+        }
+        Ok((request, _)) => handle(request, control),
+        Err(e) => (Reply::error(ErrorKind::Input, e), false),
+    };
+    send_reply(&stream, reply, end);
     // Only now, with the reply sent: ending the VM ends this process.
+    if end {
+        control.end(ExitReason::Stopped);
+    }
+}
+
+/// A snapshot ready to run: its job (registered) and its sink.
+struct SnapshotRun {
+    job: Arc<persist::Job>,
+    sink: Box<dyn Sink>,
+}
+
+/// Registers the job and opens the sink, or says why not.
+fn start_snapshot(
+    control: &VmControl,
+    out: &str,
+    fd: Option<File>,
+    force: bool,
+    compress: bool,
+) -> Result<SnapshotRun, (ErrorKind, String)> {
+    if out == "-" && fd.is_none() {
+        return Err((ErrorKind::Input, "a snapshot stream needs a file descriptor sent with the request".into()));
+    }
+    if out != "-" && !Path::new(out).is_absolute() {
+        return Err((ErrorKind::Input, format!("snapshot path must be absolute: {out}")));
+    }
+    if out != "-" && compress {
+        return Err((
+            ErrorKind::Input,
+            "--compress applies to streams (--out -): a snapshot directory stays mappable".into(),
+        ));
+    }
+    // The job is registered before the sink is opened: a second request must not touch the
+    // destination.
+    let job = control.start_job().map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
+    let sink: Result<Box<dyn Sink>, _> = match fd {
+        Some(file) if out == "-" => {
+            StreamSink::new(file, compress, Path::new("stdout")).map(|s| Box::new(s) as Box<dyn Sink>)
+        }
+        _ => DirSink::create(Path::new(out), force).map(|s| Box::new(s) as Box<dyn Sink>),
+    };
+    match sink {
+        Ok(sink) => Ok(SnapshotRun { job, sink }),
+        Err(e) => {
+            control.end_job();
+            let kind = if e.is_bad_input() { ErrorKind::Input } else { ErrorKind::Runtime };
+            Err((kind, e.to_string()))
+        }
+    }
+}
+
+fn finish_snapshot(control: &VmControl, stream: UnixStream, run: SnapshotRun, out: &str, stop: bool) {
+    let result = persist::snapshot(control, run.sink, SnapshotOptions { stop }, &run.job);
+    control.end_job();
+    let (reply, end) = match result {
+        Ok(mut report) => {
+            report.path = PathBuf::from(out);
+            (Reply { snapshot: Some(report), ..Reply::ok() }, stop)
+        }
+        Err(e) if e.is_cancelled() => {
+            (Reply::error(ErrorKind::Cancelled, "snapshot cancelled; the guest runs on".to_string()), false)
+        }
+        Err(e) => {
+            let kind = if e.is_bad_input() { ErrorKind::Input } else { ErrorKind::Runtime };
+            (Reply::error(kind, e.to_string()), false)
+        }
+    };
+    send_reply(&stream, reply, end);
     if end {
         control.end(ExitReason::Stopped);
     }
@@ -111,12 +217,23 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 mem_bytes: control.config.mem_bytes,
                 pid: std::process::id(),
                 console_dropped_bytes: control.devices.console.dropped_bytes(),
+                job: control.current_job().map(|job| {
+                    let (done_bytes, total_bytes) = job.progress.get();
+                    JobStatus { phase: job.phase().into(), done_bytes, total_bytes }
+                }),
             }),
             ..Reply::ok()
         },
         Request::Pause => result(control.pause()),
         Request::Continue => result(control.resume()),
         Request::Shutdown => return (Reply::ok(), true),
+        Request::Cancel => match control.current_job() {
+            Some(job) => {
+                job.progress.cancel();
+                Reply::ok()
+            }
+            None => Reply::error(ErrorKind::Input, "no snapshot is being taken"),
+        },
         Request::DirtyLog { op } => {
             let done = match op {
                 DirtyLogOp::Start => control.start_dirty_log().map(|()| None),
@@ -131,19 +248,8 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 Err(e) => Reply::error(ErrorKind::Runtime, e.to_string()),
             }
         }
-        Request::Snapshot { out, force, stop } => {
-            let path = Path::new(&out);
-            if !path.is_absolute() {
-                return (Reply::error(ErrorKind::Input, format!("snapshot path must be absolute: {out}")), false);
-            }
-            return match persist::snapshot(control, path, SnapshotOptions { force, stop }) {
-                Ok(report) => (Reply { snapshot: Some(report), ..Reply::ok() }, stop),
-                Err(e) => {
-                    let kind = if e.is_bad_input() { ErrorKind::Input } else { ErrorKind::Runtime };
-                    (Reply::error(kind, e.to_string()), false)
-                }
-            };
-        }
+        // Started by `serve`, which never hands them here.
+        Request::Snapshot { .. } => Reply::error(ErrorKind::Runtime, "snapshot requests are not served here"),
     };
     (reply, false)
 }

@@ -1,11 +1,14 @@
 //! Client commands: talk to a running VM through its control socket.
 
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm::api::{self, client, protocol::ErrorKind, protocol::Reply, protocol::Request};
 
 use super::{CmdResult, Failure};
-use crate::VmTarget;
+use crate::{SnapshotArgs, VmTarget};
 
 fn socket(target: &VmTarget) -> Result<PathBuf, Failure> {
     match (&target.api_sock, &target.name) {
@@ -17,8 +20,12 @@ fn socket(target: &VmTarget) -> Result<PathBuf, Failure> {
 }
 
 fn call(target: &VmTarget, request: &Request) -> Result<Reply, Failure> {
+    call_with_fd(target, request, None)
+}
+
+fn call_with_fd(target: &VmTarget, request: &Request, fd: Option<std::os::fd::RawFd>) -> Result<Reply, Failure> {
     let path = socket(target)?;
-    let reply = client::request(&path, request).map_err(|e| match e {
+    let reply = client::request_with_fd(&path, request, fd).map_err(|e| match e {
         client::ClientError::NoVm(_) => Failure::bad_input(match &target.name {
             Some(name) => format!("no running VM named '{name}' ({} does not answer)", path.display()),
             None => e.to_string(),
@@ -34,6 +41,7 @@ fn call(target: &VmTarget, request: &Request) -> Result<Reply, Failure> {
     let message = reply.error.unwrap_or_else(|| "request failed".into());
     Err(match reply.error_kind {
         Some(ErrorKind::Input) => Failure::bad_input(message),
+        Some(ErrorKind::Cancelled) => Failure { code: super::EXIT_CANCELLED, message },
         _ => Failure::runtime(message),
     })
 }
@@ -68,8 +76,12 @@ pub fn simple(target: &VmTarget, request: Request) -> CmdResult {
 pub fn status(target: &VmTarget) -> CmdResult {
     let reply = call(target, &Request::Status)?;
     let s = reply.status.ok_or_else(|| Failure::runtime("reply has no status"))?;
+    let job = match &s.job {
+        Some(j) => format!(" snapshot={} {}/{}MiB", j.phase.replace(' ', "-"), j.done_bytes >> 20, j.total_bytes >> 20),
+        None => String::new(),
+    };
     println!(
-        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}",
+        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}{job}",
         s.name,
         s.state,
         s.vcpus,
@@ -80,21 +92,84 @@ pub fn status(target: &VmTarget) -> CmdResult {
     Ok(0)
 }
 
-pub fn snapshot(target: &VmTarget, out: &Path, force: bool, stop: bool) -> CmdResult {
-    // The VM resolves paths from its own working directory: send an absolute one.
-    let out = std::path::absolute(out).map_err(|e| Failure::bad_input(format!("bad --out {}: {e}", out.display())))?;
-    let request = Request::Snapshot { out: out.display().to_string(), force, stop };
-    let reply = call(target, &request)?;
+/// Shows the job's progress on stderr while `done` is not set (a terminal only).
+fn show_progress(target: &VmTarget, done: &AtomicBool) {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg:>16} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    while !done.load(Ordering::Relaxed) {
+        if let Ok(Some(job)) = call(target, &Request::Status).map(|r| r.status.and_then(|s| s.job)) {
+            bar.set_length(job.total_bytes);
+            bar.set_position(job.done_bytes);
+            bar.set_message(job.phase);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+}
+
+/// On SIGINT (or SIGTERM, SIGHUP), asks the VM to cancel the snapshot.
+fn cancel_on_signal(target: &VmTarget) -> std::io::Result<()> {
+    let target = VmTarget { name: target.name.clone(), api_sock: target.api_sock.clone() };
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if vmm::exit::wait_termination_signal().is_some() {
+            eprintln!("vmm: cancelling the snapshot");
+            let _ = call(&target, &Request::Cancel);
+        }
+    })?;
+    Ok(())
+}
+
+pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
+    let stream = args.out.as_os_str() == "-";
+    if stream && std::io::stdout().is_terminal() {
+        return Err(Failure::bad_input("--out - writes a binary snapshot stream: send stdout to a file or a pipe"));
+    }
+    if args.compress && !stream {
+        return Err(Failure::bad_input("--compress applies to snapshot streams (--out -)"));
+    }
+    let out = if stream {
+        "-".to_string()
+    } else {
+        // The VM resolves paths from its own working directory: send an absolute one.
+        std::path::absolute(&args.out)
+            .map_err(|e| Failure::bad_input(format!("bad --out {}: {e}", args.out.display())))?
+            .display()
+            .to_string()
+    };
+    let request = Request::Snapshot { out, force: args.force, stop: args.stop, compress: args.compress };
+    cancel_on_signal(&args.target).map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
+    let done = AtomicBool::new(false);
+    let reply = std::thread::scope(|scope| {
+        if !args.quiet && std::io::stderr().is_terminal() {
+            scope.spawn(|| show_progress(&args.target, &done));
+        }
+        let fd = stream.then(|| std::io::stdout().as_raw_fd());
+        let reply = call_with_fd(&args.target, &request, fd);
+        done.store(true, Ordering::Relaxed);
+        reply
+    })?;
     if let Some(r) = reply.snapshot {
-        println!(
-            "snapshot {}: paused {:.1} ms, durable after {:.1} ms, {} bytes on disk ({} MiB memory, {} zero pages)",
-            r.path.display(),
+        let what = if stream { "stream".to_string() } else { format!("snapshot {}", args.out.display()) };
+        let id = r.id.map(|id| format!(" id {id}")).unwrap_or_default();
+        let size = if stream { "bytes through the stream" } else { "bytes on disk" };
+        // stdout is the stream itself with --out -: the report goes to stderr then.
+        let line = format!(
+            "{what}{id}: paused {:.1} ms, {} after {:.1} ms, {} {size} ({} MiB memory, {} zero pages)",
             r.pause_ms,
+            if stream { "complete" } else { "durable" },
             r.total_ms,
-            r.bytes_on_disk,
+            r.bytes,
             r.memory_bytes >> 20,
             r.zero_pages
         );
+        if stream {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     }
     Ok(0)
 }

@@ -1,37 +1,74 @@
-//! `vmm inspect` and `vmm verify`: look inside a snapshot and check it, without KVM.
+//! `vmm inspect` and `vmm verify`: look inside a snapshot and check it, without KVM. Both read a
+//! directory, or a snapshot stream on stdin (`-`).
 
+use std::io::IsTerminal;
 use std::path::Path;
 
-use snapshot::Snapshot;
+use snapshot::{Manifest, Snapshot};
 
 use super::{CmdResult, Failure};
 
-fn open(dir: &Path) -> Result<Snapshot, Failure> {
-    Snapshot::open(dir).map_err(|e| Failure::bad_input(e.to_string()))
+fn failure(e: vmm::persist::PersistError) -> Failure {
+    if e.is_bad_input() {
+        Failure::bad_input(e.to_string())
+    } else {
+        Failure::runtime(e.to_string())
+    }
+}
+
+/// A snapshot as inspected: its manifest, id and size.
+struct Described {
+    id: String,
+    manifest: Manifest,
+    /// Bytes on disk (directory, holes excluded) or in the stream.
+    bytes: u64,
+    stream: bool,
+}
+
+fn read(dir: &Path) -> Result<Described, Failure> {
+    if dir.as_os_str() == "-" {
+        if std::io::stdin().is_terminal() {
+            return Err(Failure::bad_input("- reads a snapshot stream from stdin: pipe one in"));
+        }
+        let s = vmm::persist::inspect_stream(std::io::stdin().lock(), "stdin").map_err(failure)?;
+        return Ok(Described { id: s.id, manifest: s.manifest, bytes: s.bytes, stream: true });
+    }
+    let snap = Snapshot::open(dir).map_err(|e| failure(e.into()))?;
+    let bytes = snap.disk_usage();
+    Ok(Described { id: snap.id, manifest: snap.manifest, bytes, stream: false })
 }
 
 pub fn inspect(dir: &Path, json: bool) -> CmdResult {
-    let snap = open(dir)?;
-    let m = &snap.manifest;
-    let disk = snap.disk_usage();
+    let d = read(dir)?;
+    let m = &d.manifest;
     let pages = m.memory.total_pages().max(1);
-    let zero_share = m.memory.zero_pages as f64 / pages as f64;
+    let zero_share = m.memory.zero_pages() as f64 / pages as f64;
     if json {
         let value = serde_json::json!({
             "path": dir.display().to_string(),
+            "id": d.id,
+            "stream": d.stream,
             "manifest": m,
-            "bytes_on_disk": disk,
+            "bytes": d.bytes,
             "zero_page_share": zero_share,
         });
         println!("{}", serde_json::to_string_pretty(&value).map_err(|e| Failure::runtime(e.to_string()))?);
         return Ok(0);
     }
-    println!("snapshot        {}", dir.display());
+    let what = if d.stream { "stream" } else { "snapshot" };
+    println!("{what:<16}{}", if d.stream { "(stdin)".into() } else { dir.display().to_string() });
+    println!("id              {}", d.id);
     println!("format version  {}", m.format_version);
+    if let Some(parent) = &m.parent {
+        println!("parent          {parent}");
+    }
     println!("taken by        vmm {} at unix time {}", m.vmm_version, m.created_unix);
     println!("vm              {} ({} vCPUs, {} MiB)", m.vm.name, m.vm.vcpus, m.vm.mem_bytes >> 20);
     println!("kernel          {}", m.vm.kernel);
     println!("cmdline         {}", m.vm.cmdline);
+    for disk in &m.vm.disks {
+        println!("disk            {}{}", disk.path, if disk.read_only { " (read-only)" } else { "" });
+    }
     println!(
         "host cpu        {} family {} model {} stepping {}",
         m.host_cpu.vendor, m.host_cpu.family, m.host_cpu.model, m.host_cpu.stepping
@@ -39,19 +76,32 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
     for v in &m.vcpus {
         println!("vcpu {:<10} {} rip={:#x}", v.index, v.mode, v.rip);
     }
-    for d in &m.devices {
-        println!("device          {}: {}", d.kind, d.detail);
+    for dev in &m.devices {
+        println!("device          {}: {}", dev.kind, dev.detail);
+    }
+    for s in &m.state.sections {
+        println!("state section   {} v{} ({} bytes)", s.name, s.version, s.bytes);
     }
     println!("memory          {} MiB in {} regions", m.memory.total_size() >> 20, m.memory.regions.len());
-    println!("zero pages      {:.1}% ({} of {})", zero_share * 100.0, m.memory.zero_pages, m.memory.total_pages());
-    println!("bytes on disk   {disk}");
+    println!("zero pages      {:.1}% ({} of {})", zero_share * 100.0, m.memory.zero_pages(), m.memory.total_pages());
+    let where_ = if d.stream { "bytes in stream " } else { "bytes on disk   " };
+    println!("{where_}{}", d.bytes);
     Ok(0)
 }
 
 pub fn verify(dir: &Path) -> CmdResult {
-    let snap = open(dir)?;
-    snap.read_state().map_err(|e| Failure::bad_input(e.to_string()))?;
-    snap.verify_memory().map_err(|e| Failure::bad_input(e.to_string()))?;
+    if dir.as_os_str() == "-" {
+        // Reading a stream checks every frame's checksum, the state's and the coverage of memory.
+        let d = read(dir)?;
+        println!(
+            "stream: ok (manifest, state and {} MiB of memory in {} bytes verified)",
+            d.manifest.memory.total_size() >> 20,
+            d.bytes
+        );
+        return Ok(0);
+    }
+    let snap = Snapshot::open(dir).map_err(|e| failure(e.into()))?;
+    let (_, _) = vmm::persist::load_dir(dir, true).map_err(failure)?;
     println!(
         "{}: ok (manifest, state and {} memory chunks verified)",
         dir.display(),

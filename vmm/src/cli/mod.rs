@@ -8,6 +8,8 @@ pub mod run;
 pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status for failures of the host or the VM at run time.
 pub const EXIT_RUNTIME: u8 = 1;
+/// Exit status of a command interrupted by the user (128 + SIGINT).
+pub const EXIT_CANCELLED: u8 = 130;
 
 /// A failed command: its exit status and the one line that says why.
 pub struct Failure {

@@ -3,9 +3,11 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use std::io::IsTerminal;
 use vmm::api::{self, server};
 use vmm::console::RawTerminal;
-use vmm::persist::{self, ResumeOptions};
+
+use vmm::persist::{self, ResumeOptions, ResumeSource};
 use vmm::{ExitReason, Machine, VmConfig};
 
 use super::{CmdResult, Failure};
@@ -79,30 +81,49 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    serve(machine, listener, guard, false, None)
+    serve(machine, listener, guard, Launch { paused: false, prefault: None, memory_file: None, stdin_input: true })
+}
+
+fn persist_failure(e: persist::PersistError) -> Failure {
+    if e.is_bad_input() {
+        Failure::bad_input(e.to_string())
+    } else {
+        Failure::runtime(e.to_string())
+    }
 }
 
 pub fn resume(args: ResumeArgs) -> CmdResult {
     if let Some(name) = &args.name {
         check_name(name)?;
     }
-    let opts = ResumeOptions { name: args.name.clone(), verify: args.verify };
-    // The name (and so the socket) may come from the snapshot: read its manifest first.
-    let name = match &args.name {
-        Some(n) => n.clone(),
-        None => snapshot::Snapshot::open(&args.dir).map_err(|e| Failure::bad_input(e.to_string()))?.manifest.vm.name,
-    };
-    let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&name));
-    let (listener, guard) = bind(&socket, &name)?;
-    let machine = persist::restore(&args.dir, &opts).map_err(|e| {
-        if e.is_bad_input() {
-            Failure::bad_input(e.to_string())
-        } else {
-            Failure::runtime(e.to_string())
+    let opts = ResumeOptions { name: args.name.clone(), verify: args.verify, disk_changed_ok: args.disk_changed_ok };
+    let from_stream = args.dir.as_os_str() == "-";
+    let (restored, listener, guard) = if from_stream {
+        if std::io::stdin().is_terminal() {
+            return Err(Failure::bad_input("resume - reads a snapshot stream from stdin: pipe one in"));
         }
-    })?;
-    let prefault = args.prefault.then(|| machine.mem.clone());
-    serve(machine, listener, guard, args.paused, prefault)
+        // The name may come from the stream's manifest, known only once it is read.
+        let restored =
+            persist::restore(ResumeSource::Stream(Box::new(std::io::stdin())), &opts).map_err(persist_failure)?;
+        let name = restored.machine.config.name.clone();
+        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(&name));
+        let (listener, guard) = bind(&socket, &name)?;
+        (restored, listener, guard)
+    } else {
+        // The name (and so the socket) may come from the snapshot: read its manifest first, and
+        // claim the name before any work.
+        let name = match &args.name {
+            Some(n) => n.clone(),
+            None => snapshot::Snapshot::open(&args.dir).map_err(|e| persist_failure(e.into()))?.manifest.vm.name,
+        };
+        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(&name));
+        let (listener, guard) = bind(&socket, &name)?;
+        let restored = persist::restore(ResumeSource::Dir(args.dir.clone()), &opts).map_err(persist_failure)?;
+        (restored, listener, guard)
+    };
+    let prefault = args.prefault.then(|| restored.machine.mem.clone());
+    let launch = Launch { paused: args.paused, prefault, memory_file: restored.memory_file, stdin_input: !from_stream };
+    serve(restored.machine, listener, guard, launch)
 }
 
 /// Claims the VM's name by binding its control socket, before any work; the guard removes the
@@ -118,26 +139,41 @@ fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard)
     Ok((listener, server::SocketGuard(socket.to_path_buf())))
 }
 
-/// Starts the VM and serves it until it ends; with `prefault`, memory from a snapshot is faulted
-/// in the background once the vCPUs run.
-fn serve(
-    machine: Machine,
-    listener: UnixListener,
-    guard: server::SocketGuard,
+/// How to start a built machine.
+struct Launch {
+    /// Stay paused until `vmm continue`.
     paused: bool,
+    /// Memory mapped from a snapshot, to fault in the background once the vCPUs run.
     prefault: Option<vmm::vstate::memory::GuestMemory>,
-) -> CmdResult {
-    let running = machine.start(paused).map_err(|e| Failure::runtime(e.to_string()))?;
-    if let Some(mem) = prefault {
+    /// The snapshot page file the memory is mapped from, watched while the VM runs.
+    memory_file: Option<persist::MemoryFile>,
+    /// stdin is the serial console's input.
+    stdin_input: bool,
+}
+
+/// Starts the VM and serves it until it ends.
+fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, launch: Launch) -> CmdResult {
+    let running = machine.start(launch.paused, launch.stdin_input).map_err(|e| Failure::runtime(e.to_string()))?;
+    if let Some(mem) = launch.prefault {
         vmm::vstate::memory::spawn_prefault(mem).map_err(|e| Failure::runtime(e.to_string()))?;
     }
+    if let Some(file) = &launch.memory_file {
+        persist::watch_memory_file(file, running.control.exit_sender())
+            .map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
+    }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
-    let state = if paused { "paused" } else { "running" };
+    let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
-    let reason = running.wait();
+    let mut reason = running.wait();
+    // A guest whose memory file was overwritten dies of it: name that cause, not the crash.
+    if let (ExitReason::Fatal(_), Some(file)) = (&reason, &launch.memory_file) {
+        if let Some(changed) = persist::memory_file_changed(file) {
+            reason = ExitReason::Fatal(changed);
+        }
+    }
     // The guest's last lines (a panic, a power-off message) reach the terminal before vmm ends.
     running.control.devices.console.flush_for(std::time::Duration::from_secs(2));
     terminal.restore();

@@ -20,6 +20,32 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
 pub type GuestMapping = vm_memory::MmapRegion<AtomicBitmap>;
 
+/// Bytes of guest memory, all regions together.
+pub fn total_bytes(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// The regions of `mem` as a snapshot lays them out (one after another in its page file), with
+/// no content described yet.
+pub fn layout_of(mem: &GuestMemory) -> snapshot::MemoryLayout {
+    let mut file_offset = 0;
+    let regions = mem
+        .iter()
+        .map(|r| {
+            let region = snapshot::RegionLayout { guest_addr: r.start_addr().0, size: r.len(), file_offset };
+            file_offset += r.len();
+            region
+        })
+        .collect();
+    snapshot::MemoryLayout {
+        page_size: snapshot::pages::PAGE_SIZE,
+        chunk_size: snapshot::pages::CHUNK_SIZE,
+        regions,
+        extents: Vec::new(),
+        chunk_checksums: Vec::new(),
+    }
+}
+
 /// Maps `mem_size` bytes of guest RAM. Pages are only backed when touched.
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> =

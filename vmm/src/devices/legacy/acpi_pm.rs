@@ -3,6 +3,7 @@
 
 use crate::arch::x86_64::acpi::S5_SLEEP_TYPE;
 use crate::arch::x86_64::layout::{ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT};
+use crate::devices::persist::{DeviceState, Persist};
 use crate::devices::BusDevice;
 use crate::exit::{ExitReason, ExitSender};
 
@@ -37,6 +38,21 @@ impl BusDevice for AcpiPmDevice {
             RESET if value == ACPI_RESET_VALUE => self.exit.send(ExitReason::Reset),
             _ => tracing::debug!("ACPI PM write {value:#x} at offset {offset} ignored"),
         }
+    }
+}
+
+/// The registers are write-only triggers: nothing to save.
+impl Persist for AcpiPmDevice {
+    fn save(&self) -> DeviceState {
+        DeviceState::empty(1)
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), String> {
+        state.check_empty(1)
+    }
+
+    fn describe(&self) -> String {
+        "ACPI power registers (S5, reset)".into()
     }
 }
 

@@ -8,7 +8,11 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::persist::{DeviceState, Persist};
 use crate::devices::BusDevice;
+
+/// Layout version of `SerialSnapshot`.
+const STATE_VERSION: u32 = 1;
 
 /// Raises a guest interrupt by signalling an irqfd.
 pub struct EventFdTrigger(pub EventFd);
@@ -33,13 +37,6 @@ impl<W: Write> SerialPort<W> {
         Self { uart: Serial::new(EventFdTrigger(irq), out), write_failed: false }
     }
 
-    /// Recreates the port from saved state (raising any interrupt the state says is pending).
-    pub fn restore(state: &SerialSnapshot, irq: EventFd, out: W) -> Result<Self, String> {
-        let uart = Serial::from_state(&state.to_superio(), EventFdTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Self { uart, write_failed: false })
-    }
-
     /// Signals the interrupt again if the UART has one pending (after a restore).
     pub fn replay_interrupt(&self) {
         const IIR_NO_INTERRUPT: u8 = 1;
@@ -50,7 +47,7 @@ impl<W: Write> SerialPort<W> {
         }
     }
 
-    pub fn save(&self) -> SerialSnapshot {
+    pub fn snapshot(&self) -> SerialSnapshot {
         SerialSnapshot::from_superio(&self.uart.state())
     }
 
@@ -85,6 +82,35 @@ impl<W: Write + Send> BusDevice for SerialPort<W> {
                 let _ = self.uart.writer_mut().flush();
             }
         }
+    }
+}
+
+impl Persist for SerialDevice {
+    fn save(&self) -> DeviceState {
+        DeviceState::encode(STATE_VERSION, &self.snapshot())
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), String> {
+        let saved: SerialSnapshot = state.decode(STATE_VERSION)?;
+        let irq = || self.uart.interrupt_evt().0.try_clone().map_err(|e| format!("serial interrupt: {e}"));
+        // Checked on a throwaway UART first: the real one takes over the console writer, which
+        // must not be lost to a bad state.
+        Serial::from_state(&saved.to_superio(), EventFdTrigger(irq()?), NoEvents, std::io::sink())
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        let placeholder: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let (irq, spare) = (irq()?, irq()?);
+        let out = std::mem::replace(&mut self.uart, Serial::new(EventFdTrigger(spare), placeholder)).into_writer();
+        self.uart = Serial::from_state(&saved.to_superio(), EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(())
+    }
+
+    fn replay_interrupt(&mut self) {
+        SerialPort::replay_interrupt(self);
+    }
+
+    fn describe(&self) -> String {
+        "16550 UART".into()
     }
 }
 
@@ -147,10 +173,15 @@ mod tests {
         port.write(3, &[0x03]);
         port.write(7, &[0x5a]); // scratch
         assert_eq!(port.enqueue_input(b"hi"), 2);
-        let saved = port.save();
-        let restored = SerialPort::restore(&saved, EventFd::new(0).unwrap(), Vec::new()).unwrap();
-        assert_eq!(restored.save(), saved);
+        let saved = port.snapshot();
+        let out: Box<dyn Write + Send> = Box::new(Vec::new());
+        let mut restored: SerialDevice = SerialPort::new(EventFd::new(0).unwrap(), out);
+        Persist::restore(&mut restored, &DeviceState::encode(STATE_VERSION, &saved)).unwrap();
+        assert_eq!(restored.snapshot(), saved);
         assert_eq!(saved.in_buffer, b"hi");
         assert_eq!(saved.scratch, 0x5a);
+        // A newer layout is refused, and the port keeps working.
+        assert!(Persist::restore(&mut restored, &DeviceState::encode(STATE_VERSION + 1, &saved)).is_err());
+        assert_eq!(restored.snapshot(), saved);
     }
 }

@@ -45,7 +45,8 @@ pub enum BlockError {
 }
 
 pub struct Block {
-    file: File,
+    file: std::sync::Arc<File>,
+    path: std::path::PathBuf,
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
@@ -81,7 +82,14 @@ impl Block {
         let mut id = [0u8; ID_BYTES];
         let text = format!("vmm-disk-{index}");
         id[..text.len()].copy_from_slice(text.as_bytes());
-        Ok(Self { file, read_only, capacity_sectors: len / SECTOR_SIZE, id, queue_sizes: [QUEUE_SIZE] })
+        Ok(Self {
+            file: std::sync::Arc::new(file),
+            path: path.to_path_buf(),
+            read_only,
+            capacity_sectors: len / SECTOR_SIZE,
+            id,
+            queue_sizes: [QUEUE_SIZE],
+        })
     }
 
     fn config_bytes(&self) -> [u8; 16] {
@@ -190,12 +198,16 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, _features: u64) {}
 
-    fn sync(&self) -> std::io::Result<()> {
-        if self.read_only {
-            Ok(())
-        } else {
-            self.file.sync_data()
-        }
+    fn durable_file(&self) -> Option<crate::devices::persist::DurableFile> {
+        (!self.read_only).then(|| crate::devices::persist::DurableFile {
+            path: self.path.display().to_string(),
+            file: self.file.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        let ro = if self.read_only { ", read-only" } else { "" };
+        format!("virtio-blk {} ({} sectors{ro})", self.path.display(), self.capacity_sectors)
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {

@@ -8,6 +8,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::persist::{DeviceState, DurableFile, Persist};
 use crate::devices::BusDevice;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
@@ -84,8 +85,8 @@ impl MmioTransport {
         }
     }
 
-    /// Saves the transport and its queues. The device must be quiescent (vCPUs paused).
-    pub fn save(&self) -> MmioTransportState {
+    /// The transport's registers and queues. The device must be quiescent (vCPUs paused).
+    pub fn snapshot(&self) -> MmioTransportState {
         MmioTransportState {
             device_type: self.device.device_type(),
             status: self.status,
@@ -99,31 +100,34 @@ impl MmioTransport {
         }
     }
 
-    /// Recreates a transport from saved state around a freshly opened `device`.
-    pub fn restore(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemory,
-        interrupt: EventFd,
-        state: &MmioTransportState,
-    ) -> Result<Self, String> {
-        if state.device_type != device.device_type() || state.queues.len() != device.queue_max_sizes().len() {
-            return Err(format!("saved virtio device (type {}) does not match the configured one", state.device_type));
+    /// Puts this freshly built transport in the saved state (its device must be of the saved
+    /// type), and activates the device if the driver had.
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() || state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "saved virtio device type {} with {} queues, this one is type {} with {}",
+                state.device_type,
+                state.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
         }
-        let mut transport = Self::new(device, mem, interrupt);
-        for (queue, saved) in transport.queues.iter_mut().zip(&state.queues) {
-            *queue = Queue::try_from(saved.to_queue_state()).map_err(|e| format!("virtio queue state: {e}"))?;
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for saved in &state.queues {
+            queues.push(Queue::try_from(saved.to_queue_state()).map_err(|e| format!("virtio queue state: {e}"))?);
         }
-        transport.status = state.status;
-        transport.device_features_sel = state.device_features_sel;
-        transport.driver_features_sel = state.driver_features_sel;
-        transport.driver_features = state.driver_features;
-        transport.queue_sel = state.queue_sel;
-        transport.config_generation = state.config_generation;
-        transport.interrupt_status = state.interrupt_status;
-        if transport.driver_ok() {
-            transport.device.activate(transport.driver_features);
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt_status = state.interrupt_status;
+        if self.driver_ok() {
+            self.device.activate(self.driver_features);
         }
-        Ok(transport)
+        Ok(())
     }
 
     /// Signals the interrupt again if the guest has not acknowledged it (after a restore).
@@ -131,21 +135,6 @@ impl MmioTransport {
         if self.interrupt_status != 0 {
             self.raise_interrupt(0);
         }
-    }
-
-    /// Flushes the device's backend to stable storage.
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.device.sync()
-    }
-
-    /// One line about the device, for `vmm inspect`.
-    pub fn describe(&self) -> String {
-        format!(
-            "virtio type {} status {:#x} features {:#x}",
-            self.device.device_type(),
-            self.status,
-            self.driver_features
-        )
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -305,6 +294,31 @@ impl BusDevice for MmioTransport {
         if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
+    }
+}
+
+/// Layout version of `MmioTransportState`.
+const STATE_VERSION: u32 = 1;
+
+impl Persist for MmioTransport {
+    fn save(&self) -> DeviceState {
+        DeviceState::encode(STATE_VERSION, &self.snapshot())
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), String> {
+        self.restore_state(&state.decode(STATE_VERSION)?)
+    }
+
+    fn replay_interrupt(&mut self) {
+        MmioTransport::replay_interrupt(self);
+    }
+
+    fn durable_file(&self) -> Option<DurableFile> {
+        self.device.durable_file()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (status {:#x}, features {:#x})", self.device.describe(), self.status, self.driver_features)
     }
 }
 

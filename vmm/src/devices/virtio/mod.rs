@@ -29,10 +29,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64);
     /// The driver reset the device.
     fn reset(&mut self) {}
-    /// Makes everything the guest wrote so far durable on the host (for snapshots).
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
+    /// The host file the guest's writes go to, fsync'd before a snapshot is reported done.
+    fn durable_file(&self) -> Option<crate::devices::persist::DurableFile> {
+        None
     }
+    /// One line about the device and its backend, for `vmm inspect`.
+    fn describe(&self) -> String;
     /// Processes the available buffers of queue `index`. Returns true if it used any, so the
     /// transport raises an interrupt.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;

@@ -1,0 +1,289 @@
+//! Snapshot and restore of a whole machine, as one pipeline that every destination shares:
+//! **pause → collect → plan memory → sink**. The guest is paused while the vCPU, VM and device
+//! state are read and its memory is copied aside (or, with `stop`, written straight from the
+//! paused guest); it runs again while a `Sink` (a snapshot directory, a stream) writes memory.
+//! Restore rebuilds a machine from a directory (memory mapped from its page file) or a stream
+//! (memory filled from its frames).
+
+mod restore;
+pub mod sink;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use snapshot::{DeviceSummary, DiskDescription, FileIdentity, Manifest, MemoryData, Progress, StagedMemory};
+use snapshot::{StateDigest, VcpuSummary, VmDescription};
+
+use crate::arch::x86_64::cpuid;
+use crate::config::VmConfig;
+use crate::control::VmControl;
+use crate::devices::bus::lock;
+use crate::machine::MachineError;
+use crate::vstate::memory;
+use crate::vstate::vcpu::ControlError;
+use crate::vstate::vm::VmError;
+
+pub use restore::{
+    inspect_stream, load_dir, memory_file_changed, restore, watch_memory_file, MemoryFile, Restored, ResumeOptions,
+    ResumeSource,
+};
+pub use sink::{DirSink, Sink, StreamSink};
+pub use state::MachineState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(transparent)]
+    Format(#[from] snapshot::Error),
+    #[error("{what}: {err}")]
+    StreamIn { what: String, err: snapshot::stream::StreamError },
+    #[error("cannot write the snapshot stream to {what}: {err}")]
+    StreamOut { what: String, err: String },
+    #[error("snapshot state is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("cannot pause the guest: {0}")]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("this host cannot run the snapshot: {0}")]
+    HostCpu(String),
+    #[error("cannot map snapshot memory: {0}")]
+    MapMemory(String),
+    #[error("cannot flush disk {0}")]
+    Disk(String),
+    #[error("snapshot names its VM '{0}', which is not a valid VM name; give one with --name")]
+    BadName(String),
+    #[error("disk {path} changed since the snapshot ({why}); resuming would show the guest a disk it does not know (--disk-changed-ok resumes anyway)")]
+    DiskChanged { path: String, why: String },
+    #[error("snapshot {0} is a difference from a parent snapshot, which this vmm cannot resume yet")]
+    HasParent(String),
+}
+
+impl PersistError {
+    pub fn stream_out(what: &std::path::Path, err: impl std::fmt::Display) -> Self {
+        Self::StreamOut { what: what.display().to_string(), err: err.to_string() }
+    }
+
+    /// True when the snapshot (or the user's arguments) is at fault, not the host.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            PersistError::Format(e) => {
+                !matches!(e, snapshot::Error::Io { .. } | snapshot::Error::Create { .. } | snapshot::Error::Cancelled)
+            }
+            PersistError::StreamIn { err, .. } => !matches!(err, snapshot::stream::StreamError::Io(_)),
+            PersistError::Inconsistent(_)
+            | PersistError::BadName(_)
+            | PersistError::DiskChanged { .. }
+            | PersistError::HasParent(_) => true,
+            PersistError::Machine(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, PersistError::Format(snapshot::Error::Cancelled))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotOptions {
+    /// Leave the guest paused once the snapshot is complete (the caller then ends the VM), and
+    /// write memory straight from the paused guest.
+    pub stop: bool,
+}
+
+/// What a snapshot cost.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// Where it went ("-" for a stream to the client's stdout).
+    pub path: PathBuf,
+    /// The snapshot's id (directories).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Time the guest did not run, in ms.
+    pub pause_ms: f64,
+    /// Time until the snapshot was durable (fsync'd and renamed into place) or the stream
+    /// complete and flushed, in ms.
+    pub total_ms: f64,
+    /// Bytes on disk (holes excluded) or through the stream.
+    pub bytes: u64,
+    pub memory_bytes: u64,
+    pub zero_pages: u64,
+}
+
+/// A snapshot being taken: what it is doing and how far it got. `status` reads it while the
+/// snapshot runs; `cancel` stops it.
+#[derive(Debug, Default)]
+pub struct Job {
+    phase: Mutex<&'static str>,
+    pub progress: Progress,
+}
+
+impl Job {
+    pub fn phase(&self) -> &'static str {
+        *lock(&self.phase)
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        *lock(&self.phase) = phase;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn describe_vm(config: &VmConfig) -> VmDescription {
+    VmDescription {
+        name: config.name.clone(),
+        vcpus: config.vcpus,
+        mem_bytes: config.mem_bytes,
+        kernel: config.kernel.display().to_string(),
+        cmdline: config.cmdline.clone(),
+        disks: config
+            .disks
+            .iter()
+            .map(|d| DiskDescription {
+                path: d.path.display().to_string(),
+                read_only: d.read_only,
+                identity: std::fs::metadata(&d.path).ok().map(|m| FileIdentity::of(&m)),
+            })
+            .collect(),
+    }
+}
+
+/// Guest memory once the guest runs again: copied aside, or already in the sink.
+enum Pending {
+    Staged(StagedMemory),
+    Written,
+}
+
+/// Saves the running machine into `sink`. The guest is paused while its state is read and its
+/// memory copied aside, then continues (unless `stop`: then it stays paused for the caller to
+/// end, and memory is written before it would have continued) while the sink writes memory and
+/// commits. On any failure, or when cancelled through `job`, the guest is left as it was before
+/// (running, or paused by the user) and the sink is dropped uncommitted.
+pub fn snapshot(
+    control: &VmControl,
+    mut sink: Box<dyn Sink>,
+    opts: SnapshotOptions,
+    job: &Job,
+) -> Result<SnapshotReport, PersistError> {
+    let start = Instant::now();
+    let mem_bytes: u64 = control.config.mem_bytes;
+    job.progress.set_total(memory::total_bytes(&control.mem));
+    // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
+    let staging = if opts.stop {
+        None
+    } else {
+        job.set_phase("preparing");
+        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem)).and_then(StagedMemory::with_capacity)
+    };
+    job.progress.check()?;
+    job.set_phase("pausing");
+    let mut paused = control.pause_for()?;
+    let paused_at = Instant::now();
+    let resume_on_error = opts.stop && paused.was_running();
+    let taken = (|| {
+        job.set_phase("saving state");
+        // VM-wide state first: interrupts the PIT delivers meanwhile then show in the LAPICs.
+        let vm = paused.vm_state()?;
+        let vcpus = paused.vcpu_states()?;
+        let devices = control.devices.save();
+        let state = MachineState { vm, vcpus, devices };
+        let sections = state.to_sections();
+        let state_bytes = sections.encode();
+        let manifest = Manifest {
+            format_version: snapshot::FORMAT_VERSION,
+            parent: None,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            vm: describe_vm(&control.config),
+            host_cpu: cpuid::host_cpu(),
+            vcpus: state
+                .vcpus
+                .iter()
+                .map(|v| VcpuSummary { index: v.index, mode: format!("{} cpl{}", v.mode(), v.cpl()), rip: v.regs.rip })
+                .collect(),
+            devices: control
+                .devices
+                .list
+                .iter()
+                .map(|e| DeviceSummary {
+                    kind: e.kind.into(),
+                    detail: format!("{}: {} at {}", e.id, lock(&e.device).describe(), e.resources),
+                })
+                .collect(),
+            state: StateDigest {
+                size: state_bytes.len() as u64,
+                checksum: snapshot::digest::checksum(&state_bytes),
+                sections: sections.summary(),
+            },
+            memory: memory::layout_of(&control.mem),
+        };
+        sink.begin(&manifest, &state_bytes)?;
+        let sources = paused.memory();
+        // Copy memory aside at memory speed; write it to the sink while paused only when the
+        // copy does not fit, or when the guest is not to run again anyway.
+        let staged = staging.and_then(|mut staged| staged.copy(&sources).then_some(staged));
+        let pending = match staged {
+            Some(staged) => Pending::Staged(staged),
+            None => {
+                job.set_phase("writing memory");
+                sink.memory(MemoryData::Sources(&sources), &job.progress)?;
+                Pending::Written
+            }
+        };
+        Ok::<_, PersistError>(pending)
+    })();
+    if opts.stop && taken.is_ok() {
+        paused.keep_paused();
+    }
+    drop(paused);
+    let pause = paused_at.elapsed();
+    let pending = taken?;
+
+    let result = (|| {
+        if let Pending::Staged(staged) = &pending {
+            job.set_phase("writing memory");
+            sink.memory(MemoryData::Staged(staged), &job.progress)?;
+        }
+        drop(pending);
+        // The disks must hold at least what the guest wrote before the snapshot, durably. Synced
+        // outside the devices' locks: the guest goes on using its disks meanwhile.
+        job.set_phase("syncing disks");
+        for d in control.devices.durable_files() {
+            d.file.sync_data().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path)))?;
+        }
+        job.progress.check()?;
+        job.set_phase("committing");
+        sink.commit()
+    })();
+    match result {
+        Ok(written) => Ok(SnapshotReport {
+            path: PathBuf::new(),
+            id: written.id,
+            pause_ms: ms(pause),
+            total_ms: ms(start.elapsed()),
+            bytes: written.bytes,
+            memory_bytes: mem_bytes,
+            zero_pages: written.zero_pages,
+        }),
+        Err(e) => {
+            if resume_on_error {
+                // Never lose the guest because its snapshot failed.
+                if let Err(e) = control.resume() {
+                    tracing::error!("cannot resume the guest after its snapshot failed: {e}");
+                }
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Rebuilding a machine from a snapshot: a directory (guest memory mapped privately from its page
+//! file, so pages load on first touch) or a stream (guest memory filled as frames arrive).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use snapshot::streamed::{self, MemoryUpdate, StreamedSnapshot};
+use snapshot::{FileIdentity, MachineSections, Manifest, Snapshot};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
+
+use super::{MachineState, PersistError};
+use crate::arch::x86_64::cpuid;
+use crate::config::{DiskConfig, VmConfig};
+use crate::devices::virtio::block::BlockError;
+use crate::machine::{self, Machine, MachineError};
+use crate::vstate::memory::{self, GuestMemory};
+use crate::vstate::vcpu_state::{self, VcpuState};
+use crate::vstate::vm::VmError;
+
+/// How long a resume from a stream waits for its disks to be let go by the VM it came from.
+const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a snapshot is read from.
+pub enum ResumeSource {
+    Dir(PathBuf),
+    /// A snapshot stream (`vmm snapshot --out -`), e.g. stdin.
+    Stream(Box<dyn Read + Send>),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Name of the resumed VM (default: the snapshot's).
+    pub name: Option<String>,
+    /// Check every memory checksum before starting (directories; a stream is always checked).
+    pub verify: bool,
+    /// Resume even if a disk changed since the snapshot.
+    pub disk_changed_ok: bool,
+}
+
+/// A machine rebuilt from a snapshot, ready to start.
+pub struct Restored {
+    pub machine: Machine,
+    /// The page file the guest's memory is mapped from (directories), which must not change
+    /// while the VM runs: vmm holds a shared lock on it, and watches it.
+    pub memory_file: Option<MemoryFile>,
+}
+
+/// The page file of a resumed VM.
+pub struct MemoryFile {
+    pub path: PathBuf,
+    pub identity: FileIdentity,
+    /// Holds the shared lock for the VM's life.
+    pub lock: File,
+}
+
+/// Checks what can be checked of a snapshot's state against its manifest, without KVM.
+fn decode_state(manifest: &Manifest, bytes: &[u8]) -> Result<MachineState, PersistError> {
+    let sections = MachineSections::decode(bytes)?;
+    let state = MachineState::from_sections(&sections, usize::from(manifest.vm.vcpus))?;
+    let expected = crate::arch::x86_64::memory_map::ram_regions(manifest.vm.mem_bytes);
+    let layout: Vec<(u64, u64)> = manifest.memory.regions.iter().map(|r| (r.guest_addr, r.size)).collect();
+    if layout != expected {
+        return Err(PersistError::Inconsistent("memory layout does not match the memory size".into()));
+    }
+    Ok(state)
+}
+
+/// Opens a snapshot directory and decodes its machine state.
+pub fn load_dir(dir: &Path, verify_memory: bool) -> Result<(Snapshot, MachineState), PersistError> {
+    let snap = Snapshot::open(dir)?;
+    let bytes = snap.read_state()?;
+    let state = decode_state(&snap.manifest, &bytes)?;
+    if verify_memory {
+        snap.verify_memory()?;
+    }
+    Ok((snap, state))
+}
+
+/// Reads and checks a whole snapshot stream, dropping its memory (`vmm inspect -`, `verify -`).
+pub fn inspect_stream(input: impl Read, what: &str) -> Result<StreamedSnapshot, PersistError> {
+    let (streamed, ()) = streamed::read_snapshot(input, what, |_| Ok::<_, PersistError>(()), |_, _| Ok(()))?;
+    decode_state(&streamed.manifest, &streamed.state)?;
+    Ok(streamed)
+}
+
+/// Maps the page file as guest memory, privately: pages load on first touch and guest writes
+/// never reach the snapshot.
+fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError> {
+    let path = snap.memory_path();
+    let map_err = |e: std::io::Error| PersistError::MapMemory(format!("{}: {e}", path.display()));
+    let lock = File::open(&path).map_err(map_err)?;
+    // Shared: any number of VMs may map one snapshot; a vmm that would write the file in place
+    // takes the lock exclusively, and so waits for them.
+    lock.try_lock_shared().map_err(|e| map_err(e.into()))?;
+    let identity = FileIdentity::of(&lock.metadata().map_err(map_err)?);
+    let mut regions = Vec::new();
+    for r in &snap.manifest.memory.regions {
+        let file = lock.try_clone().map_err(map_err)?;
+        let mapping = memory::GuestMapping::build(
+            Some(FileOffset::new(file, r.file_offset)),
+            r.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| PersistError::MapMemory(e.to_string()))?;
+        let region = memory::GuestRegion::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or_else(|| PersistError::MapMemory(format!("region at {:#x} overflows", r.guest_addr)))?;
+        regions.push(region);
+    }
+    let mem = GuestMemory::from_regions(regions).map_err(|e| PersistError::MapMemory(e.to_string()))?;
+    Ok((mem, MemoryFile { path, identity, lock }))
+}
+
+/// Reads a snapshot stream into fresh guest memory of the size its manifest gives.
+fn read_stream(input: impl Read) -> Result<(StreamedSnapshot, GuestMemory), PersistError> {
+    let what = "stdin";
+    let prepare = |m: &Manifest| {
+        let expected = crate::arch::x86_64::memory_map::ram_regions(m.vm.mem_bytes);
+        let layout: Vec<(u64, u64)> = m.memory.regions.iter().map(|r| (r.guest_addr, r.size)).collect();
+        if layout != expected {
+            return Err(PersistError::Inconsistent("memory layout does not match the memory size".into()));
+        }
+        Ok(memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?)
+    };
+    let fill = |mem: &mut GuestMemory, update: MemoryUpdate<'_>| {
+        let write = |bytes: &[u8], addr: u64| {
+            mem.write_slice(bytes, GuestAddress(addr))
+                .map_err(|e| snapshot::Error::BadStream { what: what.into(), reason: e.to_string() })
+        };
+        match update {
+            MemoryUpdate::Data { guest_addr, bytes } => write(bytes, guest_addr)?,
+            MemoryUpdate::Zero { guest_addr, len, overwrites: true } => {
+                let zeros = vec![0u8; 1 << 20];
+                for off in (0..len).step_by(zeros.len()) {
+                    write(&zeros[..(len - off).min(zeros.len() as u64) as usize], guest_addr + off)?;
+                }
+            }
+            // Fresh memory is zero already, and stays unbacked.
+            MemoryUpdate::Zero { .. } => {}
+        }
+        Ok(())
+    };
+    streamed::read_snapshot(input, what, prepare, fill)
+}
+
+/// Refuses a snapshot whose guest was given CPU features this host cannot offer.
+fn check_host_cpu(vm: &crate::vstate::vm::Vm, saved: &VcpuState) -> Result<(), PersistError> {
+    let supported =
+        vm.kvm.get_supported_cpuid(256).map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
+    let missing = cpuid::missing_features(&saved.cpuid, supported.as_slice());
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PersistError::HostCpu(format!("the CPU lacks features the guest uses (CPUID {})", missing.join(", "))))
+    }
+}
+
+/// Refuses disks that changed since the snapshot (unless told otherwise).
+fn check_disks(manifest: &Manifest, opts: &ResumeOptions) -> Result<(), PersistError> {
+    if opts.disk_changed_ok {
+        return Ok(());
+    }
+    for d in &manifest.vm.disks {
+        let Some(saved) = d.identity else { continue };
+        // A missing disk is reported when it is opened.
+        let Ok(meta) = std::fs::metadata(&d.path) else { continue };
+        if let Some(why) = saved.changes(&FileIdentity::of(&meta)) {
+            return Err(PersistError::DiskChanged { path: d.path.clone(), why });
+        }
+    }
+    Ok(())
+}
+
+/// The VM configuration a snapshot was taken with (under the name asked for).
+fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, PersistError> {
+    let desc = &manifest.vm;
+    if opts.name.is_none() && !crate::api::valid_name(&desc.name) {
+        return Err(PersistError::BadName(desc.name.clone()));
+    }
+    Ok(VmConfig {
+        name: opts.name.clone().unwrap_or_else(|| desc.name.clone()),
+        kernel: desc.kernel.clone().into(),
+        initrd: None,
+        cmdline: desc.cmdline.clone(),
+        mem_bytes: desc.mem_bytes,
+        vcpus: desc.vcpus,
+        disks: desc.disks.iter().map(|d| DiskConfig { path: d.path.clone().into(), read_only: d.read_only }).collect(),
+    })
+}
+
+/// Rebuilds the machine of a snapshot, ready to start where it stopped.
+pub fn restore(source: ResumeSource, opts: &ResumeOptions) -> Result<Restored, PersistError> {
+    let streamed = matches!(source, ResumeSource::Stream(_));
+    let (manifest, state, mem, memory_file) = match source {
+        ResumeSource::Dir(dir) => {
+            let (snap, state) = load_dir(&dir, opts.verify)?;
+            if snap.manifest.parent.is_some() {
+                return Err(PersistError::HasParent(dir.display().to_string()));
+            }
+            check_disks(&snap.manifest, opts)?;
+            config_of(&snap.manifest, opts)?;
+            let (mem, file) = map_memory(&snap)?;
+            (snap.manifest, state, mem, Some(file))
+        }
+        ResumeSource::Stream(mut input) => {
+            let (streamed, mem) = read_stream(&mut input)?;
+            let state = decode_state(&streamed.manifest, &streamed.state)?;
+            check_disks(&streamed.manifest, opts)?;
+            (streamed.manifest, state, mem, None)
+        }
+    };
+    let config = config_of(&manifest, opts)?;
+    // A VM moved through a pipe: its source ends (and lets go of its disks) only once its
+    // stream is complete, so give it a moment.
+    let mut waited = std::time::Duration::ZERO;
+    let disks = loop {
+        match machine::open_disks(&config) {
+            Err(MachineError::Disk(BlockError::InUse(_))) if streamed && waited < DISK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                waited += std::time::Duration::from_millis(20);
+            }
+            other => break other?,
+        }
+    };
+    let vm = machine::create_vm(&config)?;
+    check_host_cpu(&vm, &state.vcpus[0])?;
+    // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
+    let (machine, _) = Machine::assemble(config, vm, mem, disks, Some(&state.vm))?;
+    machine.devices.restore(&state.devices)?;
+    // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
+    machine.vm.restore_clock(&state.vm)?;
+    let xsave_size = machine.vm.xsave_size();
+    for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
+        vcpu_state::restore(&vcpu.fd, saved, xsave_size).map_err(MachineError::from)?;
+    }
+    // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
+    // the devices raise the interrupts they had pending.
+    machine.devices.replay_interrupts();
+    Ok(Restored { machine, memory_file })
+}
+
+/// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.
+pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
+    let now = match std::fs::metadata(&file.path) {
+        Ok(meta) => FileIdentity::of(&meta),
+        // Removed or renamed: the mapping keeps the file's content, nothing changed for the guest.
+        Err(_) => return None,
+    };
+    // Another file at the path (a newer snapshot moved there) is not a change of ours.
+    if (now.dev, now.ino) != (file.identity.dev, file.identity.ino) {
+        return None;
+    }
+    let snapshot = file.path.parent().unwrap_or(&file.path).display();
+    file.identity.changes(&now).map(|why| format!("memory file of snapshot {snapshot} changed while in use ({why})"))
+}
+
+/// Watches a resumed VM's page file and ends the VM, naming the cause, as soon as the file is
+/// changed in place (truncated, overwritten): the guest would otherwise read garbage or fault.
+pub fn watch_memory_file(file: &MemoryFile, exit: crate::exit::ExitSender) -> std::io::Result<()> {
+    let file = MemoryFile { path: file.path.clone(), identity: file.identity, lock: file.lock.try_clone()? };
+    std::thread::Builder::new().name("memory-file".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Some(why) = memory_file_changed(&file) {
+            exit.send(crate::exit::ExitReason::Fatal(why));
+            return;
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Where a snapshot goes. The pipeline hands a sink the manifest (less what only the memory
+//! writing tells), the machine state, then guest memory, then asks it to commit; a sink dropped
+//! before `commit` leaves nothing behind (a directory sink removes its temporary directory; a
+//! stream without its End frame is refused by every reader).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use snapshot::pages::Run;
+use snapshot::stream::StreamWriter;
+use snapshot::{Manifest, MemoryData, Progress, SnapshotWriter, StateDigest};
+
+use super::PersistError;
+
+/// What a sink wrote.
+pub struct Written {
+    /// Bytes on disk (a directory, holes excluded) or through the stream.
+    pub bytes: u64,
+    /// The snapshot's id (directories only: a stream's manifest is completed by its reader).
+    pub id: Option<String>,
+    /// Guest pages found to be zero (not written as bytes).
+    pub zero_pages: u64,
+}
+
+pub trait Sink: Send {
+    /// Takes the manifest and the encoded machine state, while the guest is paused.
+    fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError>;
+    /// Writes guest memory.
+    fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError>;
+    /// Makes the snapshot durable (directory) or complete (stream).
+    fn commit(self: Box<Self>) -> Result<Written, PersistError>;
+}
+
+/// A snapshot directory (see `snapshot::dir`).
+pub struct DirSink {
+    writer: SnapshotWriter,
+    manifest: Option<Manifest>,
+    state: Option<StateDigest>,
+}
+
+impl DirSink {
+    pub fn create(dest: &Path, force: bool) -> Result<Self, PersistError> {
+        Ok(Self { writer: SnapshotWriter::create(dest, force)?, manifest: None, state: None })
+    }
+}
+
+impl Sink for DirSink {
+    fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError> {
+        let mut digest = self.writer.write_state(state)?;
+        digest.sections = manifest.state.sections.clone();
+        self.state = Some(digest);
+        self.manifest = Some(manifest.clone());
+        Ok(())
+    }
+
+    fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError> {
+        let layout = self.writer.write_memory(memory, progress)?;
+        let manifest = self.manifest.as_mut().expect("begin before memory");
+        manifest.memory = layout;
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<Written, PersistError> {
+        let mut manifest = self.manifest.expect("begin before commit");
+        manifest.state = self.state.expect("begin before commit");
+        let (bytes, id) = self.writer.commit(&manifest)?;
+        Ok(Written { bytes, id: Some(id), zero_pages: manifest.memory.zero_pages() })
+    }
+}
+
+/// The snapshot stream (see `snapshot::stream`) on a pipe, file or socket.
+pub struct StreamSink<W: Write + Send> {
+    writer: StreamWriter<std::io::BufWriter<W>>,
+    /// Names the output in errors.
+    what: PathBuf,
+}
+
+impl<W: Write + Send> StreamSink<W> {
+    pub fn new(out: W, compress: bool, what: &Path) -> Result<Self, PersistError> {
+        let buffered = std::io::BufWriter::with_capacity(1 << 20, out);
+        let writer = StreamWriter::new(buffered, compress).map_err(|e| PersistError::stream_out(what, e))?;
+        Ok(Self { writer, what: what.to_path_buf() })
+    }
+}
+
+impl<W: Write + Send> Sink for StreamSink<W> {
+    fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError> {
+        let what = &self.what;
+        self.writer.manifest(&manifest.encode()).map_err(|e| PersistError::stream_out(what, e))?;
+        self.writer.state(state).map_err(|e| PersistError::stream_out(what, e))
+    }
+
+    fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError> {
+        let (writer, what) = (&mut self.writer, &self.what);
+        memory.visit_runs(|run| {
+            let len = match run {
+                Run::Data { guest_addr, bytes } => {
+                    // Frames of 1 MiB at most: progress and cancellation are checked between them.
+                    for (i, piece) in bytes.chunks(snapshot::stream::MEMORY_FRAME_BYTES).enumerate() {
+                        let addr = guest_addr + (i * snapshot::stream::MEMORY_FRAME_BYTES) as u64;
+                        writer.memory(addr, piece).map_err(|e| PersistError::stream_out(what, e))?;
+                        progress.advance(piece.len() as u64)?;
+                    }
+                    0
+                }
+                Run::Zero { guest_addr, len } => {
+                    writer.zero(guest_addr, len).map_err(|e| PersistError::stream_out(what, e))?;
+                    len
+                }
+            };
+            progress.advance(len)?;
+            Ok::<_, PersistError>(())
+        })
+    }
+
+    fn commit(self: Box<Self>) -> Result<Written, PersistError> {
+        let (mut out, stats) = self.writer.finish().map_err(|e| PersistError::stream_out(&self.what, e))?;
+        out.flush().map_err(|e| PersistError::stream_out(&self.what, e))?;
+        Ok(Written { bytes: stats.bytes, id: None, zero_pages: stats.zero_bytes / snapshot::pages::PAGE_SIZE })
+    }
+}
