@@ -169,7 +169,8 @@ impl Vmm {
         Self::spawn_with_stdin(args, Stdio::piped())
     }
 
-    fn spawn_with_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: Stdio) -> Self {
+    /// Like `spawn`, with stdin from `stdin` (a file, a pipe from another process).
+    pub fn spawn_with_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: Stdio) -> Self {
         settle_after_last_vm();
         let mut child = Command::new(vmm_bin())
             .args(args)
@@ -543,4 +544,17 @@ pub fn in_mount_namespace(setup: &str, args: &str) -> (ExitStatus, String) {
         .output()
         .expect("unshare (util-linux) runs");
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Waits until a VM answers on control socket `sock` (one just spawned binds it soon), within
+/// `timeout`.
+pub fn wait_for_vm(sock: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if vmm_cmd(&["status", "--api-sock", sock]).0.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no VM answered on {sock} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -63,11 +63,21 @@ fn good_snapshot_verifies_and_inspects() {
     let s = good_snapshot().to_str().unwrap();
     assert!(vmm_ok(&["verify", s]).contains("ok"));
     let text = vmm_ok(&["inspect", s]);
-    for needle in ["format version  1", "vcpu 0", "rip=0x", "zero pages", "bytes on disk", "serial"] {
+    for needle in [
+        "format version  2",
+        "id ",
+        "vcpu 0",
+        "rip=0x",
+        "zero pages",
+        "bytes on disk",
+        "serial0",
+        "state section   vcpu.0 v1",
+    ] {
         assert!(text.contains(needle), "inspect lacks {needle}:\n{text}");
     }
     let json: serde_json::Value = serde_json::from_str(&vmm_ok(&["inspect", s, "--json"])).unwrap();
-    assert_eq!(json["manifest"]["format_version"], 1);
+    assert_eq!(json["manifest"]["format_version"], 2);
+    assert_eq!(json["id"].as_str().unwrap().len(), 32);
     assert!(json["zero_page_share"].as_f64().unwrap() > 0.5);
 }
 
@@ -116,8 +126,99 @@ fn wrong_format_version() {
     let dir = TempDir::new("version");
     let snap = copy_of_good(&dir);
     let text = std::fs::read_to_string(snap.join("manifest")).unwrap();
-    std::fs::write(snap.join("manifest"), text.replacen("format=1 ", "format=7 ", 1)).unwrap();
-    refused_everywhere(&snap, "format version 7 is not supported");
+    std::fs::write(snap.join("manifest"), text.replacen("format=2 ", "format=7 ", 1)).unwrap();
+    refused_everywhere(&snap, "format version 7 is newer than this vmm reads (2): use a newer vmm");
+}
+
+/// A snapshot written by vmm 0.1 (format 1, kept as a fixture): refused with a message saying so.
+#[test]
+fn format_1_snapshot_is_refused_clearly() {
+    let dir = TempDir::new("v1");
+    let fixture = tests::workspace_root().join("tests/fixtures/v1-snapshot.tar.gz");
+    let status = std::process::Command::new("tar")
+        .args(["-xzf", fixture.to_str().unwrap(), "-C", dir.path().to_str().unwrap()])
+        .status()
+        .expect("tar runs");
+    assert!(status.success());
+    let snap = dir.path().join("snap");
+    assert!(std::fs::read_to_string(snap.join("manifest")).unwrap().starts_with("VMM-SNAPSHOT format=1 "));
+    refused_everywhere(&snap, "snapshot format version 1 is no longer read (this vmm reads version 2)");
+}
+
+/// A manifest rewritten (with a valid id) to describe another machine than its state.
+fn rewrite_manifest(snap: &Path, edit: impl FnOnce(&mut snapshot::Manifest)) {
+    let path = snap.join("manifest");
+    let mut m = snapshot::Manifest::decode(&std::fs::read(&path).unwrap(), "test").unwrap().manifest;
+    edit(&mut m);
+    std::fs::write(&path, m.encode()).unwrap();
+}
+
+#[test]
+fn device_list_that_does_not_match_is_refused() {
+    let dir = TempDir::new("devices");
+    // The snapshot's state has a disk; its configuration, once rewritten, has none.
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("s.sock").display().to_string();
+    let mut vm =
+        Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &sock, "--disk", disk.to_str().unwrap()]);
+    vm.wait_for("testguest: ready", T);
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    let text = vmm_ok(&["inspect", snap.to_str().unwrap()]);
+    assert!(text.contains("blk0: virtio-blk"), "{text}");
+    rewrite_manifest(&snap, |m| m.vm.disks.clear());
+    refused(
+        &["resume", snap.to_str().unwrap(), "--name", "never-runs"],
+        "device 'blk0' (virtio-blk) is not one this vmm builds",
+    );
+}
+
+#[test]
+fn a_disk_changed_since_the_snapshot_is_refused() {
+    let dir = TempDir::new("diskchanged");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("s.sock").display().to_string();
+    let mut vm =
+        Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &sock, "--disk", disk.to_str().unwrap()]);
+    vm.wait_for("testguest: ready", T);
+    let snap = dir.path().join("snap");
+    let s = snap.to_str().unwrap();
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", s, "--stop"]);
+    vm.wait_exit(T);
+    // Someone writes the disk meanwhile.
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&disk).unwrap(), b"x", 512)
+        .unwrap();
+    let when = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&disk).unwrap().set_modified(when).unwrap();
+    refused(&["resume", s, "--name", "never-runs"], &format!("disk {} changed since the snapshot", disk.display()));
+    let rsock = dir.path().join("r.sock").display().to_string();
+    let mut resumed = Vmm::spawn(&["resume", s, "--name", "anyway", "--api-sock", &rsock, "--disk-changed-ok"]);
+    tests::wait_for_vm(&rsock, T);
+    let out = tests::vmm_ok(&["status", "--api-sock", &rsock]);
+    assert!(out.contains("running"), "{out}");
+    resumed.kill();
+}
+
+#[test]
+fn unreadable_parts_are_io_errors_naming_the_file() {
+    let dir = TempDir::new("io");
+    let snap = copy_of_good(&dir);
+    // A manifest that cannot be read (here: a directory) is not "not a snapshot".
+    std::fs::remove_file(snap.join("manifest")).unwrap();
+    std::fs::create_dir(snap.join("manifest")).unwrap();
+    for verb in ["verify", "inspect", "resume"] {
+        let (status, _, stderr) = vmm_cmd(&[verb, snap.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(1), "{verb}: {stderr}");
+        assert!(stderr.contains(&format!("{}/manifest: Is a directory", snap.display())), "{verb}: {stderr}");
+    }
+    // A missing state file is named.
+    let dir2 = TempDir::new("io2");
+    let snap2 = copy_of_good(&dir2);
+    std::fs::remove_file(snap2.join("state.bin")).unwrap();
+    refused_everywhere(&snap2, "state.bin is missing");
 }
 
 #[test]
