@@ -50,6 +50,7 @@ TICK_RE = re.compile(r"testguest: tick t=(\d+)((?: cpu\d+=\d+)*)")
 GUEST_FAIL_RE = re.compile(r"testguest: FAIL")
 VMM_RUNNING_RE = re.compile(r"vmm: VM '.*' running")
 VMM_SNAPSHOT_RE = re.compile(r"paused ([\d.]+) ms, durable after ([\d.]+) ms, (\d+) bytes on disk")
+VMM_STREAM_RE = re.compile(r"paused ([\d.]+) ms, complete after ([\d.]+) ms, (\d+) bytes through the stream")
 
 
 class BenchError(Exception):
@@ -81,7 +82,7 @@ class Proc:
 
     live = set()  # every Proc not yet closed, for the last-resort cleanup in main()
 
-    def __init__(self, argv, label):
+    def __init__(self, argv, label, stdin=subprocess.DEVNULL):
         self.label = label
         self.lines = {"out": [], "err": []}  # stream -> [(time, text)]
         self.cursor = {"out": 0, "err": 0}  # next line expect() looks at
@@ -91,7 +92,7 @@ class Proc:
         self.exited = threading.Event()
         self.start = now()
         self.popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,
         )
         Proc.live.add(self)
@@ -475,6 +476,69 @@ def snapshot_qemu(env, cmdline, mem, vcpus):
         state.unlink(missing_ok=True)
 
 
+def pipe_vmm(env, compress):
+    """Boots, waits until the workload touched its memory, then
+    `vmm snapshot --out - --stop [--compress] | vmm resume -`: ms from starting the snapshot
+    command to the resumed VM's `running` line and to its first tick line, and bytes through the
+    pipe."""
+    sock_a, sock_b = env.unique("vmm-pipe-a"), env.unique("vmm-pipe-b")
+    with Proc(env.vmm_run(PIPE_CMDLINE, "1G", 2, sock_a), "vmm run") as src:
+        src.expect(READY_RE, timeout=BOOT_TIMEOUT)
+        intervals = wait_touched(src, 2)
+        argv = env.vmm_snapshot(sock_a, "-") + ["--stop"] + (["--compress"] if compress else [])
+        start = now()
+        client = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            with Proc([str(env.vmm), "resume", "-", "--api-sock", str(sock_b)], "vmm resume -",
+                      stdin=client.stdout) as dst:
+                client.stdout.close()
+                running, _ = dst.expect(VMM_RUNNING_RE, stream="err", timeout=SNAPSHOT_TIMEOUT)
+                progress, _ = dst.expect(TICK_RE, timeout=TICK_TIMEOUT)
+                _, err = client.communicate(timeout=SNAPSHOT_TIMEOUT)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        src.wait_exit(EXIT_GRACE)
+    saved = VMM_STREAM_RE.search(err.decode(errors="replace"))
+    if not saved:
+        raise BenchError(f"vmm snapshot --out - printed no figures: {err.decode(errors='replace').strip()}")
+    return {"total_ms": ms(running - start), "progress_ms": ms(progress - start),
+            "pause_ms": float(saved[1]), "pipe_mib": int(saved[3]) / MiB, "tick_ms": intervals}
+
+
+def pipe_qemu(env):
+    """The same with QEMU: QMP `stop` + `migrate` to `exec:cat > FIFO` (bandwidth cap lifted) into
+    a QEMU started with `-incoming "exec:cat FIFO"`, then `cont` there: ms from `stop` to the reply
+    to `cont` and to the first tick line, and the RAM bytes QEMU reports transferred."""
+    fifo = env.unique("qemu-fifo")
+    os.mkfifo(fifo)
+    try:
+        qmp_a, qmp_b = env.unique("qemu-pipe-a"), env.unique("qemu-pipe-b")
+        with Proc(env.qemu_run(PIPE_CMDLINE, "1G", 2, qmp_a), "qemu") as src:
+            src.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            intervals = wait_touched(src, 2)
+            with Proc(env.qemu_run(PIPE_CMDLINE, "1G", 2, qmp_b, incoming=fifo), "qemu -incoming") as dst, \
+                    QMP(qmp_a) as qa, QMP(qmp_b) as qb:
+                qa.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+                start = now()
+                qa.execute("stop")
+                qa.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(fifo))}"})
+                info = qa.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+                status = qb.poll("query-status", lambda r: r["status"] != "inmigrate", SNAPSHOT_TIMEOUT)
+                if status["status"] != "paused":
+                    raise BenchError(f"QEMU came back {status['status']!r}, not paused")
+                qb.execute("cont")
+                running = now()
+                progress, _ = dst.expect(TICK_RE, timeout=TICK_TIMEOUT)
+                qa.execute("quit")
+        return {"total_ms": ms(running - start), "progress_ms": ms(progress - start),
+                "pipe_mib": info["ram"]["transferred"] / MiB, "tick_ms": intervals}
+    finally:
+        fifo.unlink(missing_ok=True)
+
+
 def migration_done(reply):
     status = reply.get("status")
     if status in ("failed", "cancelled"):
@@ -690,6 +754,128 @@ def snapshot_benchmark(env, runs, invocation):
     ])
 
 
+PIPE_CMDLINE = SNAP_CMDLINE
+
+
+def pipe_benchmark(env, runs, invocation):
+    vmm, vmm_z, qemu = Series("vmm pipe"), Series("vmm pipe --compress"), Series("QEMU pipe")
+    for i in range(runs):
+        log(f"pipe: round {i + 1}/{runs}")
+        vmm.run(pipe_vmm, env, False)
+        vmm_z.run(pipe_vmm, env, True)
+        qemu.run(pipe_qemu, env)
+    rows = [
+        ("request → guest running on the other side (ms)", vmm.cell("total_ms"), vmm_z.cell("total_ms"),
+         qemu.cell("total_ms"), ratio(vmm, qemu, "total_ms"), "≤ 0.5× QEMU"),
+        ("request → guest progress on the other side (ms)", vmm.cell("progress_ms"),
+         vmm_z.cell("progress_ms"), qemu.cell("progress_ms"), ratio(vmm, qemu, "progress_ms"), ""),
+        ("bytes through the pipe (MiB)", vmm.cell("pipe_mib"), vmm_z.cell("pipe_mib"),
+         qemu.cell("pipe_mib"), ratio(vmm, qemu, "pipe_mib"), "≤ touched (256 MiB)"),
+    ]
+    sock = env.tmp / "a.sock"
+    argvs = [env.show(env.vmm_run(PIPE_CMDLINE, "1G", 2, sock)),
+             env.show(env.vmm_snapshot(sock, "-") + ["--stop"]) + " | "
+             + env.show([str(env.vmm), "resume", "-", "--api-sock", str(env.tmp / "b.sock")])
+             + "   # and with --compress",
+             env.show(env.qemu_run(PIPE_CMDLINE, "1G", 2, sock)),
+             env.show(env.qemu_run(PIPE_CMDLINE, "1G", 2, env.tmp / "b.sock", incoming=env.tmp / "fifo"))
+             + "   # $TMP/fifo made by mkfifo",
+             "# QMP on the first: migrate-set-parameters {\"max-bandwidth\": 107374182400}; stop; "
+             "migrate {\"uri\": \"exec:cat > $TMP/fifo\"}; query-migrate until completed; "
+             "on the second: query-status until not inmigrate; cont"]
+    failures = [n for s in (vmm, vmm_z, qemu) if (n := s.failure_note(runs))]
+    return "\n\n".join([
+        "## A VM moved through a pipe (`bench/run.py pipe`)",
+        host_line(env, runs),
+        f"Guest: 1 GiB, 2 vCPUs, `{PIPE_CMDLINE}` (256 MiB written by the workload), moved after "
+        "every vCPU verified a pass over its region. vmm: `vmm snapshot --out - --stop | vmm resume "
+        "-` (stop-and-copy: the guest is paused from the request until it runs on the other side). "
+        "QEMU: the same, non-live: `stop`, then `migrate` through `exec:cat` into a FIFO read by a "
+        "QEMU started with `-incoming`, then `cont` there. Times start at the spawn of `vmm "
+        "snapshot` / the `stop` command; *running* is the resumed vmm's `running` line / the reply "
+        "to `cont`; *progress* the first tick line read from the resumed guest. QEMU's bytes are "
+        "the RAM bytes `query-migrate` reports transferred.",
+        table(("", "vmm", "vmm --compress", "QEMU", "vmm/QEMU", "target"), rows),
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+    ])
+
+
+GROWTH_SIZES = (("256M", "128M"), ("768M", "384M"), ("1536M", "768M"))  # touched, per vCPU
+
+
+def growth_benchmark(env, runs, invocation):
+    series = {}
+    for touched, per_vcpu in GROWTH_SIZES:
+        series[touched] = (Series(f"vmm {touched}"), Series(f"QEMU {touched}"))
+    for i in range(runs):
+        for touched, per_vcpu in GROWTH_SIZES:
+            log(f"growth: {touched} touched, round {i + 1}/{runs}")
+            cmdline = f"workload=mem mem.size={per_vcpu} tick.ms=10"
+            vmm, qemu = series[touched]
+            vmm.run(snapshot_vmm, env, cmdline, "2G", 2)
+            qemu.run(snapshot_qemu, env, cmdline, "2G", 2)
+    rows = []
+    for touched, (vmm, qemu) in series.items():
+        rows.append((touched, vmm.cell("pause_ms"), qemu.cell("pause_ms"), ratio(vmm, qemu, "pause_ms"),
+                     vmm.cell("durable_ms"), qemu.cell("durable_ms"), ratio(vmm, qemu, "durable_ms"),
+                     vmm.cell("disk_mib"), qemu.cell("disk_mib")))
+    plot = plot_growth(series)
+    failures = [n for pair in series.values() for s in pair if (n := s.failure_note(runs))]
+    sock = env.tmp / "vm.sock"
+    argvs = [env.show(env.vmm_run("workload=mem mem.size=128M|384M|768M tick.ms=10", "2G", 2, sock)),
+             env.show(env.vmm_snapshot(sock, env.tmp / "snapshot")) + "   # then SIGKILL, resume",
+             "# QEMU: as in the snapshot benchmark, with -m 2G"]
+    return "\n\n".join([
+        "## How snapshot cost grows with touched memory (`bench/run.py growth`)",
+        host_line(env, runs),
+        "Guest: 2 GiB, 2 vCPUs, `workload=mem` writing 256 MiB, 768 MiB and 1.5 GiB in all; "
+        "measured as in the snapshot benchmark (vmm: pause, and durable = fsync'd and renamed "
+        "while the guest runs on; QEMU: stop + save + fsync, the guest stopped throughout).",
+        table(("touched", "pause vmm (ms)", "pause QEMU (ms)", "vmm/QEMU", "durable vmm (ms)",
+               "durable QEMU (ms)", "vmm/QEMU", "on disk vmm (MiB)", "on disk QEMU (MiB)"), rows),
+        "Targets: pause ≤ 0.2× QEMU and durable ≤ 1.0× QEMU at every size.",
+        f"![snapshot cost against touched memory]({plot})" if plot else "(no plot: matplotlib missing)",
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+    ])
+
+
+def plot_growth(series):
+    """docs/growth.png: pause and durable against touched memory, vmm and QEMU on the same axes.
+    Returns its path relative to docs/, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = {"256M": 256, "768M": 768, "1536M": 1536}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "pause_ms", "guest paused (ms)"),
+                           (axes[1], "durable_ms", "snapshot durable (ms)")):
+        for index, label in ((0, "vmm"), (1, "QEMU")):
+            xs, ys, lo, hi = [], [], [], []
+            for touched, pair in series.items():
+                values = pair[index].values(key)
+                if values:
+                    xs.append(sizes[touched])
+                    ys.append(statistics.median(values))
+                    lo.append(ys[-1] - min(values))
+                    hi.append(max(values) - ys[-1])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xlabel("touched guest memory (MiB), 2 GiB guest")
+        ax.set_ylabel(title)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPO / "docs/growth.png", dpi=100)
+    plt.close(fig)
+    return "growth.png"
+
+
 def tick_note(series):
     """Says how often the guest printed tick lines, which bounds the 'guest progress' figure."""
     intervals = [t for s in series for r in s.results for t in r["tick_ms"]]
@@ -759,7 +945,8 @@ def raise_interrupt(signum, _frame):
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmark vmm against QEMU (see bench/README.md).")
-    parser.add_argument("benchmark", nargs="?", default="all", choices=("boot", "snapshot", "all"))
+    parser.add_argument("benchmark", nargs="?", default="all",
+                        choices=("boot", "snapshot", "pipe", "growth", "all"))
     parser.add_argument("--runs", type=int, default=10, help="runs of each figure per VMM (default 10)")
     parser.add_argument("--write-docs", action="store_true",
                         help="also replace this benchmark's section of docs/BENCHMARKS.md")
@@ -789,6 +976,10 @@ def main():
                     sections["boot"] = boot_benchmark(env, args.runs, invocation)
                 if args.benchmark in ("snapshot", "all"):
                     sections["snapshot"] = snapshot_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("pipe", "all"):
+                    sections["pipe"] = pipe_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("growth", "all"):
+                    sections["growth"] = growth_benchmark(env, args.runs, invocation)
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish

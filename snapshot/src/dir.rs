@@ -194,18 +194,9 @@ fn remove_abandoned(parent: &Path, prefix: &str) {
 
 /// Atomically swaps two directories (renameat2 RENAME_EXCHANGE).
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let ca =
-        std::ffi::CString::new(a.as_os_str().as_bytes()).map_err(|_| Error::RefuseReplace(a.display().to_string()))?;
-    let cb =
-        std::ffi::CString::new(b.as_os_str().as_bytes()).map_err(|_| Error::RefuseReplace(b.display().to_string()))?;
-    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
-    let rc =
-        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc != 0 {
-        return Err(Error::Io { path: b.display().to_string(), err: std::io::Error::last_os_error() });
-    }
-    Ok(())
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE)
+        .map_err(|e| Error::Io { path: b.display().to_string(), err: e.into() })
 }
 
 /// An existing snapshot, its manifest checked.
@@ -302,18 +293,12 @@ mod tests {
     use crate::manifest::tests::sample;
     use crate::pages::MemorySource;
 
-    struct Scratch(PathBuf);
+    /// A scratch directory, removed when dropped.
+    struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
     impl Scratch {
         fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("snapshot-dir-{}-{tag}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let dir = tempfile::Builder::new().prefix(&format!("snapshot-dir-{tag}-")).tempdir().unwrap();
+            Self(dir.path().to_path_buf(), dir)
         }
     }
 

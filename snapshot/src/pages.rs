@@ -515,8 +515,11 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// A path in a scratch directory that lives as long as the test process (files are removed
+    /// by each test).
     fn temp(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("snapshot-pages-{}-{name}", std::process::id()))
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        DIR.get_or_init(|| tempfile::Builder::new().prefix("snapshot-pages-").tempdir().unwrap()).path().join(name)
     }
 
     #[test]

@@ -114,3 +114,115 @@ pub fn read_snapshot<R: Read, T, E: From<Error>>(
     manifest.memory.extents = extents;
     Ok((StreamedSnapshot { id: decoded.id, manifest, state, bytes: reader.bytes_read() }, target))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+    use crate::stream::StreamWriter;
+    use proptest::prelude::*;
+
+    /// A whole stream of `sample()`'s machine: 2 MiB of memory, the first MiB data, the second zero.
+    fn good_stream(compress: bool) -> Vec<u8> {
+        let state = b"machine state".to_vec();
+        let mut m = sample();
+        m.memory.extents.clear();
+        m.memory.chunk_checksums.clear();
+        m.state = crate::StateDigest { size: state.len() as u64, checksum: checksum(&state), sections: vec![] };
+        let mut w = StreamWriter::new(Vec::new(), compress).unwrap();
+        w.manifest(&m.encode()).unwrap();
+        w.state(&state).unwrap();
+        w.memory(0, &vec![7u8; 1 << 20]).unwrap();
+        w.zero(1 << 20, 1 << 20).unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn read(bytes: &[u8]) -> Result<(StreamedSnapshot, u64), Error> {
+        read_snapshot(
+            bytes,
+            "test",
+            |_| Ok::<_, Error>(0u64),
+            |n, update| {
+                if let MemoryUpdate::Data { bytes, .. } = update {
+                    *n += bytes.len() as u64;
+                }
+                Ok(())
+            },
+        )
+    }
+
+    #[test]
+    fn a_whole_stream_reads_back_with_its_extent_map() {
+        for compress in [false, true] {
+            let (s, data) = read(&good_stream(compress)).unwrap();
+            assert_eq!(data, 1 << 20);
+            assert_eq!(s.state, b"machine state");
+            assert_eq!(s.manifest.memory.data_pages(), 256);
+            assert_eq!(s.manifest.memory.zero_pages(), 256);
+            s.manifest.memory.validate_regions().unwrap();
+        }
+    }
+
+    #[test]
+    fn every_cut_is_an_error() {
+        let good = good_stream(false);
+        // Every cut of the head; then every 997th byte through the memory.
+        for cut in (0..200).chain((200..good.len()).step_by(997)) {
+            assert!(read(&good[..cut]).is_err(), "cut at {cut} accepted");
+        }
+    }
+
+    #[test]
+    fn memory_outside_guest_memory_or_missing_is_refused() {
+        let m = {
+            let mut m = sample();
+            m.memory.extents.clear();
+            m.memory.chunk_checksums.clear();
+            m.state = crate::StateDigest { size: 1, checksum: checksum(b"s"), sections: vec![] };
+            m
+        };
+        let stream = |pages: &[(u64, u64)]| {
+            let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+            w.manifest(&m.encode()).unwrap();
+            w.state(b"s").unwrap();
+            for &(addr, len) in pages {
+                w.zero(addr, len).unwrap();
+            }
+            w.finish().unwrap().0
+        };
+        assert!(read(&stream(&[(0, 2 << 20)])).is_ok());
+        let err = read(&stream(&[(0, 1 << 20)])).err().unwrap().to_string();
+        assert!(err.contains("never sent guest memory at 0x100000"), "{err}");
+        let err = read(&stream(&[(0, 2 << 20), (2 << 20, 4096)])).err().unwrap().to_string();
+        assert!(err.contains("outside guest memory"), "{err}");
+        let err = read(&stream(&[(0, 3 << 20)])).err().unwrap().to_string();
+        assert!(err.contains("outside guest memory"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Arbitrary bytes, or a good stream with arbitrary bytes changed: an error, never a panic.
+        #[test]
+        fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = read(&bytes);
+        }
+
+        #[test]
+        fn damaged_streams_are_refused(edits in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4),
+                                       compress in any::<bool>()) {
+            let mut bytes = good_stream(compress);
+            for (at, xor) in edits {
+                let at = at % bytes.len();
+                bytes[at] ^= xor;
+            }
+            prop_assert!(read(&bytes).is_err());
+        }
+
+        /// The state decoder with arbitrary input: an error, never a panic.
+        #[test]
+        fn arbitrary_state_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = crate::MachineSections::decode(&bytes);
+        }
+    }
+}

@@ -125,27 +125,17 @@ pub fn bound(secs: u64) -> Duration {
     Duration::from_secs(secs * scale)
 }
 
-/// A unique scratch directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
+/// A unique scratch directory (`tempfile`), removed when dropped. Its name carries `tag`, so a
+/// test's leftovers can be told apart. Control sockets go in it too: tests never share one.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("vmm-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
+        Self(tempfile::Builder::new().prefix(&format!("vmm-test-{tag}-")).tempdir().expect("create temp dir"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
@@ -157,6 +147,8 @@ pub struct Vmm {
     pub seen: Vec<String>,
     stderr: std::thread::JoinHandle<String>,
     stdin: Option<std::process::ChildStdin>,
+    /// Holds the control socket of a VM started without `--api-sock`: tests never share one.
+    _socket_dir: Option<TempDir>,
 }
 
 impl Vmm {
@@ -172,8 +164,14 @@ impl Vmm {
     /// Like `spawn`, with stdin from `stdin` (a file, a pipe from another process).
     pub fn spawn_with_stdin<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: Stdio) -> Self {
         settle_after_last_vm();
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        let starts_vm = args.first().is_some_and(|a| a == "run" || a == "resume");
+        let socket_dir = (starts_vm && !args.iter().any(|a| a == "--api-sock")).then(|| TempDir::new("sock"));
+        if let Some(dir) = &socket_dir {
+            args.extend(["--api-sock".into(), dir.path().join("vm.sock").into_os_string()]);
+        }
         let mut child = Command::new(vmm_bin())
-            .args(args)
+            .args(&args)
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -204,7 +202,7 @@ impl Vmm {
             let _ = err_pipe.read_to_string(&mut s);
             s
         });
-        Self { child, lines, seen: Vec::new(), stderr, stdin }
+        Self { child, lines, seen: Vec::new(), stderr, stdin, _socket_dir: socket_dir }
     }
 
     /// Types `text` on the guest console (needs `spawn_with_console_input`).

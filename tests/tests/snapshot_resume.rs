@@ -302,48 +302,62 @@ fn resume_with_prefault_continues() {
     r.kill();
 }
 
-/// A vmm killed while it writes a snapshot over an existing one (`--force`) leaves a snapshot at
-/// the destination that verifies (the old one, or the new one if it was complete), and nothing
-/// else that passes for a snapshot.
+/// A vmm killed (SIGKILL) while it writes a snapshot over an existing one (`--force`) leaves the
+/// old snapshot at the destination, intact, and a partial one aside that does not pass for a
+/// snapshot (and that the next snapshot to this destination removes). The kill is proven to land
+/// mid-write: `vmm status` showed the job writing memory, part done, just before.
 #[test]
 fn crash_while_snapshotting_leaves_a_valid_snapshot() {
     let dir = TempDir::new("crash");
     let s = sock(&dir, "c");
-    let mut vm = Vmm::testguest("workload=mem mem.size=64M", &["--vcpus", "2", "--mem", "512M", "--api-sock", &s]);
-    vm.wait_for("testguest: tick", T);
+    // 1 GiB touched in a 2 GiB guest: writing it takes seconds.
+    let mut vm = Vmm::testguest("workload=mem mem.size=512M", &["--vcpus", "2", "--mem", "2G", "--api-sock", &s]);
+    loop {
+        let line = vm.wait_for("testguest: tick", T);
+        if field(&line, "cpu0") >= Some(1) && field(&line, "cpu1") >= Some(1) {
+            break;
+        }
+    }
     let snap = dir.path().join("snap");
     let snap_s = snap.to_str().unwrap().to_string();
     vmm_ok(&["snapshot", "--api-sock", &s, "--out", &snap_s]);
     let before = std::fs::read(snap.join("manifest")).unwrap();
-    for delay_ms in [5u64, 40, 120] {
-        let client = std::process::Command::new(tests::vmm_bin())
-            .args(["snapshot", "--api-sock", &s, "--out", &snap_s, "--force"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        vm.kill();
-        let _ = client.wait_with_output();
-        vmm_ok(&["verify", &snap_s]);
-        // (The next snapshot to this destination removes such leftovers of dead writers.)
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let path = entry.unwrap().path();
-            if path.file_name().unwrap().to_string_lossy().contains(".tmp-") {
-                let (status, _, _) = vmm_cmd(&["verify", path.to_str().unwrap()]);
-                assert!(!status.success(), "a partial snapshot verifies: {}", path.display());
-                println!("killed at {delay_ms} ms: a partial snapshot was left aside, and does not verify");
-                std::fs::remove_dir_all(&path).unwrap();
+    let client = std::process::Command::new(tests::vmm_bin())
+        .args(["snapshot", "--api-sock", &s, "--out", &snap_s, "--force"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let progress = loop {
+        let status = vmm_ok(&["status", "--api-sock", &s]);
+        let job = status.split_whitespace().skip_while(|w| *w != "snapshot=writing-memory").nth(1);
+        if let Some((done, total)) = job.and_then(|j| j.strip_suffix("MiB")?.split_once('/')) {
+            if done != "0" && done != total {
+                break format!("{done}/{total} MiB");
             }
         }
-        if std::fs::read(snap.join("manifest")).unwrap() == before {
-            println!("killed at {delay_ms} ms: the old snapshot is intact");
-        } else {
-            println!("killed at {delay_ms} ms: the new snapshot was complete");
-        }
-        // A new VM for the next round.
-        vm = Vmm::testguest("workload=mem mem.size=64M", &["--vcpus", "2", "--mem", "512M", "--api-sock", &s]);
-        vm.wait_for("testguest: tick", T);
-    }
+        assert!(std::time::Instant::now() < deadline, "never saw the snapshot writing memory: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    vm.kill();
+    let _ = client.wait_with_output();
+    println!("killed while writing memory ({progress} done)");
+    assert_eq!(std::fs::read(snap.join("manifest")).unwrap(), before, "the old snapshot changed");
+    vmm_ok(&["verify", &snap_s]);
+    let partial: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".snap.tmp-"))
+        .collect();
+    assert_eq!(partial.len(), 1, "the partial snapshot was expected aside: {partial:?}");
+    let (status, _, _) = vmm_cmd(&["verify", partial[0].to_str().unwrap()]);
+    assert!(!status.success(), "a partial snapshot verifies: {}", partial[0].display());
+    // The next snapshot to this destination removes it (its writer is gone).
+    let mut vm = Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &s]);
+    vm.wait_for("testguest: ready", T);
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", &snap_s, "--force"]);
+    assert!(!partial[0].exists(), "the dead writer's directory is still there");
+    vmm_ok(&["verify", &snap_s]);
     vm.kill();
 }

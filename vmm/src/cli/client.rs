@@ -47,25 +47,14 @@ fn call_with_fd(target: &VmTarget, request: &Request, fd: Option<std::os::fd::Ra
 }
 
 /// Waits (a while) for the VM's process to end, so that what it held (disks, its name) is free
-/// when the command returns.
+/// when the command returns: through a pidfd, which becomes readable once every thread of the
+/// process has exited.
 fn wait_gone(pid: u32) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while alive(pid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
-/// Whether process `pid` still runs. A zombie, waiting for its parent to reap it, does not, once
-/// all its threads are gone: the thread-group leader turns zombie first, while the others still
-/// hold the process's files.
-fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // The state follows the command name, which is in parentheses.
-    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
-    if !matches!(state, Some("Z" | "X")) {
-        return true;
-    }
-    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count() > 1).unwrap_or(false)
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return };
+    let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else { return };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let _ = poll(&mut fds, Some(&Timespec { tv_sec: 30, tv_nsec: 0 }));
 }
 
 pub fn simple(target: &VmTarget, request: Request) -> CmdResult {

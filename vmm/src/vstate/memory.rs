@@ -109,27 +109,21 @@ fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -
 
 /// For each of `pages` pages of `file` from `offset`, whether it holds data (not a hole).
 fn data_pages(file: &std::fs::File, offset: u64, pages: usize) -> Option<Vec<bool>> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    use rustix::fs::{seek, SeekFrom};
     let end = offset + (pages * PAGE) as u64;
     let mut map = vec![false; pages];
     let mut pos = offset;
     while pos < end {
-        // SAFETY: lseek on a descriptor we own; no memory is involved.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data after `pos`. Anything else: do not guess.
-            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(map);
-        }
-        let data = data as u64;
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(data) => data,
+            // No data after `pos`. Anything else: do not guess.
+            Err(e) if e == rustix::io::Errno::NXIO => return Some(map),
+            Err(_) => return None,
+        };
         if data >= end {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return None;
-        }
-        let hole = (hole as u64).min(end);
+        let hole = seek(file, SeekFrom::Hole(data)).ok()?.min(end);
         let first = ((data - offset) / PAGE as u64) as usize;
         let last = (hole - offset).div_ceil(PAGE as u64) as usize;
         map[first..last.min(pages)].iter_mut().for_each(|b| *b = true);
@@ -165,8 +159,6 @@ pub fn staging_size(mem: &GuestMemory, kinds: &[Option<Vec<PageKind>>]) -> Optio
     (size <= available / 2).then_some(size as usize)
 }
 
-/// Linux 5.14+: fault pages in writable, as a write would (copy-on-write for private mappings).
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// Prefault granularity: small enough to interleave with the guest's own faults.
 const PREFAULT_CHUNK: usize = 2 << 20;
 
@@ -189,11 +181,15 @@ pub fn spawn_prefault(mem: GuestMemory) -> std::io::Result<()> {
                 let off = i * PREFAULT_CHUNK;
                 let n = PREFAULT_CHUNK.min(len - off);
                 // SAFETY: [addr + off, + n) lies inside the region's mapping, which `mem` keeps
-                // alive. Populating only faults pages in with the content they already have
-                // (the file's, or the guest's own if it wrote them): guest-visible memory does
-                // not change.
-                if unsafe { libc::madvise((addr + off) as *mut libc::c_void, n, MADV_POPULATE_WRITE) } != 0 {
-                    tracing::debug!("prefault stopped: {}", std::io::Error::last_os_error());
+                // alive. Populating (Linux 5.14+: fault pages in writable, as a write would;
+                // copy-on-write for private mappings) only faults pages in with the content they
+                // already have (the file's, or the guest's own if it wrote them): guest-visible
+                // memory does not change.
+                let advised = unsafe {
+                    rustix::mm::madvise((addr + off) as *mut libc::c_void, n, rustix::mm::Advice::LinuxPopulateWrite)
+                };
+                if let Err(e) = advised {
+                    tracing::debug!("prefault stopped: {e}");
                     return;
                 }
                 bytes += n;

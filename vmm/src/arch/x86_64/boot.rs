@@ -356,11 +356,8 @@ mod tests {
     }
 
     fn tempfile_with(bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("vmm-boot-test-{}-{}", std::process::id(), bytes.len()));
-        let mut f = File::create(&path).unwrap();
+        let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
-        let f = File::open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
         f
     }
 }

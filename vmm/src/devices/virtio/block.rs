@@ -67,16 +67,13 @@ impl Block {
             .open(path)
             .map_err(|err| BlockError::Open { path: path.display().to_string(), err })?;
         // One writer per disk image: two VMs (say, a VM and a copy resumed from its snapshot)
-        // writing one file would corrupt it. The lock lives as long as the open file.
-        let lock = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-        // SAFETY: flock on a descriptor we own; it does not touch memory.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), lock | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(BlockError::InUse(path.display().to_string()));
-            }
+        // writing one file would corrupt it. The lock (flock) lives as long as the open file.
+        let locked = if read_only { file.try_lock_shared() } else { file.try_lock() };
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(BlockError::InUse(path.display().to_string())),
             // A file system without locks: go on, unprotected.
-            tracing::warn!("cannot lock disk {}: {err}", path.display());
+            Err(std::fs::TryLockError::Error(err)) => tracing::warn!("cannot lock disk {}: {err}", path.display()),
         }
         let len = file.metadata().map_err(|err| BlockError::Open { path: path.display().to_string(), err })?.len();
         let mut id = [0u8; ID_BYTES];
@@ -259,11 +256,13 @@ mod tests {
         mem: GuestMemory,
         next_avail: u16,
         disk: std::path::PathBuf,
+        _scratch: tempfile::TempDir,
     }
 
     impl Driver {
         fn new(tag: &str, read_only: bool, used_ring: u64) -> Self {
-            let disk = std::env::temp_dir().join(format!("vmm-blk-unit-{}-{tag}", std::process::id()));
+            let scratch = tempfile::Builder::new().prefix(&format!("vmm-blk-unit-{tag}-")).tempdir().unwrap();
+            let disk = scratch.path().join("disk.img");
             std::fs::write(&disk, vec![0u8; (DISK_SECTORS * SECTOR_SIZE) as usize]).unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let block = Block::open(&disk, read_only, 0).unwrap();
@@ -281,7 +280,7 @@ mod tests {
             }
             w(&mut dev, 0x44, 1);
             w(&mut dev, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-            Self { dev, mem, next_avail: 0, disk }
+            Self { dev, mem, next_avail: 0, disk, _scratch: scratch }
         }
 
         fn status(&mut self) -> u32 {
@@ -329,12 +328,6 @@ mod tests {
             let mut v = Vec::new();
             std::fs::File::open(&self.disk).unwrap().read_to_end(&mut v).unwrap();
             v
-        }
-    }
-
-    impl Drop for Driver {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.disk);
         }
     }
 
