@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmm against QEMU on this host, with the project's test guest.
 
-    bench/run.py [boot|snapshot|all] [--runs N] [--write-docs]
+    bench/run.py [boot|snapshot|pipe|growth|all] [--runs N] [--write-docs]
 
 Every figure is measured for vmm and for QEMU in the same invocation, alternating runs (vmm, QEMU,
 vmm, QEMU, ...), and reported as median (min-max) with the ratio of the medians. It is a
@@ -9,7 +9,7 @@ benchmark: it reports and never asserts on timing. A run that fails (timeout, cr
 line) is reported as failed and the benchmark goes on. The result is a Markdown section on stdout;
 --write-docs also replaces that section in docs/BENCHMARKS.md. See bench/README.md.
 
-Python 3.11, standard library only.
+Python 3.11, standard library only (matplotlib, if installed, draws the growth plot).
 """
 
 import argparse

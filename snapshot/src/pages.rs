@@ -247,11 +247,30 @@ impl StagedMemory {
     /// while the guest is paused runs at memory speed.
     /// None if the memory cannot be had.
     pub fn with_capacity(bytes: usize) -> Option<Self> {
-        let mut data = Vec::new();
+        use rustix::mm::{madvise, Advice};
+        let mut data: Vec<u8> = Vec::new();
         data.try_reserve_exact(bytes).ok()?;
-        // Touch one byte a page: the kernel backs the whole buffer now rather than mid-copy.
-        for page in data.spare_capacity_mut().chunks_mut(PAGE) {
-            page[0].write(0u8);
+        let spare = data.spare_capacity_mut();
+        let (start, len) = (spare.as_mut_ptr() as usize, spare.len());
+        // Huge pages where the buffer allows (its 2 MiB-aligned part): 512 times fewer faults to
+        // back it, and fewer TLB misses in the copy.
+        const HUGE: usize = 2 << 20;
+        let aligned = start.next_multiple_of(HUGE);
+        if aligned < start + len {
+            let huge_len = (start + len - aligned) / HUGE * HUGE;
+            // SAFETY: the range lies inside the Vec's allocation, which we own; the advice only
+            // changes how the kernel backs it, not its content.
+            let _ = unsafe { madvise(aligned as *mut _, huge_len, Advice::LinuxHugepage) };
+        }
+        // Back the whole buffer now (Linux 5.14+), rather than fault page by page mid-copy;
+        // on older kernels, touch a byte of each page.
+        let page_start = start.next_multiple_of(PAGE);
+        let page_len = (start + len).saturating_sub(page_start) / PAGE * PAGE;
+        // SAFETY: as above; populating faults pages in without changing what they hold.
+        if unsafe { madvise(page_start as *mut _, page_len, Advice::LinuxPopulateWrite) }.is_err() {
+            for page in data.spare_capacity_mut().chunks_mut(PAGE) {
+                page[0].write(0u8);
+            }
         }
         Some(Self { regions: Vec::new(), data })
     }
@@ -447,6 +466,7 @@ fn write_regions(
     let mut chunk_checksums = Vec::new();
     let mut extents = Vec::new();
     let mut file_offset = 0u64;
+    let mut writeback = Writeback::default();
     for &src in sources {
         // A run of non-zero pages waiting to be written: [first, end) page indices.
         let mut run: Option<(usize, usize)> = None;
@@ -475,13 +495,41 @@ fn write_regions(
                 }
             }
             chunk_checksums.push(hasher.finish());
+            // Written a chunk at a time, so progress says what is in the file.
+            flush(&mut run)?;
+            let chunk_end = file_offset + ((first + pages_per_chunk).min(page_count) * PAGE) as u64;
+            writeback.advance(file, chunk_end);
             progress.advance((src.size() - first * PAGE).min(pages_per_chunk * PAGE) as u64)?;
         }
-        flush(&mut run)?;
         regions.push(RegionLayout { guest_addr: src.guest_addr(), size: src.size() as u64, file_offset });
         file_offset += src.size() as u64;
     }
     Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, extents, chunk_checksums })
+}
+
+/// Starts the disk writing what was written to the page file, every `WRITEBACK_STEP` bytes,
+/// without waiting for it: the final fsync then finds most of it done, and the disk works while
+/// the rest is copied instead of after.
+#[derive(Default)]
+struct Writeback {
+    started_to: u64,
+}
+
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+impl Writeback {
+    fn advance(&mut self, file: &File, written_to: u64) {
+        if written_to < self.started_to + WRITEBACK_STEP {
+            return;
+        }
+        let (offset, len) = (self.started_to as libc::off64_t, (written_to - self.started_to) as libc::off64_t);
+        // SAFETY: sync_file_range only starts writeback of a range of a descriptor we own; it
+        // touches no memory of ours. A failure only means the fsync at commit does all the work.
+        unsafe {
+            libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(file), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        self.started_to = written_to;
+    }
 }
 
 /// Computes the checksum of every chunk of the page file, as `write_pages` did.

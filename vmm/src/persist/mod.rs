@@ -119,17 +119,23 @@ pub struct SnapshotReport {
 /// snapshot runs; `cancel` stops it.
 #[derive(Debug, Default)]
 pub struct Job {
-    phase: Mutex<&'static str>,
+    /// The current phase and when it began.
+    phase: Mutex<(&'static str, Option<Instant>)>,
     pub progress: Progress,
 }
 
 impl Job {
     pub fn phase(&self) -> &'static str {
-        *lock(&self.phase)
+        lock(&self.phase).0
     }
 
+    /// Enters `phase`; the time the previous one took goes to the debug log (`VMM_LOG=debug`).
     fn set_phase(&self, phase: &'static str) {
-        *lock(&self.phase) = phase;
+        let mut current = lock(&self.phase);
+        if let (previous, Some(since)) = *current {
+            tracing::debug!("snapshot: {previous} took {:.1} ms", ms(since.elapsed()));
+        }
+        *current = (phase, Some(Instant::now()));
     }
 }
 
@@ -264,7 +270,9 @@ pub fn snapshot(
         }
         job.progress.check()?;
         job.set_phase("committing");
-        sink.commit()
+        let written = sink.commit();
+        job.set_phase("done");
+        written
     })();
     match result {
         Ok(written) => Ok(SnapshotReport {
