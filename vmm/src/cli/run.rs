@@ -103,8 +103,10 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
             return Err(Failure::bad_input("resume - reads a snapshot stream from stdin: pipe one in"));
         }
         // The name may come from the stream's manifest, known only once it is read.
-        let restored =
-            persist::restore(ResumeSource::Stream(Box::new(std::io::stdin())), &opts).map_err(persist_failure)?;
+        let restored = {
+            persist::sink::grow_pipe(&std::io::stdin());
+            persist::restore(ResumeSource::Stream(Box::new(std::io::stdin())), &opts).map_err(persist_failure)?
+        };
         let name = restored.machine.config.name.clone();
         let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(&name));
         let (listener, guard) = bind(&socket, &name)?;

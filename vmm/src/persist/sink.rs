@@ -75,15 +75,27 @@ pub struct StreamSink<W: Write + Send> {
     what: PathBuf,
 }
 
-impl<W: Write + Send> StreamSink<W> {
+/// A pipe holds 64 KiB by default: a stream through one then costs a context switch every 64 KiB.
+/// Grow it as far as this host lets an unprivileged process (`/proc/sys/fs/pipe-max-size`,
+/// 1 MiB by default); anything but a pipe is left alone.
+pub fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(1 << 20);
+    let _ = rustix::pipe::fcntl_setpipe_size(fd, max.min(16 << 20));
+}
+
+impl<W: Write + Send + std::os::fd::AsFd> StreamSink<W> {
     pub fn new(out: W, compress: bool, what: &Path) -> Result<Self, PersistError> {
+        grow_pipe(&out);
         let buffered = std::io::BufWriter::with_capacity(1 << 20, out);
         let writer = StreamWriter::new(buffered, compress).map_err(|e| PersistError::stream_out(what, e))?;
         Ok(Self { writer, what: what.to_path_buf() })
     }
 }
 
-impl<W: Write + Send> Sink for StreamSink<W> {
+impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
     fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError> {
         let what = &self.what;
         self.writer.manifest(&manifest.encode()).map_err(|e| PersistError::stream_out(what, e))?;

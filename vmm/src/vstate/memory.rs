@@ -46,11 +46,24 @@ pub fn layout_of(mem: &GuestMemory) -> snapshot::MemoryLayout {
     }
 }
 
-/// Maps `mem_size` bytes of guest RAM. Pages are only backed when touched.
+/// Maps `mem_size` bytes of guest RAM. Pages are only backed when touched, with transparent huge
+/// pages where the host allows them (as QEMU does): a fault backs 2 MiB instead of 4 KiB, and the
+/// guest's TLB misses are cheaper.
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     let ranges: Vec<(GuestAddress, usize)> =
         ram_regions(mem_size).into_iter().map(|(start, size)| (GuestAddress(start), size as usize)).collect();
-    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError { size: mem_size, reason: e.to_string() })
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError { size: mem_size, reason: e.to_string() })?;
+    for region in mem.iter() {
+        // SAFETY: the range is the region's own mapping, alive as long as `mem`; the advice
+        // changes how the kernel backs it, never its content.
+        let advised = unsafe {
+            rustix::mm::madvise(region.as_ptr() as *mut _, region.len() as usize, rustix::mm::Advice::LinuxHugepage)
+        };
+        if let Err(e) = advised {
+            tracing::debug!("no huge pages for guest memory: {e}");
+        }
+    }
+    Ok(mem)
 }
 
 /// For each region, where each page's content is, when that can be known without touching the
