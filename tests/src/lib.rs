@@ -465,8 +465,13 @@ pub fn client_bound() -> Duration {
 /// `client_bound()`: a command that hangs fails the test with where it and every vmm this test
 /// started stood, instead of stalling the suite.
 pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
+    // A VM this starts gets a control socket of its own: tests never share one.
+    let socket_dir = (matches!(args.first(), Some(&"run" | &"resume")) && !args.contains(&"--api-sock"))
+        .then(|| TempDir::new("sock"));
+    let socket = socket_dir.as_ref().map(|d| d.path().join("vm.sock").display().to_string());
     let mut child = Command::new(vmm_bin())
         .args(args)
+        .args(socket.iter().flat_map(|s| ["--api-sock", s.as_str()]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

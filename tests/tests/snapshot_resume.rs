@@ -310,8 +310,13 @@ fn resume_with_prefault_continues() {
 fn crash_while_snapshotting_leaves_a_valid_snapshot() {
     let dir = TempDir::new("crash");
     let s = sock(&dir, "c");
-    // 1 GiB touched in a 2 GiB guest: writing it takes seconds.
-    let mut vm = Vmm::testguest("workload=mem mem.size=512M", &["--vcpus", "2", "--mem", "2G", "--api-sock", &s]);
+    // 1 GiB touched in a 2 GiB guest: writing it takes seconds (a quarter of that under the
+    // nested host's emulator, which is slow enough).
+    let (workload, mem) = match tests::host_kind() {
+        tests::HostKind::Nested => ("workload=mem mem.size=128M", "1G"),
+        _ => ("workload=mem mem.size=512M", "2G"),
+    };
+    let mut vm = Vmm::testguest(workload, &["--vcpus", "2", "--mem", mem, "--api-sock", &s]);
     loop {
         let line = vm.wait_for("testguest: tick", T);
         if field(&line, "cpu0") >= Some(1) && field(&line, "cpu1") >= Some(1) {
