@@ -226,7 +226,7 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Slot of a zero page in a staged region.
 const ZERO_SLOT: u32 = u32::MAX;
 
-/// One region's non-zero pages, copied aside in page order.
+/// One region's pages that may hold data, copied aside in page order.
 struct StagedRegion {
     guest_addr: u64,
     size: usize,
@@ -275,8 +275,10 @@ impl StagedMemory {
         Some(Self { regions: Vec::new(), data })
     }
 
-    /// Copies the non-zero pages of `sources`: pages known to be zero are not read, pages still
-    /// in a backing file are read from it (in runs, without faulting them into the mapping).
+    /// Copies the pages of `sources` that may hold data: pages known to be zero are not read,
+    /// pages in the mapping are copied in runs as they are (zero ones are told apart when
+    /// written, while the guest runs), pages still in a backing file are read from it (in runs,
+    /// without faulting them into the mapping; its holes are left out).
     /// Returns false, having copied an unknown part, if they do not fit (or a backing file cannot
     /// be read): the buffer never grows, so the copy never waits for an allocation.
     pub fn copy(&mut self, sources: &[MemorySource<'_>]) -> bool {
@@ -304,16 +306,24 @@ impl StagedMemory {
                         continue;
                     }
                     (PageKind::Zero, _) => slots.push(ZERO_SLOT),
-                    _ => match src.page(p) {
-                        Some(bytes) => {
-                            if self.data.capacity() - self.data.len() < bytes.len() {
-                                return false;
-                            }
-                            slots.push((self.data.len() / PAGE) as u32);
-                            self.data.extend_from_slice(bytes);
+                    _ => {
+                        // A run of pages in the mapping, copied as they are in one go: which of
+                        // them are zero is found when they are written, while the guest runs.
+                        let in_mapping = |q: usize| {
+                            let kind = src.kinds.as_ref().and_then(|k| k.get(q).copied()).unwrap_or(PageKind::Mapped);
+                            kind == PageKind::Mapped || (kind == PageKind::InFile && src.backing.is_none())
+                        };
+                        let end = (p + 1..pages).find(|&q| !in_mapping(q)).unwrap_or(pages);
+                        let bytes = &src.bytes[p * PAGE..end * PAGE];
+                        if self.data.capacity() - self.data.len() < bytes.len() {
+                            return false;
                         }
-                        None => slots.push(ZERO_SLOT),
-                    },
+                        let first_slot = self.data.len() / PAGE;
+                        slots.extend((first_slot..first_slot + (end - p)).map(|slot| slot as u32));
+                        self.data.extend_from_slice(bytes);
+                        p = end;
+                        continue;
+                    }
                 }
                 p += 1;
             }
@@ -366,7 +376,11 @@ impl PageSource for StagedView<'_> {
 
     fn page(&self, p: usize) -> Option<&[u8]> {
         let slot = *self.region.slots.get(p)?;
-        (slot != ZERO_SLOT).then(|| &self.data[slot as usize * PAGE..(slot as usize + 1) * PAGE])
+        if slot == ZERO_SLOT {
+            return None;
+        }
+        let bytes = &self.data[slot as usize * PAGE..(slot as usize + 1) * PAGE];
+        (!is_zero(bytes)).then_some(bytes)
     }
 
     fn run(&self, first: usize, end: usize) -> &[u8] {
@@ -666,9 +680,10 @@ mod tests {
         let direct = write_pages(&direct_file, &direct_path, &src()).unwrap();
         let mut small = StagedMemory::with_capacity(64 * 4096).unwrap();
         assert!(!small.copy(&src()), "a copy that does not fit must say so");
-        let mut staged = StagedMemory::with_capacity(1 << 20).unwrap();
+        let mut staged = StagedMemory::with_capacity(4 << 20).unwrap();
         assert!(staged.copy(&src()));
-        assert_eq!(staged.data.len(), (mem.len() / 4096).div_ceil(3) * 4096);
+        // Every page of the mapping is copied; the zero ones are found when written.
+        assert_eq!(staged.data.len(), mem.len());
         mem.iter_mut().for_each(|b| *b = 0xff); // the guest runs on: the copy must not care
         let layout = write_staged(&staged_file, &staged_path, &staged).unwrap();
         assert_eq!(layout, direct);

@@ -161,6 +161,14 @@ fn existing_destination_needs_force() {
     // No temporary siblings left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{names:?}");
+    // A host error (here, a missing parent directory) is a runtime error naming the user's path
+    // and the OS error, never a temporary path.
+    let (status, _, stderr) = vmm_cmd(&["snapshot", "--api-sock", &s, "--out", "/nonexistent/sub/snap"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "vmm: cannot create snapshot /nonexistent/sub/snap: No such file or directory (os error 2)"
+    );
     // The guest kept running through all of it.
     vm.wait_for("testguest: tick", T);
     vm.kill();

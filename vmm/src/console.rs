@@ -15,37 +15,36 @@ const CTRL_A: u8 = 0x01;
 
 /// Puts stdin's terminal in raw mode and restores it when dropped or on `restore`.
 pub struct RawTerminal {
-    saved: Option<libc::termios>,
+    raw: bool,
 }
 
 impl RawTerminal {
-    /// Raw mode if stdin is a terminal; a no-op otherwise (CI, pipes).
+    /// Raw mode (no line editing, echo or signal keys: Ctrl-C goes to the guest) if stdin is a
+    /// terminal; a no-op otherwise (CI, pipes). Output processing is kept, so the host terminal
+    /// still turns \n into \r\n.
     pub fn enter() -> Self {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
-            return Self { saved: None };
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it for a valid descriptor.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor and pointer to a live termios.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return Self { saved: None };
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw only edits the struct it is given.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing so the host terminal still turns \n into \r\n.
-        raw.c_oflag = saved.c_oflag;
-        // SAFETY: valid descriptor and pointer to a live termios.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
-        Self { saved: Some(saved) }
+        use std::io::IsTerminal;
+        use vmm_sys_util::terminal::Terminal;
+        let raw = std::io::stdin().is_terminal() && StdinFd.set_raw_mode().is_ok();
+        Self { raw }
     }
 
     pub fn restore(&self) {
-        if let Some(saved) = &self.saved {
-            // SAFETY: valid descriptor and pointer to the termios saved at entry.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        use vmm_sys_util::terminal::Terminal;
+        if self.raw {
+            let _ = StdinFd.set_canon_mode();
         }
+    }
+}
+
+/// Standard input by its descriptor: the console's reader thread holds `std::io::stdin()`'s
+/// lock for as long as it runs, so the terminal's mode is set through the descriptor itself.
+struct StdinFd;
+
+// SAFETY: descriptor 0 stays open for the life of the process.
+unsafe impl vmm_sys_util::terminal::Terminal for StdinFd {
+    fn tty_fd(&self) -> std::os::fd::RawFd {
+        libc::STDIN_FILENO
     }
 }
 

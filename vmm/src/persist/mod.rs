@@ -139,6 +139,20 @@ impl Job {
     }
 }
 
+/// Nice value of the thread that takes a snapshot, when vmm may raise priorities.
+const SNAPSHOT_NICE: i32 = -10;
+
+/// Runs the calling thread (a snapshot job's) ahead of the vCPUs where vmm may (CAP_SYS_NICE,
+/// e.g. root): the guest runs on while its memory is written, and on a host with as many busy
+/// vCPUs as cores the writer would otherwise get a third of a core, and take twice as long to
+/// make the snapshot durable (docs/BENCHMARKS.md). Elsewhere the job runs at the vCPUs' priority.
+fn boost_this_thread() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), SNAPSHOT_NICE) {
+        tracing::debug!("snapshot thread keeps its priority: {e}");
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -180,6 +194,7 @@ pub fn snapshot(
     job: &Job,
 ) -> Result<SnapshotReport, PersistError> {
     let start = Instant::now();
+    boost_this_thread();
     let mem_bytes: u64 = control.config.mem_bytes;
     job.progress.set_total(memory::total_bytes(&control.mem));
     // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
