@@ -44,6 +44,10 @@ pub struct FileIdentity {
     pub size: u64,
     /// Last modification, in nanoseconds since the Unix epoch.
     pub mtime_ns: i128,
+    /// Last status change (ctime), in nanoseconds since the Unix epoch: unlike the mtime, no one
+    /// can set it back, so a write that restores the mtime (`rsync --inplace -t`) still shows.
+    #[serde(default)]
+    pub ctime_ns: i128,
 }
 
 impl FileIdentity {
@@ -54,6 +58,7 @@ impl FileIdentity {
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
 
@@ -65,6 +70,8 @@ impl FileIdentity {
             Some(format!("its size changed from {} to {} bytes", self.size, now.size))
         } else if self.mtime_ns != now.mtime_ns {
             Some("it was modified".into())
+        } else if self.ctime_ns != 0 && self.ctime_ns != now.ctime_ns {
+            Some("it was modified, or its attributes were".into())
         } else {
             None
         }

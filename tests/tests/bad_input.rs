@@ -105,3 +105,10 @@ fn a_kvm_device_that_is_not_kvm_is_a_runtime_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("not a usable KVM device"), "{stderr}");
 }
+
+#[test]
+fn a_missing_argument_is_named() {
+    assert_bad_input(&["status"], "the following required arguments were not provided: --vm <NAME>");
+    assert_bad_input(&["snapshot", "--vm", "x"], "the following required arguments were not provided: --out <OUT>");
+    assert_bad_input(&["status", "--vm", "x", "--api-sock", "/tmp/x.sock"], "cannot be used with");
+}

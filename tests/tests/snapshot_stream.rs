@@ -156,3 +156,73 @@ fn stop_with_a_reader_that_dies_keeps_the_source_running() {
     assert!(counters(&l2).iter().zip(counters(&l1)).all(|(a, b)| *a > b), "{l1} -> {l2}");
     vm.kill();
 }
+
+#[test]
+fn resume_refuses_a_taken_name_before_the_source_is_gone() {
+    let dir = TempDir::new("taken");
+    let (mut src, _) = boot(&dir, "a");
+    let (mut other, _) = boot(&dir, "taken");
+    let mut snap = snapshot_to_pipe(&dir, "a", &["--stop"]);
+    let pipe = Stdio::from(snap.stdout.take().unwrap());
+    let dst = Vmm::spawn_with_stdin(&["resume", "-", "--name", "taken", "--api-sock", &sock(&dir, "taken")], pipe);
+    let (status, _, stderr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    // The snapshot could not be delivered: its command fails and the source runs on.
+    let status = snap.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let (status, out, _) = vmm_cmd(&["status", "--api-sock", &sock(&dir, "a")]);
+    assert!(status.success() && out.contains("running"), "{out}");
+    src.wait_for("testguest: tick", T);
+    src.kill();
+    other.kill();
+}
+
+#[test]
+fn status_and_cancel_answer_while_a_stop_snapshot_holds_the_guest_paused() {
+    let dir = TempDir::new("stopcancel");
+    let (mut vm, _) = boot(&dir, "a");
+    // Nobody reads the stream yet: the job waits on the pipe with the guest paused.
+    let mut snap = snapshot_to_pipe(&dir, "a", &["--stop"]);
+    let s = sock(&dir, "a");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, out, err) = vmm_cmd(&["status", "--api-sock", &s]);
+        assert!(status.success(), "status must answer during the snapshot: {err}");
+        if out.contains("paused") && out.contains("snapshot=writing-memory") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never saw the paused guest being written: {out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling a child process we started and have not reaped.
+    unsafe { libc::kill(snap.id() as libc::pid_t, libc::SIGINT) };
+    // Once the cancel got there, let the job see it: read (and drop) what it writes.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut out = snap.stdout.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let status = snap.wait().unwrap();
+    let mut err = String::new();
+    snap.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    // The guest runs on.
+    let (status, out, _) = vmm_cmd(&["status", "--api-sock", &s]);
+    assert!(status.success() && out.contains("running"), "{out}");
+    let l1 = vm.wait_for("testguest: tick", T);
+    let l2 = vm.wait_for("testguest: tick", T);
+    assert!(counters(&l2).iter().zip(counters(&l1)).all(|(a, b)| *a > b), "{l1} -> {l2}");
+    vm.kill();
+}
+
+#[test]
+fn a_stream_to_dev_null_is_refused() {
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "--vm", "nosuch", "--out", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("/dev/null"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! socket and the main thread both act through this.
 
 use crate::vstate::memory::GuestMemory;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use snapshot::MemorySource;
@@ -57,6 +58,9 @@ pub struct VmControl {
     exit: ExitSender,
     /// The snapshot being taken, if any: one at a time.
     job: Mutex<Option<Arc<Job>>>,
+    /// `inner.state == Paused`, readable without the lock a snapshot holds while it writes from
+    /// the paused guest: `status` and `cancel` must answer meanwhile.
+    paused: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +126,7 @@ impl Drop for PausedVm<'_> {
             if let Err(e) = resume_all(&mut self.inner) {
                 tracing::error!("cannot resume the guest: {e}");
             }
+            self.control.publish(&self.inner);
         }
     }
 }
@@ -199,12 +204,22 @@ impl VmControl {
                 }
             }
         }
+        let paused = AtomicBool::new(state == RunState::Paused);
         let inner = Mutex::new(Inner { vcpus, state, dirty_logging: false });
-        Self { config, vm, mem, devices, inner, exit, job: Mutex::new(None) }
+        Self { config, vm, mem, devices, inner, exit, job: Mutex::new(None), paused }
     }
 
+    /// Whether the guest runs; never waits (a snapshot may hold the vCPUs paused for long).
     pub fn run_state(&self) -> RunState {
-        lock(&self.inner).state
+        if self.paused.load(Ordering::Acquire) {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.paused.store(inner.state == RunState::Paused, Ordering::Release);
     }
 
     /// Pauses the guest (its vCPUs, then the devices' worker threads) until `resume`.
@@ -213,6 +228,7 @@ impl VmControl {
         if inner.state == RunState::Running {
             pause_all(&mut inner)?;
             self.devices.pause_workers();
+            self.publish(&inner);
         }
         Ok(())
     }
@@ -222,7 +238,9 @@ impl VmControl {
         if inner.state == RunState::Paused {
             self.devices.resume_workers();
         }
-        resume_all(&mut inner)
+        let result = resume_all(&mut inner);
+        self.publish(&inner);
+        result
     }
 
     /// Pauses every vCPU and device worker (if running) for as long as the returned guard lives.
@@ -232,6 +250,7 @@ impl VmControl {
         if was == RunState::Running {
             pause_all(&mut inner)?;
             self.devices.pause_workers();
+            self.publish(&inner);
         }
         Ok(PausedVm { control: self, inner, was, keep_paused: false })
     }

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(clap::Args)]
 pub struct VmTarget {
     /// Name of the VM (as given to, or printed by, `vmm run`).
-    #[arg(long = "vm", required_unless_present = "api_sock")]
+    #[arg(long = "vm", required_unless_present = "api_sock", conflicts_with = "api_sock")]
     pub name: Option<String>,
     /// Control socket path (instead of --vm).
     #[arg(long)]
@@ -158,10 +158,17 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's first line ("error: ..."), without the usage block.
+            // One line: clap's message up to its usage block, lines joined ("the following
+            // required arguments were not provided: --vm <NAME>").
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("vmm: {}", first.trim_start_matches("error: "));
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let line = message.join(" ");
+            eprintln!("vmm: {}", line.trim_start_matches("error: "));
             return ExitCode::from(cli::EXIT_BAD_INPUT);
         }
     };

@@ -17,6 +17,8 @@ pub enum ClientError {
     Io { path: String, err: std::io::Error },
     #[error("bad reply from the VM: {0}")]
     BadReply(String),
+    #[error("the VM on {0} closed the connection without answering")]
+    NoReply(String),
 }
 
 /// Sends one request and waits for its reply (a snapshot may take a while: no timeout).
@@ -43,6 +45,9 @@ pub fn request_with_fd(socket: &Path, request: &Request, fd: Option<RawFd>) -> R
         None => stream.write_all(text.as_bytes()).map_err(|err| ClientError::Io { path: path.clone(), err })?,
     }
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(|err| ClientError::Io { path, err })?;
+    BufReader::new(&stream).read_line(&mut line).map_err(|err| ClientError::Io { path: path.clone(), err })?;
+    if line.is_empty() {
+        return Err(ClientError::NoReply(path));
+    }
     serde_json::from_str(line.trim()).map_err(|e| ClientError::BadReply(e.to_string()))
 }

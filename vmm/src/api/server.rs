@@ -30,6 +30,11 @@ pub enum ServerError {
 pub fn bind(path: &Path, name: &str) -> Result<UnixListener, ServerError> {
     let sock_err = |err| ServerError::Socket { path: path.display().to_string(), err };
     if let Some(dir) = path.parent() {
+        if dir.exists() && !dir.is_dir() {
+            let err =
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, format!("{} is not a directory", dir.display()));
+            return Err(ServerError::Socket { path: path.display().to_string(), err });
+        }
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -66,13 +71,21 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Serves requests on `listener` for the life of the process. Requests are served one at a
-/// time, each quickly: a snapshot is only started here, and runs on its own thread.
+/// Serves requests on `listener` for the life of the process, each connection on a thread of
+/// its own: a client slow to send its request never holds up another one (a snapshot job, too,
+/// runs on its own thread).
 pub fn spawn(listener: UnixListener, control: Arc<VmControl>) -> std::io::Result<()> {
     std::thread::Builder::new().name("api".into()).spawn(move || {
         for stream in listener.incoming() {
             match stream {
-                Ok(s) => serve(s, &control),
+                Ok(s) => {
+                    let control = control.clone();
+                    if let Err(e) =
+                        std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(s, &control))
+                    {
+                        tracing::warn!("cannot serve a control connection: {e}");
+                    }
+                }
                 Err(e) => tracing::warn!("control socket accept failed: {e}"),
             }
         }

@@ -30,6 +30,9 @@ fn call_with_fd(target: &VmTarget, request: &Request, fd: Option<std::os::fd::Ra
             Some(name) => format!("no running VM named '{name}' ({} does not answer)", path.display()),
             None => e.to_string(),
         }),
+        client::ClientError::NoReply(_) => {
+            Failure::runtime(format!("the VM ended before it answered (killed, or it crashed): {}", path.display()))
+        }
         other => Failure::runtime(other.to_string()),
     })?;
     if reply.ok {
@@ -90,6 +93,9 @@ fn show_progress(target: &VmTarget, done: &AtomicBool) {
     );
     while !done.load(Ordering::Relaxed) {
         if let Ok(Some(job)) = call(target, &Request::Status).map(|r| r.status.and_then(|s| s.job)) {
+            if job.total_bytes == 0 {
+                continue;
+            }
             bar.set_length(job.total_bytes);
             bar.set_position(job.done_bytes);
             bar.set_message(job.phase);
@@ -111,10 +117,28 @@ fn cancel_on_signal(target: &VmTarget) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether stdout is /dev/null (Rust's runtime also opens it there when the shell closed it).
+fn stdout_is_null() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(out), Ok(null)) = (rustix::fs::fstat(std::io::stdout()), std::fs::metadata("/dev/null")) else {
+        return false;
+    };
+    rustix::fs::FileType::from_raw_mode(out.st_mode) == rustix::fs::FileType::CharacterDevice
+        && out.st_rdev == null.rdev()
+}
+
 pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
     let stream = args.out.as_os_str() == "-";
     if stream && std::io::stdout().is_terminal() {
         return Err(Failure::bad_input("--out - writes a binary snapshot stream: send stdout to a file or a pipe"));
+    }
+    if stream && stdout_is_null() {
+        return Err(Failure::bad_input(
+            "--out - would write the snapshot stream to /dev/null (or a closed stdout): it would be lost",
+        ));
+    }
+    if stream && args.force {
+        return Err(Failure::bad_input("--force replaces a snapshot directory; it means nothing with --out -"));
     }
     if args.compress && !stream {
         return Err(Failure::bad_input("--compress applies to snapshot streams (--out -)"));

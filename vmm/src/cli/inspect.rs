@@ -28,7 +28,7 @@ struct Described {
 fn read(dir: &Path) -> Result<Described, Failure> {
     if dir.as_os_str() == "-" {
         if std::io::stdin().is_terminal() {
-            return Err(Failure::bad_input("- reads a snapshot stream from stdin: pipe one in"));
+            return Err(Failure::bad_input("'-' reads a snapshot stream from stdin: pipe one in"));
         }
         let s = vmm::persist::inspect_stream(std::io::stdin().lock(), "stdin").map_err(failure)?;
         return Ok(Described { id: s.id, manifest: s.manifest, bytes: s.bytes, stream: true });

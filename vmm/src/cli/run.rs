@@ -98,31 +98,31 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     }
     let opts = ResumeOptions { name: args.name.clone(), verify: args.verify, disk_changed_ok: args.disk_changed_ok };
     let from_stream = args.dir.as_os_str() == "-";
-    let (restored, listener, guard) = if from_stream {
+    let source = if from_stream {
         if std::io::stdin().is_terminal() {
-            return Err(Failure::bad_input("resume - reads a snapshot stream from stdin: pipe one in"));
+            return Err(Failure::bad_input("vmm resume - reads a snapshot stream from stdin: pipe one in"));
         }
-        // The name may come from the stream's manifest, known only once it is read.
-        let restored = {
-            persist::sink::grow_pipe(&std::io::stdin());
-            persist::restore(ResumeSource::Stream(Box::new(std::io::stdin())), &opts).map_err(persist_failure)?
-        };
-        let name = restored.machine.config.name.clone();
-        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(&name));
-        let (listener, guard) = bind(&socket, &name)?;
-        (restored, listener, guard)
+        persist::sink::grow_pipe(&std::io::stdin());
+        ResumeSource::Stream(Box::new(std::io::stdin()))
     } else {
-        // The name (and so the socket) may come from the snapshot: read its manifest first, and
-        // claim the name before any work.
-        let name = match &args.name {
-            Some(n) => n.clone(),
-            None => snapshot::Snapshot::open(&args.dir).map_err(|e| persist_failure(e.into()))?.manifest.vm.name,
-        };
-        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(&name));
-        let (listener, guard) = bind(&socket, &name)?;
-        let restored = persist::restore(ResumeSource::Dir(args.dir.clone()), &opts).map_err(persist_failure)?;
-        (restored, listener, guard)
+        if args.dir.is_file() {
+            return Err(Failure::bad_input(format!(
+                "{} is a file, not a snapshot directory (a snapshot stream is resumed with `vmm resume - < FILE`)",
+                args.dir.display()
+            )));
+        }
+        ResumeSource::Dir(args.dir.clone())
     };
+    // The VM's name (and so its socket) may come from the snapshot: it is claimed as soon as the
+    // snapshot says it, before memory is read.
+    let claim = |name: &str| {
+        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(name));
+        bind(&socket, name).map_err(|f| persist::PersistError::Claim {
+            message: f.message,
+            bad_input: f.code == super::EXIT_BAD_INPUT,
+        })
+    };
+    let (restored, (listener, guard)) = persist::restore(source, &opts, claim).map_err(persist_failure)?;
     let prefault = args.prefault.then(|| restored.machine.mem.clone());
     let launch = Launch { paused: args.paused, prefault, memory_file: restored.memory_file, stdin_input: !from_stream };
     serve(restored.machine, listener, guard, launch)

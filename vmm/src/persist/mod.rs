@@ -61,6 +61,9 @@ pub enum PersistError {
     DiskChanged { path: String, why: String },
     #[error("snapshot {0} is a difference from a parent snapshot, which this vmm cannot resume yet")]
     HasParent(String),
+    /// The resuming side could not take the VM's name or control socket.
+    #[error("{message}")]
+    Claim { message: String, bad_input: bool },
 }
 
 impl PersistError {
@@ -80,6 +83,7 @@ impl PersistError {
             | PersistError::DiskChanged { .. }
             | PersistError::HasParent(_) => true,
             PersistError::Machine(e) => e.is_bad_input(),
+            PersistError::Claim { bad_input, .. } => *bad_input,
             _ => false,
         }
     }
@@ -117,11 +121,17 @@ pub struct SnapshotReport {
 
 /// A snapshot being taken: what it is doing and how far it got. `status` reads it while the
 /// snapshot runs; `cancel` stops it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Job {
     /// The current phase and when it began.
     phase: Mutex<(&'static str, Option<Instant>)>,
     pub progress: Progress,
+}
+
+impl Default for Job {
+    fn default() -> Self {
+        Self { phase: Mutex::new(("starting", Some(Instant::now()))), progress: Progress::default() }
+    }
 }
 
 impl Job {

@@ -113,7 +113,12 @@ fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError
 }
 
 /// Reads a snapshot stream into fresh guest memory of the size its manifest gives.
-fn read_stream(input: impl Read) -> Result<(StreamedSnapshot, GuestMemory), PersistError> {
+/// `before_memory` runs once the manifest is read and checked, before anything else is: what can
+/// refuse the VM here must do so then, while its source (with `--stop`) can still keep it.
+fn read_stream<T>(
+    input: impl Read,
+    before_memory: impl FnOnce(&Manifest) -> Result<T, PersistError>,
+) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
     let what = "stdin";
     let prepare = |m: &Manifest| {
         let expected = crate::arch::x86_64::memory_map::ram_regions(m.vm.mem_bytes);
@@ -121,9 +126,10 @@ fn read_stream(input: impl Read) -> Result<(StreamedSnapshot, GuestMemory), Pers
         if layout != expected {
             return Err(PersistError::Inconsistent("memory layout does not match the memory size".into()));
         }
-        Ok(memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?)
+        let claimed = before_memory(m)?;
+        Ok((memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?, claimed))
     };
-    let fill = |mem: &mut GuestMemory, update: MemoryUpdate<'_>| {
+    let fill = |(mem, _): &mut (GuestMemory, T), update: MemoryUpdate<'_>| {
         let write = |bytes: &[u8], addr: u64| {
             mem.write_slice(bytes, GuestAddress(addr))
                 .map_err(|e| snapshot::Error::BadStream { what: what.into(), reason: e.to_string() })
@@ -141,7 +147,8 @@ fn read_stream(input: impl Read) -> Result<(StreamedSnapshot, GuestMemory), Pers
         }
         Ok(())
     };
-    streamed::read_snapshot(input, what, prepare, fill)
+    let (streamed, (mem, claimed)) = streamed::read_snapshot(input, what, prepare, fill)?;
+    Ok((streamed, mem, claimed))
 }
 
 /// Refuses a snapshot whose guest was given CPU features this host cannot offer.
@@ -189,25 +196,46 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
     })
 }
 
-/// Rebuilds the machine of a snapshot, ready to start where it stopped.
-pub fn restore(source: ResumeSource, opts: &ResumeOptions) -> Result<Restored, PersistError> {
+/// What can be checked of a snapshot before its memory is read; `claim` then takes the VM's name
+/// (e.g. binds its control socket), so that a VM that cannot be resumed here is refused before
+/// a stream's source is gone.
+fn admit<T>(
+    manifest: &Manifest,
+    what: &str,
+    opts: &ResumeOptions,
+    claim: impl FnOnce(&str) -> Result<T, PersistError>,
+) -> Result<T, PersistError> {
+    if manifest.parent.is_some() {
+        return Err(PersistError::HasParent(what.to_string()));
+    }
+    if manifest.vm.vcpus == 0 {
+        return Err(PersistError::Inconsistent("the manifest gives the VM no vCPU".into()));
+    }
+    check_disks(manifest, opts)?;
+    let config = config_of(manifest, opts)?;
+    claim(&config.name)
+}
+
+/// Rebuilds the machine of a snapshot, ready to start where it stopped. `claim` is called with
+/// the VM's name as soon as it is known and the snapshot passed the checks that need no KVM:
+/// before a stream's memory is read, before a directory's memory is mapped.
+pub fn restore<T>(
+    source: ResumeSource,
+    opts: &ResumeOptions,
+    claim: impl FnOnce(&str) -> Result<T, PersistError>,
+) -> Result<(Restored, T), PersistError> {
     let streamed = matches!(source, ResumeSource::Stream(_));
-    let (manifest, state, mem, memory_file) = match source {
+    let (manifest, state, mem, memory_file, claimed) = match source {
         ResumeSource::Dir(dir) => {
             let (snap, state) = load_dir(&dir, opts.verify)?;
-            if snap.manifest.parent.is_some() {
-                return Err(PersistError::HasParent(dir.display().to_string()));
-            }
-            check_disks(&snap.manifest, opts)?;
-            config_of(&snap.manifest, opts)?;
+            let claimed = admit(&snap.manifest, &dir.display().to_string(), opts, claim)?;
             let (mem, file) = map_memory(&snap)?;
-            (snap.manifest, state, mem, Some(file))
+            (snap.manifest, state, mem, Some(file), claimed)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem) = read_stream(&mut input)?;
+            let (streamed, mem, claimed) = read_stream(&mut input, |m| admit(m, "the snapshot stream", opts, claim))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
-            check_disks(&streamed.manifest, opts)?;
-            (streamed.manifest, state, mem, None)
+            (streamed.manifest, state, mem, None, claimed)
         }
     };
     let config = config_of(&manifest, opts)?;
@@ -237,12 +265,12 @@ pub fn restore(source: ResumeSource, opts: &ResumeOptions) -> Result<Restored, P
     // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
     // the devices raise the interrupts they had pending.
     machine.devices.replay_interrupts();
-    Ok(Restored { machine, memory_file })
+    Ok((Restored { machine, memory_file }, claimed))
 }
 
 /// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.
 pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
-    let now = match std::fs::metadata(&file.path) {
+    let mut now = match std::fs::metadata(&file.path) {
         Ok(meta) => FileIdentity::of(&meta),
         // Removed or renamed: the mapping keeps the file's content, nothing changed for the guest.
         Err(_) => return None,
@@ -251,6 +279,9 @@ pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
     if (now.dev, now.ino) != (file.identity.dev, file.identity.ino) {
         return None;
     }
+    // Not the ctime: a chmod changes it too, and is no reason to stop a guest (a write that sets
+    // the mtime back goes unseen here; resume refuses such a disk, though).
+    now.ctime_ns = file.identity.ctime_ns;
     let snapshot = file.path.parent().unwrap_or(&file.path).display();
     file.identity.changes(&now).map(|why| format!("memory file of snapshot {snapshot} changed while in use ({why})"))
 }
