@@ -64,6 +64,8 @@ pub enum Error {
     BadStream { what: String, reason: String },
     #[error("cancelled")]
     Cancelled,
+    #[error("snapshot memory is inconsistent: the manifest says guest memory at {guest_addr:#x} holds no data, the page file has some there")]
+    NotZero { guest_addr: u64 },
     #[error("{0} already exists (use --force to replace it)")]
     AlreadyExists(String),
     #[error("{0} exists and is not a snapshot; refusing to replace it")]

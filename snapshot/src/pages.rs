@@ -569,6 +569,38 @@ pub fn verify_pages(file: &File, path: &std::path::Path, layout: &MemoryLayout) 
             return Err(Error::MemoryChecksum { chunk: i, guest_addr });
         }
     }
+    verify_holes(file, path, layout)
+}
+
+/// Checks that what the extent map says is not data (zero, or the parent's) reads as zeros in the
+/// page file: a data extent relabelled would otherwise resume as the file's bytes.
+fn verify_holes(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    for e in layout.extents.iter().filter(|e| e.kind != ExtentKind::Data) {
+        let Some(r) =
+            layout.regions.iter().find(|r| e.guest_addr >= r.guest_addr && e.guest_addr < r.guest_addr + r.size)
+        else {
+            continue; // validate() guarantees one
+        };
+        let start = r.file_offset + e.guest_addr - r.guest_addr;
+        // A hole all along (the usual case) needs no reading.
+        match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(start)) {
+            Ok(data) if data >= start + e.len => continue,
+            Err(e) if e == rustix::io::Errno::NXIO => continue,
+            _ => {}
+        }
+        let mut done = 0;
+        while done < e.len {
+            let n = (e.len - done).min(CHUNK_SIZE);
+            let piece = &mut buf[..n as usize];
+            file.read_exact_at(piece, r.file_offset + e.guest_addr - r.guest_addr + done).map_err(io_err(path))?;
+            if let Some(at) = piece.chunks(PAGE).position(|p| !is_zero(p)) {
+                let guest_addr = e.guest_addr + done + (at * PAGE) as u64;
+                return Err(Error::NotZero { guest_addr });
+            }
+            done += n;
+        }
+    }
     Ok(())
 }
 
@@ -607,6 +639,17 @@ mod tests {
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, low);
         verify_pages(&file, &path, &layout).unwrap();
+
+        // A data page the extent map calls zero is caught.
+        let mut relabelled = layout.clone();
+        relabelled.extents = vec![
+            Extent { guest_addr: 0, len: 4 << 20, kind: ExtentKind::Zero },
+            relabelled.extents[relabelled.extents.len() - 1],
+        ];
+        match verify_pages(&file, &path, &relabelled) {
+            Err(Error::NotZero { guest_addr: 0x5000 }) => {}
+            other => panic!("{other:?}"),
+        }
 
         file.write_all_at(&[1], (2 << 20) + 3).unwrap();
         match verify_pages(&file, &path, &layout) {

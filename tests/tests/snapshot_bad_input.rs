@@ -256,3 +256,17 @@ fn no_kvm_to_resume_on_is_a_runtime_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
 }
+
+#[test]
+fn data_the_extent_map_calls_zero_is_caught_by_verify() {
+    let dir = TempDir::new("relabel");
+    let snap = copy_of_good(&dir);
+    rewrite_manifest(&snap, |m| {
+        for e in m.memory.extents.iter_mut() {
+            e.kind = snapshot::ExtentKind::Zero;
+        }
+    });
+    let s = snap.to_str().unwrap();
+    refused(&["verify", s], "the manifest says guest memory at 0x");
+    refused(&["resume", s, "--verify"], "the page file has some there");
+}
