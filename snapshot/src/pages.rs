@@ -449,22 +449,13 @@ impl MemoryData<'_> {
         })
     }
 
-    /// Writes a page file (see `write_pages`), counting progress a chunk at a time.
+    /// Writes `self` into `file` (regions one after another), leaving zero pages as holes, and
+    /// checksums every chunk on the way (from memory: reading the file back before it is flushed
+    /// is slow), counting progress a chunk at a time. Memory read from the guest (`Sources`)
+    /// must not change meanwhile: the guest stays paused.
     pub fn write_page_file(&self, file: &File, path: &std::path::Path, progress: &Progress) -> Result<MemoryLayout> {
         self.with_sources(|sources| write_regions(file, path, sources, progress))
     }
-}
-
-/// Writes `sources` into `file` (regions one after another), leaving zero pages as holes, and
-/// checksums every chunk on the way (from memory: reading the file back before it is flushed is
-/// slow). The guest must not run while this reads its memory.
-pub fn write_pages(file: &File, path: &std::path::Path, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
-    MemoryData::Sources(sources).write_page_file(file, path, &Progress::default())
-}
-
-/// Writes memory copied aside by `StagedMemory::copy`, like `write_pages`.
-pub fn write_staged(file: &File, path: &std::path::Path, staged: &StagedMemory) -> Result<MemoryLayout> {
-    MemoryData::Staged(staged).write_page_file(file, path, &Progress::default())
 }
 
 fn write_regions(
@@ -546,7 +537,7 @@ impl Writeback {
     }
 }
 
-/// Computes the checksum of every chunk of the page file, as `write_pages` did.
+/// Computes the checksum of every chunk of the page file, as `write_page_file` did.
 pub fn checksum_pages(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> Result<Vec<u64>> {
     let mut buf = vec![0u8; layout.chunk_size as usize];
     layout
@@ -608,6 +599,14 @@ fn verify_holes(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> R
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    fn write_pages(file: &File, path: &std::path::Path, sources: &[MemorySource<'_>]) -> Result<MemoryLayout> {
+        MemoryData::Sources(sources).write_page_file(file, path, &Progress::default())
+    }
+
+    fn write_staged(file: &File, path: &std::path::Path, staged: &StagedMemory) -> Result<MemoryLayout> {
+        MemoryData::Staged(staged).write_page_file(file, path, &Progress::default())
+    }
 
     /// A path in a scratch directory that lives as long as the test process (files are removed
     /// by each test).

@@ -153,10 +153,8 @@ fn rewrite_manifest(snap: &Path, edit: impl FnOnce(&mut snapshot::Manifest)) {
     std::fs::write(&path, m.encode()).unwrap();
 }
 
-#[test]
-fn device_list_that_does_not_match_is_refused() {
-    let dir = TempDir::new("devices");
-    // The snapshot's state has a disk; its configuration, once rewritten, has none.
+/// A snapshot (`--stop`) of an idle guest with a 1 MiB disk in `dir`: (snapshot, disk).
+fn stopped_snapshot_with_disk(dir: &TempDir) -> (PathBuf, PathBuf) {
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("s.sock").display().to_string();
@@ -166,6 +164,14 @@ fn device_list_that_does_not_match_is_refused() {
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
     vm.wait_exit(T);
+    (snap, disk)
+}
+
+#[test]
+fn device_list_that_does_not_match_is_refused() {
+    let dir = TempDir::new("devices");
+    // The snapshot's state has a disk; its configuration, once rewritten, has none.
+    let (snap, _) = stopped_snapshot_with_disk(&dir);
     let text = vmm_ok(&["inspect", snap.to_str().unwrap()]);
     assert!(text.contains("blk0: virtio-blk"), "{text}");
     rewrite_manifest(&snap, |m| m.vm.disks.clear());
@@ -178,16 +184,8 @@ fn device_list_that_does_not_match_is_refused() {
 #[test]
 fn a_disk_changed_since_the_snapshot_is_refused() {
     let dir = TempDir::new("diskchanged");
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let sock = dir.path().join("s.sock").display().to_string();
-    let mut vm =
-        Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &sock, "--disk", disk.to_str().unwrap()]);
-    vm.wait_for("testguest: ready", T);
-    let snap = dir.path().join("snap");
+    let (snap, disk) = stopped_snapshot_with_disk(&dir);
     let s = snap.to_str().unwrap();
-    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", s, "--stop"]);
-    vm.wait_exit(T);
     // Someone writes the disk meanwhile.
     std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&disk).unwrap(), b"x", 512)
         .unwrap();

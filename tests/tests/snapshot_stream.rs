@@ -30,6 +30,15 @@ fn counters(line: &str) -> Vec<u64> {
     (0..2).map(|c| field(line, &format!("cpu{c}")).unwrap_or_else(|| panic!("no cpu{c} in {line}"))).collect()
 }
 
+/// The VM on `sock` says it runs, and every vCPU's counter goes on.
+fn assert_runs_on(vm: &mut Vmm, sock: &str) {
+    let (status, out, _) = vmm_cmd(&["status", "--api-sock", sock]);
+    assert!(status.success() && out.contains("running"), "{out}");
+    let l1 = vm.wait_for("testguest: tick", T);
+    let l2 = vm.wait_for("testguest: tick", T);
+    assert!(counters(&l2).iter().zip(counters(&l1)).all(|(a, b)| *a > b), "{l1} -> {l2}");
+}
+
 /// `vmm snapshot --out - ARGS` of VM `name`, its stdout a pipe returned to the caller.
 fn snapshot_to_pipe(dir: &TempDir, name: &str, extra: &[&str]) -> std::process::Child {
     Command::new(vmm_bin())
@@ -149,11 +158,7 @@ fn stop_with_a_reader_that_dies_keeps_the_source_running() {
     assert_eq!(status.code(), Some(1), "a failed --stop snapshot is a runtime error: {err}");
     assert!(err.contains("Broken pipe"), "{err}");
     // The source runs on.
-    let (status, out, _) = vmm_cmd(&["status", "--api-sock", &sock(&dir, "a")]);
-    assert!(status.success() && out.contains("running"), "{out}");
-    let l1 = vm.wait_for("testguest: tick", T);
-    let l2 = vm.wait_for("testguest: tick", T);
-    assert!(counters(&l2).iter().zip(counters(&l1)).all(|(a, b)| *a > b), "{l1} -> {l2}");
+    assert_runs_on(&mut vm, &sock(&dir, "a"));
     vm.kill();
 }
 
@@ -206,11 +211,7 @@ fn status_and_cancel_answer_while_a_stop_snapshot_holds_the_guest_paused() {
     snap.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert_eq!(status.code(), Some(130), "{err}");
     // The guest runs on.
-    let (status, out, _) = vmm_cmd(&["status", "--api-sock", &s]);
-    assert!(status.success() && out.contains("running"), "{out}");
-    let l1 = vm.wait_for("testguest: tick", T);
-    let l2 = vm.wait_for("testguest: tick", T);
-    assert!(counters(&l2).iter().zip(counters(&l1)).all(|(a, b)| *a > b), "{l1} -> {l2}");
+    assert_runs_on(&mut vm, &s);
     vm.kill();
 }
 

@@ -54,15 +54,21 @@ pub struct MemoryFile {
     pub lock: File,
 }
 
-/// Checks what can be checked of a snapshot's state against its manifest, without KVM.
-fn decode_state(manifest: &Manifest, bytes: &[u8]) -> Result<MachineState, PersistError> {
-    let sections = MachineSections::decode(bytes)?;
-    let state = MachineState::from_sections(&sections, usize::from(manifest.vm.vcpus))?;
+/// The manifest's memory regions must be those this vmm lays out for its memory size.
+fn check_layout(manifest: &Manifest) -> Result<(), PersistError> {
     let expected = crate::arch::x86_64::memory_map::ram_regions(manifest.vm.mem_bytes);
     let layout: Vec<(u64, u64)> = manifest.memory.regions.iter().map(|r| (r.guest_addr, r.size)).collect();
     if layout != expected {
         return Err(PersistError::Inconsistent("memory layout does not match the memory size".into()));
     }
+    Ok(())
+}
+
+/// Checks what can be checked of a snapshot's state against its manifest, without KVM.
+fn decode_state(manifest: &Manifest, bytes: &[u8]) -> Result<MachineState, PersistError> {
+    let sections = MachineSections::decode(bytes)?;
+    let state = MachineState::from_sections(&sections, usize::from(manifest.vm.vcpus))?;
+    check_layout(manifest)?;
     Ok(state)
 }
 
@@ -120,12 +126,8 @@ fn read_stream<T>(
     before_memory: impl FnOnce(&Manifest) -> Result<T, PersistError>,
 ) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
     let what = "stdin";
-    let prepare = |m: &Manifest| {
-        let expected = crate::arch::x86_64::memory_map::ram_regions(m.vm.mem_bytes);
-        let layout: Vec<(u64, u64)> = m.memory.regions.iter().map(|r| (r.guest_addr, r.size)).collect();
-        if layout != expected {
-            return Err(PersistError::Inconsistent("memory layout does not match the memory size".into()));
-        }
+    let prepare = |m: &Manifest| -> Result<(GuestMemory, T), PersistError> {
+        check_layout(m)?;
         let claimed = before_memory(m)?;
         Ok((memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?, claimed))
     };
