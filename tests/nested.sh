@@ -15,6 +15,8 @@
 #   NESTED_TEST_TIMEOUT=1200  bound in seconds for each test binary inside the host
 #   NESTED_SILENCE=1500       seconds without a console line before the host is declared stuck
 #   NESTED_APPEND=...         more kernel parameters for the host (kvm_amd.PARAM=VALUE, say)
+#   NESTED_QEMU=PATH          the qemu-system-x86_64 to use (default: the one on PATH)
+#   NESTED_QEMU_DATA=DIR      its firmware directory, searched before the default one (-L)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$root"
@@ -23,7 +25,7 @@ die() {
     echo "nested.sh: $1" >&2
     exit "${2:-1}"
 }
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 default_tests=(linux_boot linux_guest testguest_boot virtio_blk snapshot_resume dirty_log)
 specs=()
@@ -48,8 +50,11 @@ silence=${NESTED_SILENCE:-1500}
 [[ $mem =~ ^[1-9][0-9]*[MG]$ ]] || die "NESTED_MEM must look like 6G or 4096M, not '$mem'" 2
 [[ $root != *[[:space:],]* ]] || die "the workspace path must not contain spaces or commas: $root" 2
 
-command -v qemu-system-x86_64 >/dev/null ||
-    die "qemu-system-x86_64 not found: install it with 'apt-get install qemu-system-x86'"
+qemu=${NESTED_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null ||
+    die "$qemu not found: install it with 'apt-get install qemu-system-x86'"
+qemu_data=()
+[[ -z ${NESTED_QEMU_DATA:-} ]] || qemu_data=(-L "$NESTED_QEMU_DATA" -L default)
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not found: install it with 'apt-get install e2fsprogs'"
 command -v python3 >/dev/null || die "python3 not found: install it with 'apt-get install python3'"
 
@@ -128,7 +133,7 @@ log=$work/console.log
 : >"$log"
 echo "nested.sh: booting the nested host (QEMU TCG, SVM, $mem) for: ${specs[*]}" >&2
 exec {console}< <(
-    exec qemu-system-x86_64 -accel "tcg,thread=${NESTED_TCG_THREAD:-multi}" -cpu EPYC-v1,+svm,+npt -smp 2 -m "$mem" \
+    exec "$qemu" "${qemu_data[@]}" -accel "tcg,thread=${NESTED_TCG_THREAD:-multi}" -cpu EPYC-v1,+svm,+npt -smp 2 -m "$mem" \
         -M pc -nodefaults -display none -no-reboot -serial stdio -monitor none \
         -kernel images/out/linux/bzImage -initrd images/out/linux/nested-host.cpio.gz -append "$append" \
         -drive "file=$work/workspace.img,format=raw,if=virtio,readonly=on" </dev/null 2>&1

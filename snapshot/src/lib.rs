@@ -16,8 +16,8 @@ pub mod streamed;
 
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{
-    CpuIdentity, DecodedManifest, DeviceSummary, DiskDescription, FileIdentity, Manifest, SnapshotId, StateDigest,
-    VcpuSummary, VmDescription,
+    CpuIdentity, DecodedManifest, DeviceSummary, DiskDescription, FileIdentity, Manifest, NetDescription, SnapshotId,
+    StateDigest, VcpuSummary, VmDescription,
 };
 pub use pages::{Extent, ExtentKind, MemoryData, MemoryLayout, MemorySource, PageKind, RegionLayout, StagedMemory};
 pub use progress::Progress;

@@ -24,6 +24,17 @@ pub struct VmDescription {
     pub kernel: String,
     pub cmdline: String,
     pub disks: Vec<DiskDescription>,
+    /// Network interfaces, in device order.
+    #[serde(default)]
+    pub nets: Vec<NetDescription>,
+}
+
+/// A network interface: the host TAP device it was attached to, and the guest's MAC address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDescription {
+    pub tap: String,
+    /// `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +258,7 @@ pub(crate) mod tests {
                 kernel: "/k".into(),
                 cmdline: "".into(),
                 disks: vec![],
+                nets: vec![],
             },
             host_cpu: CpuIdentity::default(),
             vcpus: vec![],

@@ -4,6 +4,8 @@
 //! The binary is the release build in the workspace's target directory (`tests/run.sh` builds it
 //! first); `VMM_BIN` overrides it.
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -13,6 +13,13 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A network interface: a host TAP device and the guest's MAC address on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub name: String,
@@ -22,6 +29,7 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,6 +42,12 @@ pub enum ConfigError {
     MemTooLarge(String),
     #[error("invalid disk '{0}': expected PATH or PATH,ro")]
     BadDisk(String),
+    #[error("invalid network '{0}': expected tap=NAME[,mac=MAC]")]
+    BadNet(String),
+    #[error("invalid MAC address '{0}': expected six hex bytes like 02:00:00:00:00:01, not multicast, not all zero")]
+    BadMac(String),
+    #[error("TAP device '{0}' is given twice")]
+    SameTap(String),
 }
 
 /// Parses a memory size: a plain number is MiB; K, M, G (and KiB/MiB/GiB, any case) are powers of 1024.
@@ -79,6 +93,77 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     Ok(DiskConfig { path: PathBuf::from(path), read_only })
 }
 
+/// `--net` as the user gave it: a TAP, and maybe a MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetArg {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl NetArg {
+    /// Without a MAC, one is derived from the TAP name: locally administered, and the same on
+    /// every run, so a guest's address does not change between boots.
+    pub fn into_config(self) -> NetConfig {
+        let mac = self.mac.unwrap_or_else(|| default_mac(&self.tap));
+        NetConfig { tap: self.tap, mac }
+    }
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(text: &str) -> Result<NetArg, ConfigError> {
+    let bad = || ConfigError::BadNet(text.to_string());
+    let (mut tap, mut mac) = (None, None);
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() && !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m)?),
+            _ => return Err(bad()),
+        }
+    }
+    let tap = tap.ok_or_else(bad)?;
+    Ok(NetArg { tap, mac })
+}
+
+/// Checks a list of networks: one TAP per interface.
+pub fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    for (i, n) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|m| m.tap == n.tap) {
+            return Err(ConfigError::SameTap(n.tap.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a unicast MAC address `xx:xx:xx:xx:xx:xx`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// A locally administered unicast MAC from a hash (FNV-1a) of the TAP name.
+fn default_mac(tap: &str) -> [u8; 6] {
+    let hash = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let b = hash.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// A MAC address as text.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +193,32 @@ mod tests {
         assert_eq!(parse_disk("/x/a,b.img,ro").unwrap(), DiskConfig { path: "/x/a,b.img".into(), read_only: true });
         assert!(parse_disk("a.img,rx").is_err());
         assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn nets() {
+        let net = |t| parse_net(t).unwrap().into_config();
+        assert_eq!(net("tap=tap0,mac=02:00:00:00:00:01"), NetConfig { tap: "tap0".into(), mac: [2, 0, 0, 0, 0, 1] });
+        assert_eq!(parse_net("tap=tap0").unwrap().mac, None);
+        let d = net("tap=tap0");
+        assert_eq!(d.mac, net("tap=tap0").mac);
+        assert_ne!(d.mac, net("tap=tap1").mac);
+        assert_eq!(d.mac[0], 2);
+        for bad in ["", "tap0", "tap=", "tap=a,tap=b", "tap=a,x=1", "mac=02:00:00:00:00:01"] {
+            assert!(matches!(parse_net(bad), Err(ConfigError::BadNet(_))), "{bad}");
+        }
+        for bad in [
+            "01:00:00:00:00:01",
+            "00:00:00:00:00:00",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "2:0:0:0:0:1",
+            "zz:00:00:00:00:01",
+        ] {
+            assert!(matches!(parse_mac(bad), Err(ConfigError::BadMac(_))), "{bad}");
+        }
+        assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 1]), "02:ab:00:00:00:01");
+        let twice = [net("tap=a"), net("tap=a,mac=02:00:00:00:00:09")];
+        assert_eq!(check_nets(&twice), Err(ConfigError::SameTap("a".into())));
     }
 }

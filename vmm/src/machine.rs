@@ -19,7 +19,8 @@ use crate::control::VmControl;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
 use crate::devices::persist::{DeviceRecord, DurableFile, Persist, Resources};
-use crate::devices::virtio::{block::BlockError, Block, MmioTransport, VirtioDevice};
+use crate::devices::virtio::net::{Tap, TapError};
+use crate::devices::virtio::{block::BlockError, Block, MmioTransport, Net, VirtioDevice};
 use crate::devices::{bus::OverlapError, Bus};
 use crate::exit::{exit_channel, ExitReason, ExitSender, ExitTrigger};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -43,6 +44,8 @@ pub enum MachineError {
     Boot(BootError),
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {requested} is more than this host allows ({max}: {why})")]
@@ -75,6 +78,7 @@ impl MachineError {
             | MachineError::OpenInitrd { .. }
             | MachineError::Kernel { .. }
             | MachineError::Disk(_)
+            | MachineError::Tap(_)
             | MachineError::NoVcpus
             | MachineError::TooManyVcpus { .. }
             | MachineError::TooManyDevices(_)
@@ -224,6 +228,12 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<Block>, MachineError> {
     Ok(disks.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// Attaches every network interface of the configuration to its TAP device.
+pub fn open_nets(config: &VmConfig) -> Result<Vec<Net>, MachineError> {
+    let nets = config.nets.iter().map(|n| Tap::open(&n.tap).map(|tap| Net::new(tap, n.mac)));
+    Ok(nets.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Creates the KVM VM and checks the vCPU count against what it allows.
 pub fn create_vm(config: &VmConfig) -> Result<Vm, MachineError> {
     if config.vcpus == 0 {
@@ -245,9 +255,10 @@ impl Machine {
     pub fn boot(config: VmConfig) -> Result<Self, MachineError> {
         let mut inputs = open_inputs(&config)?;
         let disks = open_disks(&config)?;
+        let nets = open_nets(&config)?;
         let vm = create_vm(&config)?;
         let mem = create_guest_memory(config.mem_bytes)?;
-        let (machine, virtio_devices) = Self::assemble(config, vm, mem, disks, None)?;
+        let (machine, virtio_devices) = Self::assemble(config, vm, mem, disks, nets, None)?;
         let config = &machine.config;
         let mem = &machine.mem;
 
@@ -283,6 +294,7 @@ impl Machine {
         vm: Vm,
         mem: GuestMemory,
         disks: Vec<Block>,
+        nets: Vec<Net>,
         saved_vm: Option<&VmState>,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
         vm.register_memory(&mem)?;
@@ -316,18 +328,26 @@ impl Machine {
             Resources { pio: Some((ACPI_SLEEP_CONTROL_PORT, AcpiPmDevice::PORTS as u16)), ..Default::default() };
         list.push(DeviceEntry { id: "acpi-pm".into(), kind: "acpi-pm", resources, device: acpi_pm });
 
+        // virtio-mmio slots in a fixed order (disks, then networks), so the same configuration
+        // always puts the same device at the same place.
+        let virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (format!("blk{i}"), "virtio-blk", Box::new(d) as Box<dyn VirtioDevice>))
+            .chain(nets.into_iter().enumerate().map(|(i, n)| (format!("net{i}"), "virtio-net", Box::new(n) as _)))
+            .collect();
         let mut infos = Vec::new();
-        for (index, disk) in disks.into_iter().enumerate() {
+        for (index, (id, kind, device)) in virtio.into_iter().enumerate() {
             let gsi = VIRTIO_IRQ_BASE + index as u32;
             if gsi >= IOAPIC_PINS {
                 return Err(MachineError::TooManyDevices(index));
             }
             let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-            let device: Box<dyn VirtioDevice> = Box::new(disk);
             let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), vm.irqfd(gsi)?)));
+            MmioTransport::start_input_worker(&transport, &id).map_err(MachineError::Thread)?;
             mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             let resources = Resources { mmio: Some((base, VIRTIO_MMIO_SIZE)), gsi: Some(gsi), pio: None };
-            list.push(DeviceEntry { id: format!("blk{index}"), kind: "virtio-blk", resources, device: transport });
+            list.push(DeviceEntry { id, kind, resources, device: transport });
             infos.push(MmioDeviceInfo { base, size: VIRTIO_MMIO_SIZE, gsi });
         }
 
@@ -339,6 +359,9 @@ impl Machine {
     /// Starts every vCPU (paused first, if asked) and the console; `stdin_input`: the host's
     /// stdin is the serial port's input (not when stdin carried a snapshot stream).
     pub fn start(self, paused: bool, stdin_input: bool) -> Result<RunningVm, MachineError> {
+        if paused {
+            self.devices.pause_workers();
+        }
         let saver = StateSaver { msr_indices: Arc::new(self.vm.saveable_msrs()?), xsave_size: self.vm.xsave_size() };
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {

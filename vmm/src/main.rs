@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cli::Failure;
-use vmm::config::{parse_disk, parse_mem, DiskConfig};
+use vmm::config::{parse_disk, parse_mem, parse_net, DiskConfig, NetArg};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A small KVM virtual machine monitor built for checkpoint/restart")]
@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// A virtio-blk disk backed by a host file: PATH or PATH,ro. Repeat for more disks.
     #[arg(long = "disk", value_parser = parse_disk_arg)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net interface on an existing host TAP device: tap=NAME[,mac=MAC] (default MAC:
+    /// derived from NAME). Repeat for more interfaces.
+    #[arg(long = "net", value_parser = parse_net_arg)]
+    pub nets: Vec<NetArg>,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +138,10 @@ pub struct ResumeArgs {
     /// page by page as the guest touches it (faster warm-up, more memory used at once).
     #[arg(long)]
     pub prefault: bool,
+    /// Attach the snapshot's network interfaces, in order, to these TAP devices instead of the
+    /// ones they had: tap=NAME[,mac=MAC] (default MAC: the snapshot's). One per interface.
+    #[arg(long = "net", value_parser = parse_net_arg)]
+    pub nets: Vec<NetArg>,
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {
@@ -142,6 +150,10 @@ fn parse_mem_arg(s: &str) -> Result<u64, String> {
 
 fn parse_disk_arg(s: &str) -> Result<DiskConfig, String> {
     parse_disk(s).map_err(|e| e.to_string())
+}
+
+fn parse_net_arg(s: &str) -> Result<NetArg, String> {
+    parse_net(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -11,6 +11,7 @@ pub enum Workload {
     AcpiReset,
     KeyboardReset,
     Dirty,
+    Net,
 }
 
 #[derive(Clone, Copy)]
@@ -29,6 +30,8 @@ pub struct Config {
     pub tick_ms: u64,
     /// Pages the dirty workload writes each tick (one every 64 KiB).
     pub dirty_pages: u64,
+    /// The net workload's IPv4 address.
+    pub net_ip: [u8; 4],
 }
 
 impl Default for Config {
@@ -42,6 +45,7 @@ impl Default for Config {
             ticks: 0,
             tick_ms: 1000,
             dirty_pages: 16,
+            net_ip: [10, 0, 0, 2],
         }
     }
 }
@@ -64,6 +68,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     b"acpireset" => Workload::AcpiReset,
                     b"kbdreset" => Workload::KeyboardReset,
                     b"dirty" => Workload::Dirty,
+                    b"net" => Workload::Net,
                     _ => return Err(word),
                 };
                 true
@@ -74,6 +79,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
             b"dirty.pages" => number(value).map(|v| cfg.dirty_pages = v).is_some() && cfg.dirty_pages > 0,
+            b"net.ip" => ipv4(value).map(|v| cfg.net_ip = v).is_some(),
             b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,
             _ => true,
         };
@@ -98,6 +104,17 @@ fn number(s: &[u8]) -> Option<u64> {
             }
         },
     )
+}
+
+/// A dotted-decimal IPv4 address.
+fn ipv4(s: &[u8]) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = s.split(|&c| c == b'.');
+    for byte in &mut ip {
+        let n = number(parts.next()?)?;
+        *byte = u8::try_from(n).ok()?;
+    }
+    parts.next().is_none().then_some(ip)
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024).

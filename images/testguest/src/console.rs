@@ -79,6 +79,29 @@ impl Line {
         }
     }
 
+    /// Appends bytes as two hex digits each, joined by `sep` (a MAC address with ':').
+    pub fn hex_bytes(&mut self, v: &[u8], sep: &str) -> &mut Self {
+        for (i, &b) in v.iter().enumerate() {
+            if i > 0 {
+                self.s(sep);
+            }
+            let digit = |d: u8| if d < 10 { b'0' + d } else { b'a' + d - 10 };
+            self.bytes(&[digit(b >> 4), digit(b & 15)]);
+        }
+        self
+    }
+
+    /// Appends an IPv4 address in dotted decimal.
+    pub fn ipv4(&mut self, ip: [u8; 4]) -> &mut Self {
+        for (i, &b) in ip.iter().enumerate() {
+            if i > 0 {
+                self.s(".");
+            }
+            self.u(b as u64);
+        }
+        self
+    }
+
     /// Writes the line and a newline.
     pub fn print(&mut self) {
         self.buf[self.len] = b'\n';

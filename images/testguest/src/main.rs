@@ -14,6 +14,7 @@ mod cmdline;
 mod console;
 mod kvmclock;
 mod mem;
+mod net;
 mod paging;
 mod phys;
 mod power;

@@ -1,6 +1,6 @@
-//! A polling virtio-blk driver over virtio-mmio version 2, run entirely in ring 3: registers are MMIO
-//! (a ring-3 access exits to the VMM like any MMIO), the split virtqueue and buffers live in
-//! identity-mapped RAM, and completion is seen by polling the used ring, so no interrupt is needed.
+//! virtio-mmio version 2 from ring 3 (registers are MMIO: a ring-3 access exits to the VMM like
+//! any MMIO; split virtqueues and buffers live in identity-mapped RAM; completion is seen by
+//! polling the used ring, so no interrupt is needed), and a polling virtio-blk driver on it.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
@@ -22,12 +22,12 @@ const R_QUEUE_SEL: u64 = 0x030;
 const R_QUEUE_NUM_MAX: u64 = 0x034;
 const R_QUEUE_NUM: u64 = 0x038;
 const R_QUEUE_READY: u64 = 0x044;
-const R_QUEUE_NOTIFY: u64 = 0x050;
+pub const R_QUEUE_NOTIFY: u64 = 0x050;
 const R_STATUS: u64 = 0x070;
 const R_QUEUE_DESC: u64 = 0x080;
 const R_QUEUE_DRIVER: u64 = 0x090;
 const R_QUEUE_DEVICE: u64 = 0x0A0;
-const R_CONFIG: u64 = 0x100;
+pub const R_CONFIG: u64 = 0x100;
 
 const S_ACKNOWLEDGE: u32 = 1;
 const S_DRIVER: u32 = 2;
@@ -38,47 +38,50 @@ const F_BLK_RO: u32 = 1 << 5;
 const F_VERSION_1_HI: u32 = 1 << 0; // feature bit 32
 
 const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
+pub const DESC_WRITE: u16 = 2;
+
+// Layout of a queue in its page.
+pub const OFF_DESC: u64 = 0;
+pub const OFF_AVAIL: u64 = 0x100;
+pub const OFF_USED: u64 = 0x200;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
 
 const QSIZE: u16 = 4;
-// Layout of the one page the queue lives in.
-const OFF_DESC: u64 = 0;
-const OFF_AVAIL: u64 = 0x100;
-const OFF_USED: u64 = 0x200;
+// The request header and status byte share the queue's page.
 const OFF_HEADER: u64 = 0x400;
 const OFF_STATUS: u64 = 0x410;
 
-struct Mmio(u64);
+pub struct Mmio(pub u64);
 
 impl Mmio {
-    fn read(&self, reg: u64) -> u32 {
+    pub fn read(&self, reg: u64) -> u32 {
         // SAFETY: a register of a virtio-mmio window the DSDT described, identity-mapped below 4 GiB.
         unsafe { read_volatile((self.0 + reg) as *const u32) }
     }
 
-    fn write(&self, reg: u64, value: u32) {
+    pub fn write(&self, reg: u64, value: u32) {
         // SAFETY: as in `read`.
         unsafe { write_volatile((self.0 + reg) as *mut u32, value) }
     }
 }
 
-/// Writes `value` at guest-physical `addr` in the queue page.
-fn put<T>(addr: u64, value: T) {
-    // SAFETY: addr is inside the page handed to `Blk::init`, which only this driver (and the
-    // device) touches; the offsets used are aligned for T.
+/// Writes `value` at guest-physical `addr` in a queue page or buffer of a driver.
+pub fn put<T>(addr: u64, value: T) {
+    // SAFETY: addr is inside a page a driver was handed for its queues or buffers, which only it
+    // (and the device) touches; the offsets used are aligned for T.
     unsafe { write_volatile(addr as *mut T, value) }
 }
 
-fn get<T: Copy>(addr: u64) -> T {
+pub fn get<T: Copy>(addr: u64) -> T {
     // SAFETY: as in `put`.
     unsafe { read_volatile(addr as *const T) }
 }
 
 pub enum Error {
     NoDevice,
+    NoNetDevice,
     Version(u32),
     NoVersion1,
     FeaturesRejected,
@@ -90,6 +93,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::NoDevice => "reason=no-virtio-blk-device",
+            Error::NoNetDevice => "reason=no-virtio-net-device",
             Error::Version(_) => "reason=virtio-mmio-version-not-2 version=",
             Error::NoVersion1 => "reason=no-VIRTIO_F_VERSION_1",
             Error::FeaturesRejected => "reason=features-not-accepted",
@@ -110,9 +114,14 @@ pub struct Blk {
 
 /// First virtio-blk among the virtio-mmio windows (slots with device id 0 are empty and skipped).
 pub fn find_blk(windows: &[u64]) -> Result<u64, Error> {
+    find_device(windows, DEVICE_BLK, Error::NoDevice)
+}
+
+/// First device of type `id` among the virtio-mmio windows.
+pub fn find_device(windows: &[u64], id: u32, none: Error) -> Result<u64, Error> {
     for &base in windows {
         let m = Mmio(base);
-        if m.read(R_MAGIC) != MAGIC || m.read(R_DEVICE_ID) != DEVICE_BLK {
+        if m.read(R_MAGIC) != MAGIC || m.read(R_DEVICE_ID) != id {
             continue;
         }
         let version = m.read(R_VERSION);
@@ -121,49 +130,65 @@ pub fn find_blk(windows: &[u64]) -> Result<u64, Error> {
         }
         return Ok(base);
     }
-    Err(Error::NoDevice)
+    Err(none)
+}
+
+/// Resets the device at `m` and negotiates `VIRTIO_F_VERSION_1` plus those of `wanted` (feature
+/// bits 0-31) it offers; returns them.
+pub fn negotiate(m: &Mmio, wanted: u32) -> Result<u32, Error> {
+    m.write(R_STATUS, 0);
+    m.write(R_STATUS, S_ACKNOWLEDGE);
+    m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    m.write(R_DEVICE_FEATURES_SEL, 0);
+    let lo = m.read(R_DEVICE_FEATURES);
+    m.write(R_DEVICE_FEATURES_SEL, 1);
+    if m.read(R_DEVICE_FEATURES) & F_VERSION_1_HI == 0 {
+        return Err(Error::NoVersion1);
+    }
+    m.write(R_DRIVER_FEATURES_SEL, 0);
+    m.write(R_DRIVER_FEATURES, lo & wanted);
+    m.write(R_DRIVER_FEATURES_SEL, 1);
+    m.write(R_DRIVER_FEATURES, F_VERSION_1_HI);
+    m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    if m.read(R_STATUS) & S_FEATURES_OK == 0 {
+        return Err(Error::FeaturesRejected);
+    }
+    Ok(lo & wanted)
+}
+
+/// Sets up queue `index` with `size` entries in the zeroed page `page` (descriptors, available
+/// and used rings at OFF_DESC, OFF_AVAIL, OFF_USED).
+pub fn setup_queue(m: &Mmio, index: u32, size: u16, page: u64) -> Result<(), Error> {
+    m.write(R_QUEUE_SEL, index);
+    let max = m.read(R_QUEUE_NUM_MAX);
+    if max < size as u32 || m.read(R_QUEUE_READY) != 0 {
+        return Err(Error::NoQueue);
+    }
+    m.write(R_QUEUE_NUM, size as u32);
+    for (reg, addr) in
+        [(R_QUEUE_DESC, page + OFF_DESC), (R_QUEUE_DRIVER, page + OFF_AVAIL), (R_QUEUE_DEVICE, page + OFF_USED)]
+    {
+        m.write(reg, addr as u32);
+        m.write(reg + 4, (addr >> 32) as u32);
+    }
+    m.write(R_QUEUE_READY, 1);
+    Ok(())
+}
+
+/// Tells the device the driver is ready.
+pub fn driver_ok(m: &Mmio) {
+    m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
 impl Blk {
     /// Negotiates the device at `base`, with queue 0 in the zeroed 4 KiB page at `page`.
     pub fn init(base: u64, page: u64) -> Result<Blk, Error> {
         let m = Mmio(base);
-        m.write(R_STATUS, 0);
-        m.write(R_STATUS, S_ACKNOWLEDGE);
-        m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-        m.write(R_DEVICE_FEATURES_SEL, 0);
-        let lo = m.read(R_DEVICE_FEATURES);
-        m.write(R_DEVICE_FEATURES_SEL, 1);
-        let hi = m.read(R_DEVICE_FEATURES);
-        if hi & F_VERSION_1_HI == 0 {
-            return Err(Error::NoVersion1);
-        }
-        m.write(R_DRIVER_FEATURES_SEL, 0);
-        m.write(R_DRIVER_FEATURES, lo & F_BLK_RO);
-        m.write(R_DRIVER_FEATURES_SEL, 1);
-        m.write(R_DRIVER_FEATURES, F_VERSION_1_HI);
-        m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-        if m.read(R_STATUS) & S_FEATURES_OK == 0 {
-            return Err(Error::FeaturesRejected);
-        }
-
-        m.write(R_QUEUE_SEL, 0);
-        let max = m.read(R_QUEUE_NUM_MAX);
-        if max < QSIZE as u32 || m.read(R_QUEUE_READY) != 0 {
-            return Err(Error::NoQueue);
-        }
-        m.write(R_QUEUE_NUM, QSIZE as u32);
-        for (reg, addr) in
-            [(R_QUEUE_DESC, page + OFF_DESC), (R_QUEUE_DRIVER, page + OFF_AVAIL), (R_QUEUE_DEVICE, page + OFF_USED)]
-        {
-            m.write(reg, addr as u32);
-            m.write(reg + 4, (addr >> 32) as u32);
-        }
-        m.write(R_QUEUE_READY, 1);
-        m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-
+        let features = negotiate(&m, F_BLK_RO)?;
+        setup_queue(&m, 0, QSIZE, page)?;
+        driver_ok(&m);
         let capacity = m.read(R_CONFIG) as u64 | (m.read(R_CONFIG + 4) as u64) << 32;
-        Ok(Blk { mmio: m, page, avail_idx: 0, used_idx: 0, read_only: lo & F_BLK_RO != 0, capacity })
+        Ok(Blk { mmio: m, page, avail_idx: 0, used_idx: 0, read_only: features & F_BLK_RO != 0, capacity })
     }
 
     /// One request (`T_IN` reads into `buf`, `T_OUT` writes from it) of `len` bytes at `sector`;

@@ -11,6 +11,7 @@ use crate::cmdline::{Config, Workload};
 use crate::console::{fail, Line};
 use crate::paging::MAP_LIMIT;
 use crate::sync::Once;
+use crate::net;
 use crate::virtio::{self, Blk, T_IN, T_OUT};
 use crate::{kvmclock, power, smp, sys, MAX_CPUS};
 
@@ -37,6 +38,13 @@ struct DiskSetup {
     rbuf: u64,
 }
 static DISK: Once<DiskSetup> = Once::new();
+
+struct NetSetup {
+    windows: [u64; crate::acpi::MAX_VIRTIO],
+    nwindows: usize,
+    area: u64,
+}
+static NET: Once<NetSetup> = Once::new();
 /// The dirty workload's pages: one every DIRTY_STRIDE bytes from here.
 static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 const DIRTY_STRIDE: u64 = 64 << 10;
@@ -75,6 +83,14 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(queue_page as *mut u8, 0, 4096) };
             DISK.set(DiskSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, queue_page, wbuf, rbuf });
         }
+        Workload::Net => {
+            let Some(area) = alloc.alloc(net::AREA_BYTES, 4096, MAP_LIMIT) else {
+                fail("net", "reason=ram-too-small-for-buffers");
+            };
+            // SAFETY: just allocated for the driver alone; the device must see zeroed rings.
+            unsafe { core::ptr::write_bytes(area as *mut u8, 0, net::AREA_BYTES as usize) };
+            NET.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
+        }
         Workload::Dirty => match alloc.alloc(cfg.dirty_pages.saturating_mul(DIRTY_STRIDE), DIRTY_STRIDE, MAP_LIMIT) {
             Some(addr) => DIRTY_BASE.store(addr, Relaxed),
             None => fail("dirty", "reason=ram-too-small"),
@@ -102,13 +118,15 @@ pub fn run(cpu: usize) -> ! {
     let cfg = CONFIG.get();
     let ticking = cpu == 0
         && (matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle | Workload::Dirty)
-            || (cfg.workload == Workload::Disk && cfg.disk_rounds != 1));
+            || (cfg.workload == Workload::Disk && cfg.disk_rounds != 1)
+            || cfg.workload == Workload::Net);
     smp::mark_running(cpu);
     match (cfg.workload, cpu) {
         (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
         (Workload::Idle, _) => idle(cpu, ticking),
         (Workload::Disk, 0) => disk(cfg),
         (Workload::Dirty, 0) => dirty(cfg),
+        (Workload::Net, 0) => net_service(cfg),
         (Workload::Poweroff, 0) => power::poweroff(),
         (Workload::TripleFault, 0) => sys::triple_fault(),
         (Workload::AcpiReset, 0) => power::reset(power::ResetWay::Acpi),
@@ -251,6 +269,33 @@ fn dirty(cfg: &Config) -> ! {
         TICKS[0].store(round, Relaxed);
         sys::sleep_ms(cfg.tick_ms);
         tick_check(kvmclock::uptime_ns(0));
+    }
+}
+
+/// CPU 0: the network services (net.rs) on the first virtio-net, forever. Its tick counter is
+/// the number of sequenced requests answered. It polls while frames come, and sleeps a
+/// millisecond at a time once none came for 20 ms.
+fn net_service(cfg: &Config) -> ! {
+    let d = NET.get();
+    let mut dev = net::Net::init(&d.windows[..d.nwindows], d.area, cfg.net_ip).unwrap_or_else(|e| {
+        let mut line = Line::new();
+        line.s("FAIL what=net ").s(e.reason());
+        if let virtio::Error::Version(v) = e {
+            line.u(v as u64);
+        }
+        line.fail()
+    });
+    Line::new().s("net ready mac=").hex_bytes(&dev.mac, ":").s(" ip=").ipv4(dev.ip).print();
+    let mut last_frame = kvmclock::uptime_ns(0);
+    loop {
+        let now = kvmclock::uptime_ns(0);
+        if dev.poll() > 0 {
+            last_frame = now;
+            TICKS[0].store(net::ANSWERED.load(Relaxed), Relaxed);
+        } else if now.saturating_sub(last_frame) > 20 * NS_PER_MS {
+            sys::sleep_ms(1);
+        }
+        tick_check(now);
     }
 }
 

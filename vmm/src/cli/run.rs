@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use std::io::IsTerminal;
 use vmm::api::{self, server};
+use vmm::config::NetArg;
 use vmm::console::RawTerminal;
 
 use vmm::persist::{self, ResumeOptions, ResumeSource};
@@ -65,7 +66,9 @@ pub fn run(args: RunArgs) -> CmdResult {
         mem_bytes: args.mem,
         vcpus,
         disks: args.disks,
+        nets: args.nets.into_iter().map(NetArg::into_config).collect(),
     };
+    vmm::config::check_nets(&config.nets).map_err(|e| Failure::bad_input(e.to_string()))?;
     let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&config.name));
     let (listener, guard) = bind(&socket, &config.name)?;
     let machine = Machine::boot(config).map_err(|e| {
@@ -96,7 +99,12 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     if let Some(name) = &args.name {
         check_name(name)?;
     }
-    let opts = ResumeOptions { name: args.name.clone(), verify: args.verify, disk_changed_ok: args.disk_changed_ok };
+    let opts = ResumeOptions {
+        name: args.name.clone(),
+        verify: args.verify,
+        disk_changed_ok: args.disk_changed_ok,
+        nets: args.nets.clone(),
+    };
     let from_stream = args.dir.as_os_str() == "-";
     let source = if from_stream {
         if std::io::stdin().is_terminal() {

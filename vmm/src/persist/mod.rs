@@ -14,7 +14,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use snapshot::{DeviceSummary, DiskDescription, FileIdentity, Manifest, MemoryData, Progress, StagedMemory};
+use snapshot::{
+    DeviceSummary, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress, StagedMemory,
+};
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
 use crate::arch::x86_64::cpuid;
@@ -61,6 +63,8 @@ pub enum PersistError {
     DiskChanged { path: String, why: String },
     #[error("snapshot {0} is a difference from a parent snapshot, which this vmm cannot resume yet")]
     HasParent(String),
+    #[error("{0}")]
+    Nets(String),
     /// The resuming side could not take the VM's name or control socket.
     #[error("{message}")]
     Claim { message: String, bad_input: bool },
@@ -81,7 +85,8 @@ impl PersistError {
             PersistError::Inconsistent(_)
             | PersistError::BadName(_)
             | PersistError::DiskChanged { .. }
-            | PersistError::HasParent(_) => true,
+            | PersistError::HasParent(_)
+            | PersistError::Nets(_) => true,
             PersistError::Machine(e) => e.is_bad_input(),
             PersistError::Claim { bad_input, .. } => *bad_input,
             _ => false,
@@ -182,6 +187,11 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
                 read_only: d.read_only,
                 identity: std::fs::metadata(&d.path).ok().map(|m| FileIdentity::of(&m)),
             })
+            .collect(),
+        nets: config
+            .nets
+            .iter()
+            .map(|n| NetDescription { tap: n.tap.clone(), mac: crate::config::format_mac(&n.mac) })
             .collect(),
     }
 }

@@ -11,14 +11,15 @@ use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig};
 use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::net::TapError;
 use crate::machine::{self, Machine, MachineError};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
 use crate::vstate::vm::VmError;
 
-/// How long a resume from a stream waits for its disks to be let go by the VM it came from.
+/// How long a resume from a stream waits for its disks and TAPs to be let go by the VM it came from.
 const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a snapshot is read from.
@@ -36,6 +37,9 @@ pub struct ResumeOptions {
     pub verify: bool,
     /// Resume even if a disk changed since the snapshot.
     pub disk_changed_ok: bool,
+    /// TAP devices for the snapshot's network interfaces, in order, instead of their own (a MAC
+    /// given here replaces the snapshot's; `mac: None` keeps it).
+    pub nets: Vec<NetArg>,
 }
 
 /// A machine rebuilt from a snapshot, ready to start.
@@ -195,7 +199,32 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
         mem_bytes: desc.mem_bytes,
         vcpus: desc.vcpus,
         disks: desc.disks.iter().map(|d| DiskConfig { path: d.path.clone().into(), read_only: d.read_only }).collect(),
+        nets: nets_of(manifest, opts)?,
     })
+}
+
+/// The snapshot's network interfaces, on the TAPs the user gave instead, if any.
+fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, PersistError> {
+    let saved = &manifest.vm.nets;
+    if !opts.nets.is_empty() && opts.nets.len() != saved.len() {
+        return Err(PersistError::Nets(format!(
+            "the snapshot has {} network interface(s), --net gave {}: give one --net per interface, in order",
+            saved.len(),
+            opts.nets.len()
+        )));
+    }
+    let mut nets = Vec::with_capacity(saved.len());
+    for (i, n) in saved.iter().enumerate() {
+        let mac = crate::config::parse_mac(&n.mac)
+            .map_err(|_| PersistError::Inconsistent(format!("network interface {i} has MAC '{}'", n.mac)))?;
+        let net = match opts.nets.get(i) {
+            Some(arg) => NetConfig { tap: arg.tap.clone(), mac: arg.mac.unwrap_or(mac) },
+            None => NetConfig { tap: n.tap.clone(), mac },
+        };
+        nets.push(net);
+    }
+    crate::config::check_nets(&nets).map_err(|e| PersistError::Nets(e.to_string()))?;
+    Ok(nets)
 }
 
 /// What can be checked of a snapshot before its memory is read; `claim` then takes the VM's name
@@ -253,10 +282,19 @@ pub fn restore<T>(
             other => break other?,
         }
     };
+    let nets = loop {
+        match machine::open_nets(&config) {
+            Err(MachineError::Tap(TapError::InUse(_))) if streamed && waited < DISK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                waited += std::time::Duration::from_millis(20);
+            }
+            other => break other?,
+        }
+    };
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
-    let (machine, _) = Machine::assemble(config, vm, mem, disks, Some(&state.vm))?;
+    let (machine, _) = Machine::assemble(config, vm, mem, disks, nets, Some(&state.vm))?;
     machine.devices.restore(&state.devices)?;
     // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
     machine.vm.restore_clock(&state.vm)?;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::input::InputWorker;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::persist::{DeviceState, DurableFile, Persist};
 use crate::devices::BusDevice;
@@ -61,6 +62,11 @@ pub struct MmioTransport {
     queue_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// The queue the device's backend input goes to, and the thread that waits for that input.
+    input_queue: Option<usize>,
+    input_worker: Option<InputWorker>,
+    /// Set while the VM is paused: input waits in the backend.
+    input_paused: bool,
 }
 
 impl MmioTransport {
@@ -82,6 +88,40 @@ impl MmioTransport {
             queue_sel: 0,
             interrupt_status: 0,
             config_generation: 0,
+            input_queue: None,
+            input_worker: None,
+            input_paused: false,
+        }
+    }
+
+    /// Starts the input worker of a device that has a backend to wait on (a TAP, a socket).
+    pub fn start_input_worker(this: &std::sync::Arc<std::sync::Mutex<Self>>, name: &str) -> std::io::Result<()> {
+        let mut transport = crate::devices::bus::lock(this);
+        let worker = match transport.device.input_fd() {
+            Some((fd, queue)) => {
+                let worker = InputWorker::spawn(format!("{name}-input"), fd, queue, std::sync::Arc::downgrade(this))?;
+                Some((worker, queue))
+            }
+            None => None,
+        };
+        if let Some((worker, queue)) = worker {
+            transport.input_worker = Some(worker);
+            transport.input_queue = Some(queue);
+        }
+        Ok(())
+    }
+
+    /// The device's backend has input for queue `index` (called by the input worker).
+    pub fn process_input(&mut self, index: usize) {
+        if !self.input_paused {
+            self.notify(index as u32);
+        }
+    }
+
+    /// Takes whatever input waits in the backend, as its worker would.
+    fn poll_input(&mut self) {
+        if let Some(queue) = self.input_queue {
+            self.process_input(queue);
         }
     }
 
@@ -97,6 +137,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
             queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+            device_state: self.device.save_state(),
         }
     }
 
@@ -124,6 +165,7 @@ impl MmioTransport {
         self.queue_sel = state.queue_sel;
         self.config_generation = state.config_generation;
         self.interrupt_status = state.interrupt_status;
+        self.device.restore_state(state.device_state.as_ref())?;
         if self.driver_ok() {
             self.device.activate(self.driver_features);
         }
@@ -131,10 +173,12 @@ impl MmioTransport {
     }
 
     /// Signals the interrupt again if the guest has not acknowledged it (after a restore).
+    /// Also takes the input that reached the backend while the VM was being restored.
     pub fn replay_interrupt(&mut self) {
         if self.interrupt_status != 0 {
             self.raise_interrupt(0);
         }
+        self.poll_input();
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -195,6 +239,10 @@ impl MmioTransport {
                 return;
             }
             self.device.activate(self.driver_features);
+            self.status = value;
+            // Input that arrived before the driver was ready.
+            self.poll_input();
+            return;
         }
         self.status = value;
     }
@@ -297,8 +345,8 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Layout version of `MmioTransportState`.
-const STATE_VERSION: u32 = 1;
+/// Layout version of `MmioTransportState` (2: the device's own state).
+const STATE_VERSION: u32 = 2;
 
 impl Persist for MmioTransport {
     fn save(&self) -> DeviceState {
@@ -311,6 +359,16 @@ impl Persist for MmioTransport {
 
     fn replay_interrupt(&mut self) {
         MmioTransport::replay_interrupt(self);
+    }
+
+    fn pause_workers(&mut self) {
+        self.input_paused = true;
+    }
+
+    fn resume_workers(&mut self) {
+        self.input_paused = false;
+        // The worker's wake-ups during the pause were ignored: take what waits now.
+        self.poll_input();
     }
 
     fn durable_file(&self) -> Option<DurableFile> {
@@ -380,4 +438,7 @@ pub struct MmioTransportState {
     pub interrupt_status: u32,
     pub config_generation: u32,
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state (a network device's waiting frame, say); added in version 2.
+    #[serde(default)]
+    pub device_state: Option<DeviceState>,
 }

@@ -1,13 +1,19 @@
 //! virtio: the device-side model (`VirtioDevice`), the MMIO transport and the devices.
 
 pub mod block;
+pub mod input;
 pub mod mmio;
+pub mod net;
 
+use std::os::fd::BorrowedFd;
+
+use crate::devices::persist::DeviceState;
 use crate::vstate::memory::GuestMemory;
 use virtio_queue::Queue;
 
 pub use block::Block;
 pub use mmio::{MmioTransport, MmioTransportState};
+pub use net::Net;
 
 /// VIRTIO_F_VERSION_1: the modern (virtio 1.x) interface, the only one we offer.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -35,6 +41,22 @@ pub trait VirtioDevice: Send {
     }
     /// One line about the device and its backend, for `vmm inspect`.
     fn describe(&self) -> String;
+    /// A host file whose input the device takes on a queue (a TAP, a socket): an input worker
+    /// processes that queue whenever the file is readable, as a guest notification would.
+    fn input_fd(&self) -> Option<(BorrowedFd<'_>, usize)> {
+        None
+    }
+    /// The device's own state beyond its queues (which are the transport's), if it has any.
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+    /// Restores what `save_state` gave, into this freshly built device.
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err("saved device state for a device that keeps none".into()),
+        }
+    }
     /// Processes the available buffers of queue `index`. Returns true if it used any, so the
     /// transport raises an interrupt.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;

@@ -1,0 +1,78 @@
+//! The input worker of a virtio device: a thread that waits for the device's backend (a TAP, a
+//! socket) to become readable and then has the transport process the queue that takes the
+//! input, exactly as a guest notification of that queue would. Everything it does happens under
+//! the transport's lock, so pausing it is a flag the transport checks (`MmioTransport::pause_input`).
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use rustix::event::{epoll, eventfd, EventfdFlags};
+
+use super::MmioTransport;
+use crate::devices::bus::lock;
+
+const INPUT: u64 = 0;
+const STOP: u64 = 1;
+
+/// A running input worker; dropping it stops the thread.
+pub struct InputWorker {
+    /// An eventfd; the thread holds it too, so its epoll registration outlives this handle.
+    stop: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InputWorker {
+    /// Starts a thread that processes queue `queue` of `transport` whenever `fd` is readable.
+    /// It ends when the transport is gone or the worker is dropped.
+    pub fn spawn(
+        name: String,
+        fd: BorrowedFd<'_>,
+        queue: usize,
+        transport: Weak<Mutex<MmioTransport>>,
+    ) -> io::Result<Self> {
+        let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        // Edge-triggered: a frame left in the backend for want of guest buffers is taken when the
+        // guest adds buffers (its notification), not by this thread spinning on it.
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+        epoll::add(&poll, fd, epoll::EventData::new_u64(INPUT), flags)?;
+        epoll::add(&poll, &*stop, epoll::EventData::new_u64(STOP), epoll::EventFlags::IN)?;
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new().name(name).spawn(move || run(poll, thread_stop, queue, transport))?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+fn run(poll: OwnedFd, _stop: Arc<OwnedFd>, queue: usize, transport: Weak<Mutex<MmioTransport>>) {
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
+    loop {
+        events.clear();
+        match epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!("virtio input worker: epoll_wait: {e}");
+                return;
+            }
+        }
+        for event in &events {
+            let data = event.data;
+            if data.u64() == STOP {
+                return;
+            }
+            let Some(transport) = transport.upgrade() else { return };
+            lock(&transport).process_input(queue);
+        }
+    }
+}
+
+impl Drop for InputWorker {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
+        // Not joined: the last reference to the transport (whose drop drops this) may be the
+        // worker's own, taken while it processes input.
+        drop(self.thread.take());
+    }
+}
