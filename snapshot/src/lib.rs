@@ -17,7 +17,7 @@ pub mod streamed;
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{
     CpuIdentity, DecodedManifest, DeviceSummary, DiskDescription, FileIdentity, Manifest, NetDescription, SnapshotId,
-    StateDigest, VcpuSummary, VmDescription,
+    StateDigest, VcpuSummary, VmDescription, VsockDescription,
 };
 pub use pages::{Extent, ExtentKind, MemoryData, MemoryLayout, MemorySource, PageKind, RegionLayout, StagedMemory};
 pub use progress::Progress;

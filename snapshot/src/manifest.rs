@@ -27,6 +27,15 @@ pub struct VmDescription {
     /// Network interfaces, in device order.
     #[serde(default)]
     pub nets: Vec<NetDescription>,
+    #[serde(default)]
+    pub vsock: Option<VsockDescription>,
+}
+
+/// A virtio-vsock device: the guest's context id and the host side's Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockDescription {
+    pub cid: u64,
+    pub uds: String,
 }
 
 /// A network interface: the host TAP device it was attached to, and the guest's MAC address.
@@ -259,6 +268,7 @@ pub(crate) mod tests {
                 cmdline: "".into(),
                 disks: vec![],
                 nets: vec![],
+                vsock: None,
             },
             host_cpu: CpuIdentity::default(),
             vcpus: vec![],

@@ -20,6 +20,13 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
+/// A virtio-vsock device: the guest's context id, and the Unix socket of its host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub name: String,
@@ -30,6 +37,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +56,8 @@ pub enum ConfigError {
     BadMac(String),
     #[error("TAP device '{0}' is given twice")]
     SameTap(String),
+    #[error("invalid vsock '{0}': expected cid=N,uds=PATH with N from 3 to 4294967294")]
+    BadVsock(String),
 }
 
 /// Parses a memory size: a plain number is MiB; K, M, G (and KiB/MiB/GiB, any case) are powers of 1024.
@@ -122,6 +132,25 @@ pub fn parse_net(text: &str) -> Result<NetArg, ConfigError> {
     }
     let tap = tap.ok_or_else(bad)?;
     Ok(NetArg { tap, mac })
+}
+
+/// Parses `cid=N,uds=PATH` (CIDs 0-2 are the hypervisor's, the local and the host's; -1 is
+/// VMADDR_CID_ANY).
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
+    let bad = || ConfigError::BadVsock(text.to_string());
+    let (mut cid, mut uds) = (None, None);
+    // The path comes last and may hold commas.
+    let (head, path) = text.split_once(",uds=").map_or((text, None), |(h, p)| (h, Some(p)));
+    for part in head.split(',') {
+        match part.split_once('=') {
+            Some(("cid", n)) if cid.is_none() => cid = Some(n.parse::<u64>().map_err(|_| bad())?),
+            Some(("uds", p)) if uds.is_none() && path.is_none() => uds = Some(p.to_string()),
+            _ => return Err(bad()),
+        }
+    }
+    let uds = path.map(str::to_string).or(uds).filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    let cid = cid.filter(|c| (3..=0xffff_fffe).contains(c)).ok_or_else(bad)?;
+    Ok(VsockConfig { cid, uds: PathBuf::from(uds) })
 }
 
 /// Checks a list of networks: one TAP per interface.
@@ -219,6 +248,20 @@ mod tests {
         }
         assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 1]), "02:ab:00:00:00:01");
         let twice = [net("tap=a"), net("tap=a,mac=02:00:00:00:00:09")];
+        assert_eq!(parse_vsock("cid=3,uds=/tmp/v.sock").unwrap(), VsockConfig { cid: 3, uds: "/tmp/v.sock".into() });
+        assert_eq!(parse_vsock("cid=7,uds=/a,b").unwrap().uds, PathBuf::from("/a,b"));
+        for bad in [
+            "",
+            "cid=3",
+            "uds=/x",
+            "cid=2,uds=/x",
+            "cid=4294967295,uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=",
+            "cid=3,cid=4,uds=/x",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
         assert_eq!(check_nets(&twice), Err(ConfigError::SameTap("a".into())));
     }
 }

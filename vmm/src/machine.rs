@@ -20,7 +20,8 @@ use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
 use crate::devices::persist::{DeviceRecord, DurableFile, Persist, Resources};
 use crate::devices::virtio::net::{Tap, TapError};
-use crate::devices::virtio::{block::BlockError, Block, MmioTransport, Net, VirtioDevice};
+use crate::devices::virtio::vsock::VsockError;
+use crate::devices::virtio::{block::BlockError, Block, MmioTransport, Net, VirtioDevice, Vsock};
 use crate::devices::{bus::OverlapError, Bus};
 use crate::exit::{exit_channel, ExitReason, ExitSender, ExitTrigger};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -46,6 +47,8 @@ pub enum MachineError {
     Disk(#[from] BlockError),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("--vcpus must be at least 1")]
     NoVcpus,
     #[error("--vcpus {requested} is more than this host allows ({max}: {why})")]
@@ -79,6 +82,7 @@ impl MachineError {
             | MachineError::Kernel { .. }
             | MachineError::Disk(_)
             | MachineError::Tap(_)
+            | MachineError::Vsock(_)
             | MachineError::NoVcpus
             | MachineError::TooManyVcpus { .. }
             | MachineError::TooManyDevices(_)
@@ -222,16 +226,34 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs, MachineError> {
     Ok(Inputs { kernel, initrd })
 }
 
-/// Opens every disk of the configuration.
-pub fn open_disks(config: &VmConfig) -> Result<Vec<Block>, MachineError> {
-    let disks = config.disks.iter().enumerate().map(|(i, d)| Block::open(&d.path, d.read_only, i));
-    Ok(disks.collect::<Result<Vec<_>, _>>()?)
+/// The host side of the VM's virtio devices: disk files, TAPs, the vsock socket.
+pub struct Backends {
+    pub disks: Vec<Block>,
+    pub nets: Vec<Net>,
+    pub vsock: Option<Vsock>,
 }
 
-/// Attaches every network interface of the configuration to its TAP device.
-pub fn open_nets(config: &VmConfig) -> Result<Vec<Net>, MachineError> {
-    let nets = config.nets.iter().map(|n| Tap::open(&n.tap).map(|tap| Net::new(tap, n.mac)));
-    Ok(nets.collect::<Result<Vec<_>, _>>()?)
+impl Backends {
+    /// Opens every backend of the configuration (before KVM is touched, so bad input is
+    /// reported as such).
+    pub fn open(config: &VmConfig) -> Result<Self, MachineError> {
+        let disks = config.disks.iter().enumerate().map(|(i, d)| Block::open(&d.path, d.read_only, i));
+        let disks = disks.collect::<Result<Vec<_>, _>>()?;
+        let nets = config.nets.iter().map(|n| Tap::open(&n.tap).map(|tap| Net::new(tap, n.mac)));
+        let nets = nets.collect::<Result<Vec<_>, _>>()?;
+        let vsock = config.vsock.as_ref().map(|v| Vsock::new(v.cid, &v.uds)).transpose()?;
+        Ok(Self { disks, nets, vsock })
+    }
+
+    /// True for the error of a backend another VM holds (which may let go of it soon).
+    pub fn in_use(err: &MachineError) -> bool {
+        matches!(
+            err,
+            MachineError::Disk(BlockError::InUse(_))
+                | MachineError::Tap(TapError::InUse(_))
+                | MachineError::Vsock(VsockError::InUse(_))
+        )
+    }
 }
 
 /// Creates the KVM VM and checks the vCPU count against what it allows.
@@ -254,11 +276,10 @@ impl Machine {
     /// Builds a VM that boots `config.kernel`.
     pub fn boot(config: VmConfig) -> Result<Self, MachineError> {
         let mut inputs = open_inputs(&config)?;
-        let disks = open_disks(&config)?;
-        let nets = open_nets(&config)?;
+        let backends = Backends::open(&config)?;
         let vm = create_vm(&config)?;
         let mem = create_guest_memory(config.mem_bytes)?;
-        let (machine, virtio_devices) = Self::assemble(config, vm, mem, disks, nets, None)?;
+        let (machine, virtio_devices) = Self::assemble(config, vm, mem, backends, None)?;
         let config = &machine.config;
         let mem = &machine.mem;
 
@@ -293,8 +314,7 @@ impl Machine {
         config: VmConfig,
         vm: Vm,
         mem: GuestMemory,
-        disks: Vec<Block>,
-        nets: Vec<Net>,
+        backends: Backends,
         saved_vm: Option<&VmState>,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
         vm.register_memory(&mem)?;
@@ -328,13 +348,15 @@ impl Machine {
             Resources { pio: Some((ACPI_SLEEP_CONTROL_PORT, AcpiPmDevice::PORTS as u16)), ..Default::default() };
         list.push(DeviceEntry { id: "acpi-pm".into(), kind: "acpi-pm", resources, device: acpi_pm });
 
-        // virtio-mmio slots in a fixed order (disks, then networks), so the same configuration
+        // virtio-mmio slots in a fixed order (disks, networks, vsock), so the same configuration
         // always puts the same device at the same place.
+        let Backends { disks, nets, vsock } = backends;
         let virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = disks
             .into_iter()
             .enumerate()
             .map(|(i, d)| (format!("blk{i}"), "virtio-blk", Box::new(d) as Box<dyn VirtioDevice>))
             .chain(nets.into_iter().enumerate().map(|(i, n)| (format!("net{i}"), "virtio-net", Box::new(n) as _)))
+            .chain(vsock.map(|v| ("vsock0".to_string(), "virtio-vsock", Box::new(v) as _)))
             .collect();
         let mut infos = Vec::new();
         for (index, (id, kind, device)) in virtio.into_iter().enumerate() {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cli::Failure;
-use vmm::config::{parse_disk, parse_mem, parse_net, DiskConfig, NetArg};
+use vmm::config::{parse_disk, parse_mem, parse_net, parse_vsock, DiskConfig, NetArg, VsockConfig};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A small KVM virtual machine monitor built for checkpoint/restart")]
@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// derived from NAME). Repeat for more interfaces.
     #[arg(long = "net", value_parser = parse_net_arg)]
     pub nets: Vec<NetArg>,
+    /// A virtio-vsock device: cid=N,uds=PATH. Host processes reach guest port P by connecting
+    /// to PATH and sending "CONNECT P\n"; the guest reaches host port P at the socket PATH_P.
+    #[arg(long, value_parser = parse_vsock_arg)]
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +146,9 @@ pub struct ResumeArgs {
     /// ones they had: tap=NAME[,mac=MAC] (default MAC: the snapshot's). One per interface.
     #[arg(long = "net", value_parser = parse_net_arg)]
     pub nets: Vec<NetArg>,
+    /// The vsock device's cid=N,uds=PATH instead of the snapshot's.
+    #[arg(long, value_parser = parse_vsock_arg)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {
@@ -154,6 +161,10 @@ fn parse_disk_arg(s: &str) -> Result<DiskConfig, String> {
 
 fn parse_net_arg(s: &str) -> Result<NetArg, String> {
     parse_net(s).map_err(|e| e.to_string())
+}
+
+fn parse_vsock_arg(s: &str) -> Result<VsockConfig, String> {
+    parse_vsock(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

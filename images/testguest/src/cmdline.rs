@@ -12,6 +12,7 @@ pub enum Workload {
     KeyboardReset,
     Dirty,
     Net,
+    Vsock,
 }
 
 #[derive(Clone, Copy)]
@@ -32,6 +33,8 @@ pub struct Config {
     pub dirty_pages: u64,
     /// The net workload's IPv4 address.
     pub net_ip: [u8; 4],
+    /// The vsock workload connects to this host port at start (0: it does not).
+    pub vsock_connect: u32,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             tick_ms: 1000,
             dirty_pages: 16,
             net_ip: [10, 0, 0, 2],
+            vsock_connect: 0,
         }
     }
 }
@@ -69,6 +73,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     b"kbdreset" => Workload::KeyboardReset,
                     b"dirty" => Workload::Dirty,
                     b"net" => Workload::Net,
+                    b"vsock" => Workload::Vsock,
                     _ => return Err(word),
                 };
                 true
@@ -79,6 +84,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
             b"dirty.pages" => number(value).map(|v| cfg.dirty_pages = v).is_some() && cfg.dirty_pages > 0,
+            b"vsock.connect" => number(value).and_then(|v| u32::try_from(v).ok()).map(|v| cfg.vsock_connect = v).is_some(),
             b"net.ip" => ipv4(value).map(|v| cfg.net_ip = v).is_some(),
             b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,
             _ => true,

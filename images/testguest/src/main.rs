@@ -23,6 +23,7 @@ mod sync;
 mod sys;
 mod traps;
 mod virtio;
+mod vsock;
 mod workload;
 
 use core::sync::atomic::Ordering;

@@ -82,6 +82,7 @@ pub fn get<T: Copy>(addr: u64) -> T {
 pub enum Error {
     NoDevice,
     NoNetDevice,
+    NoVsockDevice,
     Version(u32),
     NoVersion1,
     FeaturesRejected,
@@ -94,6 +95,7 @@ impl Error {
         match self {
             Error::NoDevice => "reason=no-virtio-blk-device",
             Error::NoNetDevice => "reason=no-virtio-net-device",
+            Error::NoVsockDevice => "reason=no-virtio-vsock-device",
             Error::Version(_) => "reason=virtio-mmio-version-not-2 version=",
             Error::NoVersion1 => "reason=no-VIRTIO_F_VERSION_1",
             Error::FeaturesRejected => "reason=features-not-accepted",

@@ -11,7 +11,7 @@ use crate::cmdline::{Config, Workload};
 use crate::console::{fail, Line};
 use crate::paging::MAP_LIMIT;
 use crate::sync::Once;
-use crate::net;
+use crate::{net, vsock};
 use crate::virtio::{self, Blk, T_IN, T_OUT};
 use crate::{kvmclock, power, smp, sys, MAX_CPUS};
 
@@ -45,6 +45,7 @@ struct NetSetup {
     area: u64,
 }
 static NET: Once<NetSetup> = Once::new();
+static VSOCK: Once<NetSetup> = Once::new();
 /// The dirty workload's pages: one every DIRTY_STRIDE bytes from here.
 static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 const DIRTY_STRIDE: u64 = 64 << 10;
@@ -91,6 +92,14 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(area as *mut u8, 0, net::AREA_BYTES as usize) };
             NET.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
         }
+        Workload::Vsock => {
+            let Some(area) = alloc.alloc(vsock::AREA_BYTES, 4096, MAP_LIMIT) else {
+                fail("vsock", "reason=ram-too-small-for-buffers");
+            };
+            // SAFETY: just allocated for the driver alone; the device must see zeroed rings.
+            unsafe { core::ptr::write_bytes(area as *mut u8, 0, vsock::AREA_BYTES as usize) };
+            VSOCK.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
+        }
         Workload::Dirty => match alloc.alloc(cfg.dirty_pages.saturating_mul(DIRTY_STRIDE), DIRTY_STRIDE, MAP_LIMIT) {
             Some(addr) => DIRTY_BASE.store(addr, Relaxed),
             None => fail("dirty", "reason=ram-too-small"),
@@ -119,7 +128,7 @@ pub fn run(cpu: usize) -> ! {
     let ticking = cpu == 0
         && (matches!(cfg.workload, Workload::Demo | Workload::Mem | Workload::Idle | Workload::Dirty)
             || (cfg.workload == Workload::Disk && cfg.disk_rounds != 1)
-            || cfg.workload == Workload::Net);
+            || matches!(cfg.workload, Workload::Net | Workload::Vsock));
     smp::mark_running(cpu);
     match (cfg.workload, cpu) {
         (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
@@ -127,6 +136,7 @@ pub fn run(cpu: usize) -> ! {
         (Workload::Disk, 0) => disk(cfg),
         (Workload::Dirty, 0) => dirty(cfg),
         (Workload::Net, 0) => net_service(cfg),
+        (Workload::Vsock, 0) => vsock_service(cfg),
         (Workload::Poweroff, 0) => power::poweroff(),
         (Workload::TripleFault, 0) => sys::triple_fault(),
         (Workload::AcpiReset, 0) => power::reset(power::ResetWay::Acpi),
@@ -293,6 +303,34 @@ fn net_service(cfg: &Config) -> ! {
             last_frame = now;
             TICKS[0].store(net::ANSWERED.load(Relaxed), Relaxed);
         } else if now.saturating_sub(last_frame) > 20 * NS_PER_MS {
+            sys::sleep_ms(1);
+        }
+        tick_check(now);
+    }
+}
+
+/// CPU 0: the vsock services (vsock.rs), forever; polls like `net_service`.
+fn vsock_service(cfg: &Config) -> ! {
+    let d = VSOCK.get();
+    let mut dev = vsock::Vsock::init(&d.windows[..d.nwindows], d.area).unwrap_or_else(|e| {
+        let mut line = Line::new();
+        line.s("FAIL what=vsock ").s(e.reason());
+        if let virtio::Error::Version(v) = e {
+            line.u(v as u64);
+        }
+        line.fail()
+    });
+    Line::new().s("vsock ready cid=").u(dev.cid).print();
+    if cfg.vsock_connect != 0 {
+        dev.connect(cfg.vsock_connect);
+    }
+    let mut last_packet = kvmclock::uptime_ns(0);
+    loop {
+        let now = kvmclock::uptime_ns(0);
+        if dev.poll() > 0 {
+            last_packet = now;
+            TICKS[0].fetch_add(1, Relaxed);
+        } else if now.saturating_sub(last_packet) > 20 * NS_PER_MS {
             sys::sleep_ms(1);
         }
         tick_check(now);

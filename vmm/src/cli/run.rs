@@ -67,6 +67,7 @@ pub fn run(args: RunArgs) -> CmdResult {
         vcpus,
         disks: args.disks,
         nets: args.nets.into_iter().map(NetArg::into_config).collect(),
+        vsock: args.vsock,
     };
     vmm::config::check_nets(&config.nets).map_err(|e| Failure::bad_input(e.to_string()))?;
     let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&config.name));
@@ -104,6 +105,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         verify: args.verify,
         disk_changed_ok: args.disk_changed_ok,
         nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
     };
     let from_stream = args.dir.as_os_str() == "-";
     let source = if from_stream {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use snapshot::{
     DeviceSummary, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress, StagedMemory,
+    VsockDescription,
 };
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
@@ -193,6 +194,7 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
             .iter()
             .map(|n| NetDescription { tap: n.tap.clone(), mac: crate::config::format_mac(&n.mac) })
             .collect(),
+        vsock: config.vsock.as_ref().map(|v| VsockDescription { cid: v.cid, uds: v.uds.display().to_string() }),
     }
 }
 

@@ -11,16 +11,14 @@ use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
-use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig};
-use crate::devices::virtio::block::BlockError;
-use crate::devices::virtio::net::TapError;
-use crate::machine::{self, Machine, MachineError};
+use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
+use crate::machine::{self, Backends, Machine, MachineError};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
 use crate::vstate::vm::VmError;
 
 /// How long a resume from a stream waits for its disks and TAPs to be let go by the VM it came from.
-const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const BACKEND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a snapshot is read from.
 pub enum ResumeSource {
@@ -40,6 +38,8 @@ pub struct ResumeOptions {
     /// TAP devices for the snapshot's network interfaces, in order, instead of their own (a MAC
     /// given here replaces the snapshot's; `mac: None` keeps it).
     pub nets: Vec<NetArg>,
+    /// The vsock device's CID and socket instead of the snapshot's.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A machine rebuilt from a snapshot, ready to start.
@@ -200,6 +200,11 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
         vcpus: desc.vcpus,
         disks: desc.disks.iter().map(|d| DiskConfig { path: d.path.clone().into(), read_only: d.read_only }).collect(),
         nets: nets_of(manifest, opts)?,
+        vsock: match (&opts.vsock, &desc.vsock) {
+            (Some(v), _) => Some(v.clone()),
+            (None, Some(v)) => Some(VsockConfig { cid: v.cid, uds: v.uds.clone().into() }),
+            (None, None) => None,
+        },
     })
 }
 
@@ -273,18 +278,9 @@ pub fn restore<T>(
     // A VM moved through a pipe: its source ends (and lets go of its disks) only once its
     // stream is complete, so give it a moment.
     let mut waited = std::time::Duration::ZERO;
-    let disks = loop {
-        match machine::open_disks(&config) {
-            Err(MachineError::Disk(BlockError::InUse(_))) if streamed && waited < DISK_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                waited += std::time::Duration::from_millis(20);
-            }
-            other => break other?,
-        }
-    };
-    let nets = loop {
-        match machine::open_nets(&config) {
-            Err(MachineError::Tap(TapError::InUse(_))) if streamed && waited < DISK_WAIT => {
+    let backends = loop {
+        match Backends::open(&config) {
+            Err(e) if streamed && Backends::in_use(&e) && waited < BACKEND_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 waited += std::time::Duration::from_millis(20);
             }
@@ -294,7 +290,7 @@ pub fn restore<T>(
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
-    let (machine, _) = Machine::assemble(config, vm, mem, disks, nets, Some(&state.vm))?;
+    let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm))?;
     machine.devices.restore(&state.devices)?;
     // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
     machine.vm.restore_clock(&state.vm)?;

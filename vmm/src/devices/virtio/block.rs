@@ -207,7 +207,8 @@ impl VirtioDevice for Block {
         format!("virtio-blk {} ({} sectors{ro})", self.path.display(), self.capacity_sectors)
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let Some(queue) = queues.first_mut() else { return false };
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

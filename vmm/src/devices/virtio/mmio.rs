@@ -251,11 +251,10 @@ impl MmioTransport {
         if !self.driver_ok() {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index as usize) else { return };
-        if !queue.ready() {
+        if !self.queues.get(index as usize).is_some_and(|q| q.ready()) {
             return;
         }
-        if self.device.process_queue(index as usize, queue, &self.mem) {
+        if self.device.process_queue(index as usize, &mut self.queues, &self.mem) {
             self.raise_interrupt(INT_USED_RING);
         }
     }

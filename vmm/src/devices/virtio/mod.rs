@@ -4,6 +4,7 @@ pub mod block;
 pub mod input;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 use std::os::fd::BorrowedFd;
 
@@ -14,6 +15,7 @@ use virtio_queue::Queue;
 pub use block::Block;
 pub use mmio::{MmioTransport, MmioTransportState};
 pub use net::Net;
+pub use vsock::Vsock;
 
 /// VIRTIO_F_VERSION_1: the modern (virtio 1.x) interface, the only one we offer.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -57,7 +59,8 @@ pub trait VirtioDevice: Send {
             Some(_) => Err("saved device state for a device that keeps none".into()),
         }
     }
-    /// Processes the available buffers of queue `index`. Returns true if it used any, so the
-    /// transport raises an interrupt.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// Processes the available buffers of queue `index` (of `queues`, all of the device's, ready
+    /// ones: a device may answer on another queue, as vsock answers requests on its receive
+    /// queue). Returns true if it used any buffer, so the transport raises an interrupt.
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool;
 }

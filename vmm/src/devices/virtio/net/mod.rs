@@ -379,7 +379,8 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let Some(queue) = queues.get_mut(index) else { return false };
         match index {
             RX_QUEUE => self.receive(queue, mem),
             TX_QUEUE => self.transmit(queue, mem),
