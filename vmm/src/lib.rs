@@ -3,6 +3,7 @@
 //! The library builds and runs a VM (`machine`), from KVM objects (`vstate`), x86_64 boot
 //! code (`arch`) and userspace devices (`devices`). The binary in `main.rs` is a thin CLI.
 
+pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod config;

@@ -80,6 +80,17 @@ pub struct SnapshotArgs {
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
+    /// Do not ask the guest agent to flush and freeze the guest's file systems first.
+    #[arg(long, conflicts_with = "require_agent")]
+    pub no_quiesce: bool,
+    /// Fail (the guest running on) unless the guest agent quiesces the guest first; by default
+    /// a VM with a vsock device whose agent does not answer is snapshotted unquiesced, with a
+    /// warning.
+    #[arg(long)]
+    pub require_agent: bool,
+    /// How long the agent gets to quiesce, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub quiesce_timeout: u64,
 }
 
 #[derive(clap::Args)]

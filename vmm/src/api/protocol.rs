@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::persist::SnapshotReport;
+use crate::persist::{Quiesce, SnapshotReport};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "lowercase")]
@@ -21,6 +21,12 @@ pub enum Request {
         /// zstd-compress the stream's frames.
         #[serde(default)]
         compress: bool,
+        /// Whether the guest agent quiesces the guest first.
+        #[serde(default)]
+        quiesce: Quiesce,
+        /// Bound of the quiesce, in ms.
+        #[serde(default)]
+        quiesce_timeout_ms: Option<u64>,
     },
     /// Cancels the snapshot being taken: the guest runs on, nothing is left at its destination.
     Cancel,
@@ -121,7 +127,17 @@ mod tests {
     #[test]
     fn wire_format() {
         let r: Request = serde_json::from_str(r#"{"verb":"snapshot","out":"/tmp/s"}"#).unwrap();
-        assert_eq!(r, Request::Snapshot { out: "/tmp/s".into(), force: false, stop: false, compress: false });
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                out: "/tmp/s".into(),
+                force: false,
+                stop: false,
+                compress: false,
+                quiesce: Quiesce::Auto,
+                quiesce_timeout_ms: None
+            }
+        );
         assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"verb":"reboot"}"#).is_err());
         let r: Request = serde_json::from_str(r#"{"verb":"dirty-log","op":"fetch"}"#).unwrap();

@@ -126,14 +126,16 @@ fn send_reply(stream: &UnixStream, mut reply: Reply, end: bool) {
 fn serve(stream: UnixStream, control: &Arc<VmControl>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let (reply, end) = match read_request(&stream) {
-        Ok((Request::Snapshot { out, force, stop, compress }, fd)) => {
+        Ok((Request::Snapshot { out, force, stop, compress, quiesce, quiesce_timeout_ms }, fd)) => {
+            let opts =
+                SnapshotOptions { stop, quiesce, quiesce_timeout: quiesce_timeout_ms.map(Duration::from_millis) };
             match start_snapshot(control, &out, fd, force, compress) {
                 Ok(run) => {
                     // The job answers on this connection when it is done.
                     let control = control.clone();
                     let spawned = std::thread::Builder::new()
                         .name("snapshot".into())
-                        .spawn(move || finish_snapshot(&control, stream, run, &out, stop));
+                        .spawn(move || finish_snapshot(&control, stream, run, &out, opts));
                     if let Err(e) = spawned {
                         tracing::error!("cannot start the snapshot thread: {e}");
                     }
@@ -197,8 +199,9 @@ fn start_snapshot(
     }
 }
 
-fn finish_snapshot(control: &VmControl, stream: UnixStream, run: SnapshotRun, out: &str, stop: bool) {
-    let result = persist::snapshot(control, run.sink, SnapshotOptions { stop }, &run.job);
+fn finish_snapshot(control: &VmControl, stream: UnixStream, run: SnapshotRun, out: &str, opts: SnapshotOptions) {
+    let stop = opts.stop;
+    let result = persist::snapshot(control, run.sink, opts, &run.job);
     control.end_job();
     let (reply, end) = match result {
         Ok(mut report) => {

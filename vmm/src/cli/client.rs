@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm::api::{self, client, protocol::ErrorKind, protocol::Reply, protocol::Request};
+use vmm::persist::Quiesce;
 
 use super::{CmdResult, Failure};
 use crate::{SnapshotArgs, VmTarget};
@@ -152,7 +153,19 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
             .display()
             .to_string()
     };
-    let request = Request::Snapshot { out, force: args.force, stop: args.stop, compress: args.compress };
+    let quiesce = match (args.no_quiesce, args.require_agent) {
+        (true, _) => Quiesce::Skip,
+        (false, true) => Quiesce::Require,
+        (false, false) => Quiesce::Auto,
+    };
+    let request = Request::Snapshot {
+        out,
+        force: args.force,
+        stop: args.stop,
+        compress: args.compress,
+        quiesce,
+        quiesce_timeout_ms: Some(args.quiesce_timeout * 1000),
+    };
     cancel_on_signal(&args.target).map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     let done = AtomicBool::new(false);
     let reply = std::thread::scope(|scope| {
@@ -165,12 +178,16 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         reply
     })?;
     if let Some(r) = reply.snapshot {
+        for w in &r.warnings {
+            eprintln!("vmm: warning: {w}");
+        }
         let what = if stream { "stream".to_string() } else { format!("snapshot {}", args.out.display()) };
         let id = r.id.map(|id| format!(" id {id}")).unwrap_or_default();
         let size = if stream { "bytes through the stream" } else { "bytes on disk" };
         // stdout is the stream itself with --out -: the report goes to stderr then.
         let line = format!(
-            "{what}{id}: paused {:.1} ms, {} after {:.1} ms, {} {size} ({} MiB memory, {} zero pages)",
+            "{what}{id}: {}paused {:.1} ms, {} after {:.1} ms, {} {size} ({} MiB memory, {} zero pages)",
+            if r.quiesced { "quiesced, " } else { "" },
             r.pause_ms,
             if stream { "complete" } else { "durable" },
             r.total_ms,

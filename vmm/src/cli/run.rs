@@ -85,7 +85,8 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    serve(machine, listener, guard, Launch { paused: false, prefault: None, memory_file: None, stdin_input: true })
+    let launch = Launch { paused: false, prefault: None, memory_file: None, stdin_input: true, refresh_agent: None };
+    serve(machine, listener, guard, launch)
 }
 
 fn persist_failure(e: persist::PersistError) -> Failure {
@@ -134,7 +135,14 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     };
     let (restored, (listener, guard)) = persist::restore(source, &opts, claim).map_err(persist_failure)?;
     let prefault = args.prefault.then(|| restored.machine.mem.clone());
-    let launch = Launch { paused: args.paused, prefault, memory_file: restored.memory_file, stdin_input: !from_stream };
+    let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
+    let launch = Launch {
+        paused: args.paused,
+        prefault,
+        memory_file: restored.memory_file,
+        stdin_input: !from_stream,
+        refresh_agent,
+    };
     serve(restored.machine, listener, guard, launch)
 }
 
@@ -151,6 +159,9 @@ fn bind(socket: &Path, name: &str) -> Result<(UnixListener, server::SocketGuard)
     Ok((listener, server::SocketGuard(socket.to_path_buf())))
 }
 
+/// How long a resumed VM's agent gets to answer (a VM resumed paused may be continued later).
+const AGENT_REFRESH_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How to start a built machine.
 struct Launch {
     /// Stay paused until `vmm continue`.
@@ -161,6 +172,8 @@ struct Launch {
     memory_file: Option<persist::MemoryFile>,
     /// stdin is the serial console's input.
     stdin_input: bool,
+    /// A resumed VM's vsock socket: its agent thaws the guest and refreshes its clock and RNG.
+    refresh_agent: Option<PathBuf>,
 }
 
 /// Starts the VM and serves it until it ends.
@@ -177,6 +190,9 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+    if let Some(uds) = launch.refresh_agent {
+        vmm::agent::refresh_after_resume(uds, AGENT_REFRESH_WITHIN);
+    }
     vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
     let mut reason = running.wait();

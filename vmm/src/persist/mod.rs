@@ -20,6 +20,7 @@ use snapshot::{
 };
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
+use crate::agent::{self, Agent, AgentError};
 use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
 use crate::control::VmControl;
@@ -66,6 +67,8 @@ pub enum PersistError {
     HasParent(String),
     #[error("{0}")]
     Nets(String),
+    #[error("cannot quiesce the guest: {0} (the snapshot was not taken; the guest runs on)")]
+    Quiesce(crate::agent::AgentError),
     /// The resuming side could not take the VM's name or control socket.
     #[error("{message}")]
     Claim { message: String, bad_input: bool },
@@ -88,6 +91,7 @@ impl PersistError {
             | PersistError::DiskChanged { .. }
             | PersistError::HasParent(_)
             | PersistError::Nets(_) => true,
+            PersistError::Quiesce(_) => false,
             PersistError::Machine(e) => e.is_bad_input(),
             PersistError::Claim { bad_input, .. } => *bad_input,
             _ => false,
@@ -104,6 +108,23 @@ pub struct SnapshotOptions {
     /// Leave the guest paused once the snapshot is complete (the caller then ends the VM), and
     /// write memory straight from the paused guest.
     pub stop: bool,
+    pub quiesce: Quiesce,
+    /// How long the agent gets to quiesce (default `agent::QUIESCE_TIMEOUT`).
+    pub quiesce_timeout: Option<Duration>,
+}
+
+/// Whether the guest agent flushes and freezes the guest's file systems for the snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quiesce {
+    /// If the VM has a vsock device: ask its agent; if none answers, or it fails, warn and take
+    /// the snapshot unquiesced.
+    #[default]
+    Auto,
+    /// Do not ask.
+    Skip,
+    /// Ask, and fail the snapshot (the guest running on, thawed) if the agent cannot quiesce.
+    Require,
 }
 
 /// What a snapshot cost.
@@ -123,6 +144,12 @@ pub struct SnapshotReport {
     pub bytes: u64,
     pub memory_bytes: u64,
     pub zero_pages: u64,
+    /// Whether the guest agent quiesced the guest for it.
+    #[serde(default)]
+    pub quiesced: bool,
+    /// What went wrong without failing the snapshot (an agent that did not answer, say).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// A snapshot being taken: what it is doing and how far it got. `status` reads it while the
@@ -198,6 +225,55 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
     }
 }
 
+/// Asks the guest agent to quiesce, as `opts` say; returns the connection to thaw it through.
+fn quiesce(
+    control: &VmControl,
+    opts: SnapshotOptions,
+    job: &Job,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Agent>, PersistError> {
+    let Some(vsock) = control.config.vsock.as_ref().filter(|_| opts.quiesce != Quiesce::Skip) else {
+        if opts.quiesce == Quiesce::Require {
+            return Err(PersistError::Quiesce(AgentError::Absent));
+        }
+        return Ok(None);
+    };
+    job.set_phase("quiescing");
+    let timeout = opts.quiesce_timeout.unwrap_or(agent::QUIESCE_TIMEOUT);
+    let started = Instant::now();
+    let mut connection = None;
+    let result = Agent::connect(&vsock.uds, agent::CONNECT_TIMEOUT).and_then(|mut a| {
+        let done = a.quiesce(timeout);
+        connection = Some(a);
+        done
+    });
+    match result {
+        Ok(what) => {
+            tracing::debug!("agent quiesced the guest in {:.1} ms: {what}", ms(started.elapsed()));
+            Ok(connection)
+        }
+        Err(e) => {
+            // A quiesce that timed out may still complete: thaw whatever it froze.
+            thaw(&mut connection, warnings);
+            if opts.quiesce == Quiesce::Require {
+                return Err(PersistError::Quiesce(e));
+            }
+            warnings.push(format!("{e}: snapshot taken without quiescing the guest"));
+            Ok(None)
+        }
+    }
+}
+
+/// Thaws the guest through `agent`, if it was quiesced (its agent thaws by itself later if this fails).
+fn thaw(agent: &mut Option<Agent>, warnings: &mut Vec<String>) {
+    if let Some(mut a) = agent.take() {
+        if let Err(e) = a.thaw() {
+            warnings.push(format!("{e} (it thaws by itself after its deadline)"));
+        }
+        *agent = Some(a);
+    }
+}
+
 /// Guest memory once the guest runs again: copied aside, or already in the sink.
 enum Pending {
     Staged(StagedMemory),
@@ -217,6 +293,8 @@ pub fn snapshot(
 ) -> Result<SnapshotReport, PersistError> {
     let start = Instant::now();
     boost_this_thread();
+    let mut warnings = Vec::new();
+    let mut agent = quiesce(control, opts, job, &mut warnings)?;
     let mem_bytes: u64 = control.config.mem_bytes;
     job.progress.set_total(memory::total_bytes(&control.mem));
     // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
@@ -291,6 +369,11 @@ pub fn snapshot(
     }
     drop(paused);
     let pause = paused_at.elapsed();
+    // A guest that runs on is thawed at once; one that stops stays frozen in the snapshot too,
+    // and is thawed after its resume (agent::refresh_after_resume).
+    if !opts.stop || taken.is_err() {
+        thaw(&mut agent, &mut warnings);
+    }
     let pending = taken?;
 
     let result = (|| {
@@ -320,6 +403,8 @@ pub fn snapshot(
             bytes: written.bytes,
             memory_bytes: mem_bytes,
             zero_pages: written.zero_pages,
+            quiesced: agent.is_some(),
+            warnings,
         }),
         Err(e) => {
             if resume_on_error {
@@ -327,6 +412,8 @@ pub fn snapshot(
                 if let Err(e) = control.resume() {
                     tracing::error!("cannot resume the guest after its snapshot failed: {e}");
                 }
+                let mut ignored = Vec::new();
+                thaw(&mut agent, &mut ignored);
             }
             Err(e)
         }

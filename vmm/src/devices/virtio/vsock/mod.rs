@@ -48,6 +48,8 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Most connections at once; more are refused (RST, or the Unix connection closed).
 const MAX_CONNECTIONS: usize = 1024;
+/// Most control packets waiting for the guest.
+const MAX_BACKLOG: usize = 4 * MAX_CONNECTIONS;
 /// epoll data of the listener; connections use their token.
 const LISTENER: u64 = 0;
 
@@ -156,7 +158,7 @@ fn header(cid: u64, conn: &Conn, op: u16) -> Header {
 impl Vsock {
     /// A reset for a packet that belongs to no connection.
     fn reset_for(&mut self, pkt: &Header) {
-        self.backlog.push_back(Header {
+        self.queue_control(Header {
             src_cid: HOST_CID,
             dst_cid: self.cid,
             src_port: pkt.dst_port,
@@ -165,6 +167,15 @@ impl Vsock {
             op: OP_RST,
             ..Default::default()
         });
+    }
+
+    /// Queues a packet without payload for the guest. A guest that takes none (no driver) cannot
+    /// make the queue grow without bound: past MAX_BACKLOG the oldest are dropped.
+    fn queue_control(&mut self, pkt: Header) {
+        if self.backlog.len() >= MAX_BACKLOG {
+            self.backlog.pop_front();
+        }
+        self.backlog.push_back(pkt);
     }
 
     fn add_conn(&mut self, conn: Conn) -> Option<u64> {
@@ -222,9 +233,13 @@ impl Vsock {
                 }
                 let token = data.u64();
                 let Some(conn) = self.conns.get_mut(&token) else { continue };
-                if flags.intersects(
-                    epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR,
-                ) {
+                let hangup = epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+                if conn.state == State::Connecting && flags.intersects(hangup) {
+                    // The host process gave up before the guest answered.
+                    self.host_closed(token);
+                    continue;
+                }
+                if flags.intersects(epoll::EventFlags::IN | hangup) {
                     conn.readable = true;
                 }
                 if flags.contains(epoll::EventFlags::OUT) {
@@ -233,7 +248,7 @@ impl Vsock {
                     } else if conn.state == State::Established && conn.credit_update_due() {
                         conn.last_fwd_cnt_sent = conn.fwd_cnt;
                         let update = header(self.cid, &self.conns[&token], OP_CREDIT_UPDATE);
-                        self.backlog.push_back(update);
+                        self.queue_control(update);
                     }
                 }
             }
@@ -287,7 +302,7 @@ impl Vsock {
         self.ports.insert((local, port), token);
         let conn = &self.conns[&token];
         let request = header(self.cid, conn, OP_REQUEST);
-        self.backlog.push_back(request);
+        self.queue_control(request);
     }
 
     /// The host end of a connection closed (or failed): the guest is told it will get and
@@ -298,13 +313,13 @@ impl Vsock {
             conn.state = State::Closing;
             let mut shutdown = header(self.cid, &self.conns[&token], OP_SHUTDOWN);
             shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-            self.backlog.push_back(shutdown);
+            self.queue_control(shutdown);
         } else if conn.state != State::Closing {
             let rst = header(self.cid, conn, OP_RST);
             let connecting = conn.state == State::Connecting;
             self.remove_conn(token);
             if connecting {
-                self.backlog.push_back(rst);
+                self.queue_control(rst);
             }
         }
     }
@@ -342,7 +357,7 @@ impl Vsock {
                     // The guest sent beyond the credit we gave it.
                     let rst = header(self.cid, conn, OP_RST);
                     self.remove_conn(token);
-                    self.backlog.push_back(rst);
+                    self.queue_control(rst);
                     return;
                 }
                 match conn.queue_to_host(payload) {
@@ -350,7 +365,7 @@ impl Vsock {
                         if conn.credit_update_due() {
                             conn.last_fwd_cnt_sent = conn.fwd_cnt;
                             let update = header(self.cid, &self.conns[&token], OP_CREDIT_UPDATE);
-                            self.backlog.push_back(update);
+                            self.queue_control(update);
                         }
                     }
                     Err(()) => self.host_closed(token),
@@ -360,7 +375,7 @@ impl Vsock {
             OP_CREDIT_REQUEST => {
                 conn.last_fwd_cnt_sent = conn.fwd_cnt;
                 let update = header(self.cid, conn, OP_CREDIT_UPDATE);
-                self.backlog.push_back(update);
+                self.queue_control(update);
             }
             OP_CREDIT_UPDATE => {}
             OP_SHUTDOWN => {
@@ -368,7 +383,7 @@ impl Vsock {
                 if pkt.flags & both == both || conn.state == State::Closing {
                     let rst = header(self.cid, conn, OP_RST);
                     self.remove_conn(token);
-                    self.backlog.push_back(rst);
+                    self.queue_control(rst);
                 } else if pkt.flags & SHUTDOWN_SEND != 0 {
                     conn.guest_done_sending = true;
                     if conn.flush_pending().is_err() {
@@ -380,7 +395,7 @@ impl Vsock {
             _ => {
                 let rst = header(self.cid, conn, OP_RST);
                 self.remove_conn(token);
-                self.backlog.push_back(rst);
+                self.queue_control(rst);
             }
         }
     }
@@ -397,7 +412,7 @@ impl Vsock {
         conn.peer_fwd_cnt = pkt.fwd_cnt;
         let response = header(self.cid, &conn, OP_RESPONSE);
         if self.add_conn(conn).is_some() {
-            self.backlog.push_back(response);
+            self.queue_control(response);
         } else {
             self.reset_for(pkt);
         }
@@ -458,8 +473,7 @@ impl Vsock {
         }
         let ready: Vec<u64> = self.conns.iter().filter(|(_, c)| c.can_send_to_guest()).map(|(t, _)| *t).collect();
         for token in ready {
-            loop {
-                let Some(conn) = self.conns.get_mut(&token) else { break };
+            while let Some(conn) = self.conns.get_mut(&token) {
                 if !conn.can_send_to_guest() {
                     break;
                 }

@@ -1,0 +1,232 @@
+//! virtio-vsock with its host side on Unix sockets, against the test guest's vsock services: an
+//! echo on port 1234, the agent protocol on port 52, and its own connection to a host port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use agent_protocol::{Frame, Message};
+use tests::{vmm_cmd, vmm_ok, TempDir, Vmm};
+
+const T: Duration = Duration::from_secs(60);
+const ECHO_PORT: u32 = 1234;
+
+fn boot(dir: &TempDir, name: &str, cmdline: &str) -> (Vmm, String, String) {
+    let sock = dir.path().join(format!("{name}.sock")).display().to_string();
+    let uds = dir.path().join(format!("{name}.vsock")).display().to_string();
+    let vsock = format!("cid=3,uds={uds}");
+    let mut vm = Vmm::testguest(cmdline, &["--vsock", &vsock, "--name", name, "--api-sock", &sock]);
+    vm.wait_for("testguest: vsock ready cid=3", T);
+    (vm, sock, uds)
+}
+
+/// Connects to guest port `port` through the device's socket; returns the stream and the host
+/// port vmm gave it.
+fn connect(uds: &str, port: u32) -> (BufReader<UnixStream>, u32) {
+    let stream = UnixStream::connect(uds).expect("connect to the vsock socket");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream);
+    reader.get_mut().write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("an answer to CONNECT");
+    let host_port = line.strip_prefix("OK ").and_then(|p| p.trim().parse().ok());
+    (reader, host_port.unwrap_or_else(|| panic!("expected 'OK <port>', got {line:?}")))
+}
+
+fn echo_round_trip(conn: &mut BufReader<UnixStream>, data: &[u8]) {
+    conn.get_mut().write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    conn.read_exact(&mut back).expect("the echo");
+    assert!(back == data, "echo of {} bytes differs", data.len());
+}
+
+/// One agent-protocol request and its reply.
+fn agent_request(conn: &mut BufReader<UnixStream>, id: u32, message: Message<'_>) -> Vec<u8> {
+    let mut buf = vec![0u8; agent_protocol::MAX_FRAME];
+    let n = agent_protocol::encode(&Frame { id, message }, &mut buf).unwrap();
+    conn.get_mut().write_all(&buf[..n]).unwrap();
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).expect("an agent reply");
+    let total = agent_protocol::frame_len(&len).unwrap().unwrap();
+    let mut frame = len.to_vec();
+    frame.resize(total, 0);
+    conn.read_exact(&mut frame[4..]).unwrap();
+    frame
+}
+
+#[test]
+fn host_connections_reach_the_guest_echo_and_agent() {
+    let dir = TempDir::new("vsock-echo");
+    let (mut vm, _sock, uds) = boot(&dir, "vsock-echo", "workload=vsock");
+    let (mut a, port_a) = connect(&uds, ECHO_PORT);
+    let (mut b, port_b) = connect(&uds, ECHO_PORT);
+    assert_ne!(port_a, port_b, "each connection gets its own host port");
+    echo_round_trip(&mut a, b"hello\n");
+    echo_round_trip(&mut b, b"other connection\n");
+    // More than the guest's 64 KiB buffer: the device must wait for the guest's credit.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    echo_round_trip(&mut a, &big);
+
+    let (mut agent, _) = connect(&uds, agent_protocol::AGENT_PORT);
+    let reply = agent_request(&mut agent, 41, Message::Ping);
+    let (frame, _) = agent_protocol::decode(&reply).unwrap().unwrap();
+    assert_eq!(frame, Frame { id: 41, message: Message::Ok("testguest agent") });
+
+    // A port nobody listens on: the connection is refused (closed without OK).
+    let mut refused = UnixStream::connect(&uds).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    refused.write_all(b"CONNECT 4444\n").unwrap();
+    let mut rest = String::new();
+    let _ = refused.read_to_string(&mut rest);
+    assert!(!rest.starts_with("OK"), "a connection to a closed port was accepted: {rest:?}");
+    // Garbage instead of CONNECT is dropped too, and the device goes on.
+    let mut junk = UnixStream::connect(&uds).unwrap();
+    junk.write_all(&[0xffu8; 100]).unwrap();
+    echo_round_trip(&mut b, b"still there\n");
+    vm.kill();
+}
+
+#[test]
+fn guest_connects_to_a_host_socket() {
+    let dir = TempDir::new("vsock-out");
+    let uds = dir.path().join("vsock-out.vsock");
+    let listener = UnixListener::bind(format!("{}_5555", uds.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        s.write_all(b"echo: ").unwrap();
+        s.write_all(&line).unwrap();
+        s.write_all(b"\n").unwrap();
+        line
+    });
+    let sock = dir.path().join("vm.sock").display().to_string();
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut vm = Vmm::testguest("workload=vsock vsock.connect=5555", &["--vsock", &vsock, "--api-sock", &sock]);
+    let line = vm.wait_for("testguest: vsock connect-back ok", T);
+    assert!(line.ends_with("reply=echo: hello from the test guest"), "{line}");
+    assert_eq!(server.join().unwrap(), b"hello from the test guest");
+    vm.kill();
+}
+
+/// Connections do not survive a snapshot (their host ends belonged to the source): the resumed
+/// guest is told with a transport reset, the old host connection ends, and new ones work.
+#[test]
+fn connections_are_reset_across_resume() {
+    let dir = TempDir::new("vsock-resume");
+    let (vm, sock, uds) = boot(&dir, "vsock-a", "workload=vsock");
+    let (mut old, _) = connect(&uds, ECHO_PORT);
+    echo_round_trip(&mut old, b"before\n");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
+    let _ = vm.wait_exit(T);
+    let mut rest = Vec::new();
+    match old.read_to_end(&mut rest) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            panic!("the old connection did not end with its VM")
+        }
+        _ => {}
+    }
+
+    let sock_b = dir.path().join("b.sock").display().to_string();
+    let mut resumed = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--name", "vsock-b", "--api-sock", &sock_b]);
+    resumed.wait_for("testguest: vsock transport-reset cid=3", T);
+    assert!(Path::new(&uds).exists(), "the resumed VM listens on the snapshot's socket again");
+    let (mut new, _) = connect(&uds, ECHO_PORT);
+    echo_round_trip(&mut new, b"after\n");
+    resumed.kill();
+}
+
+#[test]
+fn bad_vsock_arguments_are_refused() {
+    tests::require_kvm();
+    let dir = TempDir::new("vsock-bad");
+    let kernel = tests::testguest().display().to_string();
+    let uds = dir.path().join("v.sock").display().to_string();
+    for (arg, expect) in [
+        ("cid=2,uds=/tmp/x.sock".to_string(), "invalid vsock"),
+        ("cid=3".to_string(), "invalid vsock"),
+        (format!("cid=3,uds={}/missing-dir/v.sock", dir.path().display()), "cannot listen on vsock socket"),
+    ] {
+        let (status, _, stderr) = vmm_cmd(&["run", "--kernel", &kernel, "--vsock", &arg]);
+        assert_eq!(status.code(), Some(2), "--vsock {arg}: {stderr}");
+        assert!(stderr.contains(expect) && stderr.trim_end().lines().count() == 1, "--vsock {arg}: {stderr}");
+    }
+    let (mut vm, _sock, uds_held) = boot(&dir, "vsock-holder", "workload=vsock");
+    let arg = format!("cid=4,uds={uds_held}");
+    let (status, _, stderr) = vmm_cmd(&["run", "--kernel", &kernel, "--vsock", &arg]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    vm.kill();
+    // A stale socket file (its VM killed) does not stand in the way.
+    let (mut again, _, _) = boot(&dir, "vsock-holder", "workload=vsock");
+    again.kill();
+    let _ = uds;
+}
+
+/// `vmm snapshot` has the agent quiesce the guest before the pause and thaw it after: the
+/// snapshot holds a guest that was quiesced and not yet thawed, so its resume is thawed (and
+/// gets the host's clock and fresh entropy) by the resuming vmm.
+#[test]
+fn snapshots_are_quiesced_by_the_agent_and_resumes_refreshed() {
+    let dir = TempDir::new("vsock-agent");
+    let (mut vm, sock, _uds) = boot(&dir, "agent-a", "workload=vsock");
+    let snap = dir.path().join("snap");
+    let out = vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+    assert!(out.contains("quiesced, paused"), "{out}");
+    vm.wait_for("testguest: agent quiesce n=1 timeout_ms=20000", T);
+    vm.wait_for("testguest: agent thaw n=1", T);
+    let out =
+        vmm_ok(&["snapshot", "--api-sock", &sock, "--out", dir.path().join("s2").to_str().unwrap(), "--no-quiesce"]);
+    assert!(!out.contains("quiesced"), "{out}");
+    vm.kill();
+    assert!(vm.lines_with("agent quiesce n=2").is_empty(), "--no-quiesce still quiesced");
+
+    // Two resumes of one snapshot, each on its own vsock socket.
+    let mut hashes = Vec::new();
+    for name in ["agent-b", "agent-c"] {
+        let sock = dir.path().join(format!("{name}.sock")).display().to_string();
+        let vsock = format!("cid=3,uds={}", dir.path().join(format!("{name}.vsock")).display());
+        let mut resumed =
+            Vmm::spawn(&["resume", snap.to_str().unwrap(), "--vsock", &vsock, "--name", name, "--api-sock", &sock]);
+        // The snapshot was taken between quiesce and thaw: this thaw is the resumed guest's first.
+        resumed.wait_for("testguest: agent thaw n=1", T);
+        let time = resumed.wait_for("testguest: agent set-time", T);
+        let secs = tests::field(&time, "secs").expect("secs=");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(secs.abs_diff(now) <= 5, "guest clock set to {secs}, host says {now}");
+        let entropy = resumed.wait_for("testguest: agent add-entropy bytes=64", T);
+        hashes.push(entropy.split_whitespace().last().unwrap().to_string());
+        resumed.kill();
+    }
+    assert_ne!(hashes[0], hashes[1], "two resumes of one snapshot got the same entropy");
+}
+
+/// A VM whose agent does not answer (this guest runs no vsock driver) is snapshotted anyway,
+/// with a warning; with --require-agent the snapshot fails and the guest runs on.
+#[test]
+fn an_absent_agent_warns_or_fails_as_asked() {
+    let dir = TempDir::new("vsock-noagent");
+    let sock = dir.path().join("vm.sock").display().to_string();
+    let vsock = format!("cid=3,uds={}", dir.path().join("v.sock").display());
+    let mut vm = Vmm::testguest("workload=idle", &["--vsock", &vsock, "--api-sock", &sock]);
+    vm.wait_for("testguest: ready", T);
+    let snap = dir.path().join("snap");
+    let (status, out, err) = vmm_cmd(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+    assert!(status.success(), "{err}");
+    assert!(err.contains("warning: no guest agent answered") && !out.contains("quiesced"), "{out} {err}");
+    let snap2 = dir.path().join("snap2");
+    let (status, _, err) =
+        vmm_cmd(&["snapshot", "--api-sock", &sock, "--out", snap2.to_str().unwrap(), "--require-agent"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot quiesce the guest") && err.trim_end().lines().count() == 1, "{err}");
+    assert!(!snap2.exists(), "a failed snapshot left {}", snap2.display());
+    let status = vmm_ok(&["status", "--api-sock", &sock]);
+    assert!(status.contains("running"), "{status}");
+    vm.kill();
+}
