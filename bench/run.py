@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmm against QEMU on this host, with the project's test guest.
 
-    bench/run.py [boot|snapshot|pipe|growth|all] [--runs N] [--write-docs]
+    bench/run.py [boot|snapshot|pipe|growth|net|all] [--runs N] [--write-docs]
 
 Every figure is measured for vmm and for QEMU in the same invocation, alternating runs (vmm, QEMU,
 vmm, QEMU, ...), and reported as median (min-max) with the ratio of the medians. It is a
@@ -801,6 +801,123 @@ def pipe_benchmark(env, runs, invocation):
     ])
 
 
+NET_NS = "vmm-bench-net"
+NET_SECONDS = 4.0  # of load per run: half one request at a time, half 64 in flight
+NETCLIENT = REPO / "bench/netclient.py"
+NET_READY_RE = re.compile(r"testguest: net ready")
+VSOCK_READY_RE = re.compile(r"testguest: vsock ready")
+
+
+def ip(*args):
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SetupError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def net_setup():
+    """A network namespace with a bridge at 10.0.0.1/24 and one TAP port for each VMM."""
+    subprocess.run(["ip", "netns", "del", NET_NS], capture_output=True)
+    ip("netns", "add", NET_NS)
+    ip("-n", NET_NS, "link", "set", "lo", "up")
+    ip("-n", NET_NS, "link", "add", "br0", "type", "bridge")
+    ip("-n", NET_NS, "addr", "add", "10.0.0.1/24", "dev", "br0")
+    ip("-n", NET_NS, "link", "set", "br0", "up")
+    for tap in ("tapv", "tapq"):
+        ip("-n", NET_NS, "tuntap", "add", "dev", tap, "mode", "tap")
+        ip("-n", NET_NS, "link", "set", tap, "master", "br0")
+        ip("-n", NET_NS, "link", "set", tap, "up")
+
+
+def net_client(kind, target):
+    argv = ["ip", "netns", "exec", NET_NS, sys.executable, str(NETCLIENT), kind, str(target), str(NET_SECONDS)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=NET_SECONDS + 60)
+    if done.returncode != 0:
+        raise BenchError(f"netclient {kind}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def in_netns(argv):
+    return ["ip", "netns", "exec", NET_NS, *argv]
+
+
+def net_vmm_argv(env, sock):
+    return in_netns(env.vmm_run("workload=net net.ip=10.0.0.2", "256M", 1, sock) + ["--net", "tap=tapv"])
+
+
+def net_qemu_argv(env, qmp):
+    return in_netns(env.qemu_run("workload=net net.ip=10.0.0.3", "256M", 1, qmp) + [
+        "-global", "virtio-mmio.force-legacy=false",
+        "-netdev", "tap,id=n0,ifname=tapq,script=no,downscript=no,vhost=off",
+        "-device", "virtio-net-device,netdev=n0,mac=02:00:00:00:00:03"])
+
+
+def net_run(env, kind):
+    sock = env.unique(f"{kind}-net")
+    argv = net_vmm_argv(env, sock) if kind == "vmm" else net_qemu_argv(env, sock)
+    with Proc(argv, kind) as vm:
+        vm.expect(NET_READY_RE, timeout=BOOT_TIMEOUT)
+        return net_client("udp", "10.0.0.2" if kind == "vmm" else "10.0.0.3")
+
+
+def vsock_argv(env, sock, uds):
+    return env.vmm_run("workload=vsock", "256M", 1, sock) + ["--vsock", f"cid=3,uds={uds}"]
+
+
+def vsock_run(env):
+    sock, uds = env.unique("vmm-vsock"), env.unique("vsock-uds")
+    with Proc(vsock_argv(env, sock, uds), "vmm") as vm:
+        vm.expect(VSOCK_READY_RE, timeout=BOOT_TIMEOUT)
+        return net_client("vsock", uds)
+
+
+def net_benchmark(env, runs, invocation):
+    net_setup()
+    try:
+        vmm, qemu, vsock = Series("vmm net"), Series("QEMU net"), Series("vmm vsock")
+        for i in range(runs):
+            log(f"net: round {i + 1}/{runs}")
+            vmm.run(net_run, env, "vmm")
+            qemu.run(net_run, env, "qemu")
+            vsock.run(vsock_run, env)
+    finally:
+        subprocess.run(["ip", "netns", "del", NET_NS], capture_output=True)
+    rows = [
+        ("UDP echo round trip, 1 in flight (µs)", vmm.cell("rtt_us"), qemu.cell("rtt_us"),
+         ratio(vmm, qemu, "rtt_us"), "≤ 1× QEMU"),
+        ("UDP echo requests/s, 1 in flight", vmm.cell("rate1", 0), qemu.cell("rate1", 0),
+         ratio(vmm, qemu, "rate1"), "≥ 1× QEMU"),
+        ("UDP echo requests/s, 64 in flight", vmm.cell("rate64", 0), qemu.cell("rate64", 0),
+         ratio(vmm, qemu, "rate64"), "≥ 1× QEMU"),
+        ("requests lost (timeouts)", vmm.cell("lost", 0), qemu.cell("lost", 0), "", ""),
+    ]
+    vsock_rows = [
+        ("vsock echo round trip, 64 bytes (µs)", vsock.cell("rtt_us")),
+        ("vsock echo throughput, 4000-byte messages, 256 KiB in flight (MiB/s each way)", vsock.cell("mib_s")),
+    ]
+    sock = env.tmp / "a.sock"
+    argvs = ["# in a network namespace with bridge br0 (10.0.0.1/24) and TAP ports tapv, tapq",
+             env.show(net_vmm_argv(env, sock)), env.show(net_qemu_argv(env, sock)),
+             "ip netns exec NS bench/netclient.py udp 10.0.0.2|10.0.0.3 " + str(NET_SECONDS),
+             env.show(vsock_argv(env, sock, env.tmp / "v.sock")),
+             "bench/netclient.py vsock $TMP/v.sock " + str(NET_SECONDS)]
+    failures = [n for s in (vmm, qemu, vsock) if (n := s.failure_note(runs))]
+    return "\n\n".join([
+        "## Network and vsock (`bench/run.py net`)",
+        host_line(env, runs),
+        "Guest: 256 MiB, 1 vCPU, `workload=net` (the test guest's polled virtio-net driver answering "
+        "UDP echo on port 7; no offloads, no mergeable buffers) on a TAP port of a bridge in a network "
+        "namespace. vmm: `--net tap=tapv`; QEMU: its userspace virtio-net (`vhost=off`, vhost is absent "
+        "here) on virtio-mmio. The client (`bench/netclient.py`, Python) sends 64-byte requests from "
+        f"the bridge's address for {NET_SECONDS / 2:.0f} s one at a time, then {NET_SECONDS / 2:.0f} s "
+        "with 64 in flight; the Python client itself bounds the rates. vsock has no QEMU peer here "
+        "(QEMU's vsock needs vhost): absolute figures, against the test guest's echo on port 1234.",
+        table(("", "vmm", "QEMU", "vmm/QEMU", "target"), rows),
+        table(("vmm only", "vmm"), vsock_rows),
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+    ])
+
+
 GROWTH_SIZES = (("256M", "128M"), ("768M", "384M"), ("1536M", "768M"))  # touched, per vCPU
 
 
@@ -946,7 +1063,7 @@ def raise_interrupt(signum, _frame):
 def main():
     parser = argparse.ArgumentParser(description="Benchmark vmm against QEMU (see bench/README.md).")
     parser.add_argument("benchmark", nargs="?", default="all",
-                        choices=("boot", "snapshot", "pipe", "growth", "all"))
+                        choices=("boot", "snapshot", "pipe", "growth", "net", "all"))
     parser.add_argument("--runs", type=int, default=10, help="runs of each figure per VMM (default 10)")
     parser.add_argument("--write-docs", action="store_true",
                         help="also replace this benchmark's section of docs/BENCHMARKS.md")
@@ -980,6 +1097,8 @@ def main():
                     sections["pipe"] = pipe_benchmark(env, args.runs, invocation)
                 if args.benchmark in ("growth", "all"):
                     sections["growth"] = growth_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("net", "all"):
+                    sections["net"] = net_benchmark(env, args.runs, invocation)
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
