@@ -19,6 +19,7 @@ use crate::control::VmControl;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
 use crate::devices::persist::{DeviceRecord, DurableFile, Persist, Resources};
+use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::net::{Tap, TapError};
 use crate::devices::virtio::vsock::VsockError;
 use crate::devices::virtio::{block::BlockError, Block, MmioTransport, Net, VirtioDevice, Vsock};
@@ -366,7 +367,7 @@ impl Machine {
             }
             let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
             let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), vm.irqfd(gsi)?)));
-            MmioTransport::start_input_worker(&transport, &id).map_err(MachineError::Thread)?;
+            MmioTransport::start_input_worker(&transport, &id, &vm, base + QUEUE_NOTIFY_OFFSET)?;
             mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             let resources = Resources { mmio: Some((base, VIRTIO_MMIO_SIZE)), gsi: Some(gsi), pio: None };
             list.push(DeviceEntry { id, kind, resources, device: transport });

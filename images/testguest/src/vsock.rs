@@ -318,10 +318,10 @@ impl Vsock {
         put(self.txq + OFF_AVAIL + 2, self.tx_avail);
         fence(SeqCst);
         self.mmio.write(R_QUEUE_NOTIFY, TX);
-        let mut spins = 0u32;
-        while get::<u16>(self.txq + OFF_USED + 2) == self.tx_used && spins < 1_000_000 {
+        // The device takes it on its own thread: wait (bounded) until the buffer is back.
+        let deadline = crate::kvmclock::uptime_ns(0) + 2_000_000_000;
+        while get::<u16>(self.txq + OFF_USED + 2) == self.tx_used && crate::kvmclock::uptime_ns(0) < deadline {
             core::hint::spin_loop();
-            spins += 1;
         }
         self.tx_used = get::<u16>(self.txq + OFF_USED + 2);
     }

@@ -123,6 +123,19 @@ impl Vm {
         self.fd.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
         Ok(evt)
     }
+
+    /// An eventfd KVM signals when the guest writes the 32-bit `value` to MMIO address `addr`
+    /// (a virtio queue notification), without the vCPU leaving the kernel (KVM_IOEVENTFD).
+    pub fn mmio_write_eventfd(&self, addr: u64, value: u32) -> Result<EventFd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
+            call: "eventfd",
+            err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+        })?;
+        self.fd
+            .register_ioevent(&evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        Ok(evt)
+    }
 }
 
 /// The VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.

@@ -1,20 +1,26 @@
-//! The input worker of a virtio device: a thread that waits for the device's backend (a TAP, a
-//! socket) to become readable and then has the transport process the queue that takes the
-//! input, exactly as a guest notification of that queue would. Everything it does happens under
-//! the transport's lock, so pausing it is a flag the transport checks (`MmioTransport::pause_input`).
+//! The worker of a virtio device with a backend (a TAP, sockets): a thread that waits for the
+//! backend to become readable, or for the guest to notify a queue (KVM signals an eventfd on the
+//! notify register's write: the vCPU does not wait for the device), and then has the transport
+//! process that queue. Everything it does happens under the transport's lock, so pausing it is
+//! a flag the transport checks (`MmioTransport::process_input`).
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
+use std::os::fd::AsRawFd;
+
 use rustix::event::{epoll, eventfd, EventfdFlags};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::MmioTransport;
 use crate::devices::bus::lock;
 
 const INPUT: u64 = 0;
 const STOP: u64 = 1;
+/// Queue `q`'s notifications have epoll data NOTIFY + q.
+const NOTIFY: u64 = 2;
 
 /// A running input worker; dropping it stops the thread.
 pub struct InputWorker {
@@ -24,12 +30,14 @@ pub struct InputWorker {
 }
 
 impl InputWorker {
-    /// Starts a thread that processes queue `queue` of `transport` whenever `fd` is readable.
-    /// It ends when the transport is gone or the worker is dropped.
+    /// Starts a thread that processes queue `queue` of `transport` whenever `fd` is readable, and
+    /// queue `q` whenever `notifies[q]` is signalled. It ends when the transport is gone or the
+    /// worker is dropped.
     pub fn spawn(
         name: String,
         fd: BorrowedFd<'_>,
         queue: usize,
+        notifies: Vec<EventFd>,
         transport: Weak<Mutex<MmioTransport>>,
     ) -> io::Result<Self> {
         let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
@@ -39,13 +47,25 @@ impl InputWorker {
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
         epoll::add(&poll, fd, epoll::EventData::new_u64(INPUT), flags)?;
         epoll::add(&poll, &*stop, epoll::EventData::new_u64(STOP), epoll::EventFlags::IN)?;
+        for (q, evt) in notifies.iter().enumerate() {
+            // SAFETY: the eventfd's descriptor stays open as long as `notifies`, which the thread owns.
+            let fd = unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) };
+            epoll::add(&poll, fd, epoll::EventData::new_u64(NOTIFY + q as u64), epoll::EventFlags::IN)?;
+        }
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new().name(name).spawn(move || run(poll, thread_stop, queue, transport))?;
+        let thread =
+            std::thread::Builder::new().name(name).spawn(move || run(poll, thread_stop, queue, notifies, transport))?;
         Ok(Self { stop, thread: Some(thread) })
     }
 }
 
-fn run(poll: OwnedFd, _stop: Arc<OwnedFd>, queue: usize, transport: Weak<Mutex<MmioTransport>>) {
+fn run(
+    poll: OwnedFd,
+    _stop: Arc<OwnedFd>,
+    queue: usize,
+    notifies: Vec<EventFd>,
+    transport: Weak<Mutex<MmioTransport>>,
+) {
     let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
     loop {
         events.clear();
@@ -58,12 +78,21 @@ fn run(poll: OwnedFd, _stop: Arc<OwnedFd>, queue: usize, transport: Weak<Mutex<M
             }
         }
         for event in &events {
-            let data = event.data;
-            if data.u64() == STOP {
+            let data = event.data.u64();
+            if data == STOP {
                 return;
             }
+            let target = match data {
+                INPUT => queue,
+                n => {
+                    let q = (n - NOTIFY) as usize;
+                    // Clears the count; the queue is processed whatever it was.
+                    let _ = notifies[q].read();
+                    q
+                }
+            };
             let Some(transport) = transport.upgrade() else { return };
-            lock(&transport).process_input(queue);
+            lock(&transport).process_input(target);
         }
     }
 }

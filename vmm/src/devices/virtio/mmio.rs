@@ -29,6 +29,8 @@ const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
 const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// Where the QueueNotify register is in the transport's window.
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
 const REG_STATUS: u64 = 0x070;
@@ -65,7 +67,7 @@ pub struct MmioTransport {
     /// The queue the device's backend input goes to, and the thread that waits for that input.
     input_queue: Option<usize>,
     input_worker: Option<InputWorker>,
-    /// Set while the VM is paused: input waits in the backend.
+    /// Set while the VM is paused: input waits in the backend, notifications in their eventfds.
     input_paused: bool,
 }
 
@@ -94,20 +96,27 @@ impl MmioTransport {
         }
     }
 
-    /// Starts the input worker of a device that has a backend to wait on (a TAP, a socket).
-    pub fn start_input_worker(this: &std::sync::Arc<std::sync::Mutex<Self>>, name: &str) -> std::io::Result<()> {
+    /// Starts the worker of a device that has a backend to wait on (a TAP, sockets). Its queue
+    /// notifications then go to the worker through eventfds KVM signals (`notify_addr` is the
+    /// transport's QueueNotify register), so a vCPU never waits for such a device.
+    pub fn start_input_worker(
+        this: &std::sync::Arc<std::sync::Mutex<Self>>,
+        name: &str,
+        vm: &crate::vstate::vm::Vm,
+        notify_addr: u64,
+    ) -> Result<(), crate::vstate::vm::VmError> {
         let mut transport = crate::devices::bus::lock(this);
-        let worker = match transport.device.input_fd() {
-            Some((fd, queue)) => {
-                let worker = InputWorker::spawn(format!("{name}-input"), fd, queue, std::sync::Arc::downgrade(this))?;
-                Some((worker, queue))
-            }
-            None => None,
-        };
-        if let Some((worker, queue)) = worker {
-            transport.input_worker = Some(worker);
-            transport.input_queue = Some(queue);
-        }
+        let nqueues = transport.queues.len();
+        let Some((fd, queue)) = transport.device.input_fd() else { return Ok(()) };
+        let notifies =
+            (0..nqueues).map(|q| vm.mmio_write_eventfd(notify_addr, q as u32)).collect::<Result<Vec<_>, _>>()?;
+        let worker = InputWorker::spawn(format!("{name}-io"), fd, queue, notifies, std::sync::Arc::downgrade(this))
+            .map_err(|e| crate::vstate::vm::VmError::Kvm {
+                call: "spawn device worker",
+                err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+            })?;
+        transport.input_worker = Some(worker);
+        transport.input_queue = Some(queue);
         Ok(())
     }
 
@@ -118,10 +127,13 @@ impl MmioTransport {
         }
     }
 
-    /// Takes whatever input waits in the backend, as its worker would.
+    /// Takes whatever input waits in the backend, and whatever the guest queued, as the worker
+    /// would (its wake-ups while the VM was paused or being built were ignored).
     fn poll_input(&mut self) {
-        if let Some(queue) = self.input_queue {
-            self.process_input(queue);
+        if self.input_queue.is_some() {
+            for q in 0..self.queues.len() {
+                self.process_input(q);
+            }
         }
     }
 
@@ -361,6 +373,9 @@ impl Persist for MmioTransport {
     }
 
     fn pause_workers(&mut self) {
+        // What the guest queued before its vCPUs stopped (transmits above all) completes now,
+        // so the saved state has nothing in flight.
+        self.poll_input();
         self.input_paused = true;
     }
 
