@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::digest::checksum;
-use crate::manifest::{Manifest, SnapshotId, StateDigest};
+use crate::manifest::{DiskCopy, Manifest, SnapshotId, StateDigest};
 use crate::pages::{self, MemoryData, MemoryLayout};
 use crate::progress::Progress;
 use crate::{io_err, Error, Result, MANIFEST_FILE, MEMORY_FILE, STATE_FILE};
@@ -26,6 +26,8 @@ pub struct SnapshotWriter {
     tmp: PathBuf,
     force: bool,
     committed: bool,
+    /// Disk copies created (`create_disk_copy`), made durable by `commit`.
+    disk_copies: Vec<String>,
     _lock: File,
 }
 
@@ -48,9 +50,11 @@ fn looks_like_snapshot(dir: &Path) -> bool {
     if names.is_empty() {
         return true;
     }
-    names.iter().all(|n| [MANIFEST_FILE, STATE_FILE, MEMORY_FILE].iter().any(|f| n.as_os_str() == *f))
-        && std::fs::read(dir.join(MANIFEST_FILE))
-            .is_ok_and(|bytes| Manifest::decode(&bytes, &dir.display().to_string()).is_ok())
+    names.iter().all(|n| {
+        [MANIFEST_FILE, STATE_FILE, MEMORY_FILE].iter().any(|f| n.as_os_str() == *f)
+            || n.to_str().is_some_and(DiskCopy::valid_name)
+    }) && std::fs::read(dir.join(MANIFEST_FILE))
+        .is_ok_and(|bytes| Manifest::decode(&bytes, &dir.display().to_string()).is_ok())
 }
 
 impl SnapshotWriter {
@@ -81,7 +85,7 @@ impl SnapshotWriter {
                 return Err(create_err(err));
             }
         };
-        Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false, _lock: lock })
+        Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false, disk_copies: Vec::new(), _lock: lock })
     }
 
     fn check_dest(dest: &Path, force: bool) -> Result<()> {
@@ -113,6 +117,16 @@ impl SnapshotWriter {
         Error::Io { path: self.dest.join(name).display().to_string(), err }
     }
 
+    /// Creates the file for a disk's copy (`DiskCopy::file_name`), private like the others, and
+    /// `size` bytes long (a hole until written).
+    pub fn create_disk_copy(&mut self, name: &str, size: u64) -> Result<File> {
+        assert!(DiskCopy::valid_name(name), "disk copy name {name}");
+        let file = self.create_file(name)?;
+        file.set_len(size).map_err(|e| self.error(name, e))?;
+        self.disk_copies.push(name.to_string());
+        Ok(file)
+    }
+
     /// Writes the machine state; returns its digest for the manifest (sections not filled in).
     pub fn write_state(&self, bytes: &[u8]) -> Result<StateDigest> {
         let mut file = self.create_file(STATE_FILE)?;
@@ -133,7 +147,8 @@ impl SnapshotWriter {
     pub fn commit(mut self, manifest: &Manifest) -> Result<(u64, SnapshotId)> {
         let mut file = self.create_file(MANIFEST_FILE)?;
         file.write_all(&manifest.encode()).map_err(|e| self.error(MANIFEST_FILE, e))?;
-        for name in [STATE_FILE, MEMORY_FILE, MANIFEST_FILE] {
+        let copies = self.disk_copies.clone();
+        for name in [STATE_FILE, MEMORY_FILE, MANIFEST_FILE].into_iter().chain(copies.iter().map(String::as_str)) {
             let p = self.tmp.join(name);
             File::open(&p).and_then(|f| f.sync_all()).map_err(|e| self.error(name, e))?;
         }
@@ -162,9 +177,15 @@ impl SnapshotWriter {
 /// Bytes the files of a snapshot directory take on disk (holes excluded).
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    [MANIFEST_FILE, STATE_FILE, MEMORY_FILE]
-        .iter()
-        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            [MANIFEST_FILE, STATE_FILE, MEMORY_FILE].contains(&name.as_ref()) || DiskCopy::valid_name(&name)
+        })
+        .filter_map(|e| e.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
 }
@@ -229,7 +250,26 @@ impl Snapshot {
         let snap = Self { dir: dir.to_path_buf(), id: decoded.id, manifest: decoded.manifest };
         snap.check_size(STATE_FILE, snap.manifest.state.size)?;
         snap.check_size(MEMORY_FILE, snap.manifest.memory.total_size())?;
+        for copy in snap.manifest.vm.disks.iter().filter_map(|d| d.copy.as_ref()) {
+            snap.check_disk_copy(copy)?;
+        }
         Ok(snap)
+    }
+
+    /// The path of a disk copy, checked: a name of our own (never a path out of the directory)
+    /// and the length the manifest says.
+    pub fn check_disk_copy(&self, copy: &DiskCopy) -> Result<PathBuf> {
+        let bad = |problem: String| Error::BadDiskCopy { file: copy.file.clone(), problem };
+        if !DiskCopy::valid_name(&copy.file) {
+            return Err(bad("not a name a snapshot's disk copy has".into()));
+        }
+        let path = self.dir.join(&copy.file);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == copy.size => Ok(path),
+            Ok(m) => Err(bad(format!("{} bytes, the manifest says {}", m.len(), copy.size))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("missing".into())),
+            Err(err) => Err(Error::Io { path: path.display().to_string(), err }),
+        }
     }
 
     fn check_size(&self, file: &'static str, expected: u64) -> Result<()> {

@@ -16,8 +16,8 @@ pub mod streamed;
 
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{
-    CpuIdentity, DecodedManifest, DeviceSummary, DiskDescription, FileIdentity, Manifest, NetDescription, SnapshotId,
-    StateDigest, VcpuSummary, VmDescription, VsockDescription,
+    CpuIdentity, DecodedManifest, DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, NetDescription,
+    SnapshotId, StateDigest, VcpuSummary, VmDescription, VsockDescription,
 };
 pub use pages::{Extent, ExtentKind, MemoryData, MemoryLayout, MemorySource, PageKind, RegionLayout, StagedMemory};
 pub use progress::Progress;
@@ -72,6 +72,8 @@ pub enum Error {
     RefuseReplace(String),
     #[error("{0} is not a complete snapshot: {1} is missing")]
     MissingFile(String, &'static str),
+    #[error("snapshot disk copy {file} is {problem}")]
+    BadDiskCopy { file: String, problem: String },
     #[error("cannot create snapshot {path}: {err}")]
     Create { path: String, err: std::io::Error },
     #[error("{path}: {err}")]

@@ -50,9 +50,36 @@ pub struct NetDescription {
 pub struct DiskDescription {
     pub path: String,
     pub read_only: bool,
-    /// The disk file as it was when the snapshot was taken: resume refuses one that changed.
+    /// The disk file as it was when the snapshot was taken: resume refuses one that changed
+    /// (disks without a copy in the snapshot).
     #[serde(default)]
     pub identity: Option<FileIdentity>,
+    /// The disk's content at the pause instant, as a file of the snapshot directory.
+    #[serde(default)]
+    pub copy: Option<DiskCopy>,
+}
+
+/// A disk copied into a snapshot directory (sparse: holes stay holes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// File name in the snapshot directory (`disk0.img`, ...).
+    pub file: String,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+impl DiskCopy {
+    /// The name of disk `index`'s copy.
+    pub fn file_name(index: usize) -> String {
+        format!("disk{index}.img")
+    }
+
+    /// Whether `name` is one a snapshot's disk copy may have (a plain file name, nothing else).
+    pub fn valid_name(name: &str) -> bool {
+        name.strip_prefix("disk")
+            .and_then(|n| n.strip_suffix(".img"))
+            .is_some_and(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()))
+    }
 }
 
 /// What identifies a file's content without reading it (stat(2) fields).

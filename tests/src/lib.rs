@@ -172,7 +172,7 @@ impl Vmm {
         if let Some(dir) = &socket_dir {
             args.extend(["--api-sock".into(), dir.path().join("vm.sock").into_os_string()]);
         }
-        let mut child = Command::new(vmm_bin())
+        let mut child = vmm_command()
             .args(&args)
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -471,7 +471,7 @@ pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
     let socket_dir = (matches!(args.first(), Some(&"run" | &"resume")) && !args.contains(&"--api-sock"))
         .then(|| TempDir::new("sock"));
     let socket = socket_dir.as_ref().map(|d| d.path().join("vm.sock").display().to_string());
-    let mut child = Command::new(vmm_bin())
+    let mut child = vmm_command()
         .args(args)
         .args(socket.iter().flat_map(|s| ["--api-sock", s.as_str()]))
         .stdin(Stdio::null())
@@ -506,6 +506,19 @@ pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     (status, join_bounded(out), join_bounded(err))
+}
+
+/// A `vmm` command whose VMs keep their files (working copies of snapshot disks) under the
+/// workspace's `target/test-state`, not in the host's `/var/lib/vmm`.
+pub fn vmm_command() -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.env("XDG_STATE_HOME", test_state_dir());
+    cmd
+}
+
+/// `$XDG_STATE_HOME` of the VMs the tests run.
+pub fn test_state_dir() -> PathBuf {
+    workspace_root().join("target/test-state")
 }
 
 /// Processes whose parent is `pid`.

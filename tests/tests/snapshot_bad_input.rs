@@ -153,13 +153,14 @@ fn rewrite_manifest(snap: &Path, edit: impl FnOnce(&mut snapshot::Manifest)) {
     std::fs::write(&path, m.encode()).unwrap();
 }
 
-/// A snapshot (`--stop`) of an idle guest with a 1 MiB disk in `dir`: (snapshot, disk).
-fn stopped_snapshot_with_disk(dir: &TempDir) -> (PathBuf, PathBuf) {
+/// A snapshot (`--stop`) of an idle guest with a 1 MiB disk in `dir` (read-only: then the snapshot
+/// refers to it rather than holding a copy): (snapshot, disk).
+fn stopped_snapshot_with_disk(dir: &TempDir, read_only: bool) -> (PathBuf, PathBuf) {
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("s.sock").display().to_string();
-    let mut vm =
-        Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &sock, "--disk", disk.to_str().unwrap()]);
+    let arg = format!("{}{}", disk.display(), if read_only { ",ro" } else { "" });
+    let mut vm = Vmm::testguest("workload=idle", &["--mem", "128M", "--api-sock", &sock, "--disk", &arg]);
     vm.wait_for("testguest: ready", T);
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
@@ -171,7 +172,7 @@ fn stopped_snapshot_with_disk(dir: &TempDir) -> (PathBuf, PathBuf) {
 fn device_list_that_does_not_match_is_refused() {
     let dir = TempDir::new("devices");
     // The snapshot's state has a disk; its configuration, once rewritten, has none.
-    let (snap, _) = stopped_snapshot_with_disk(&dir);
+    let (snap, _) = stopped_snapshot_with_disk(&dir, false);
     let text = vmm_ok(&["inspect", snap.to_str().unwrap()]);
     assert!(text.contains("blk0: virtio-blk"), "{text}");
     rewrite_manifest(&snap, |m| m.vm.disks.clear());
@@ -184,7 +185,8 @@ fn device_list_that_does_not_match_is_refused() {
 #[test]
 fn a_disk_changed_since_the_snapshot_is_refused() {
     let dir = TempDir::new("diskchanged");
-    let (snap, disk) = stopped_snapshot_with_disk(&dir);
+    // A disk the snapshot only refers to (read-only disks are not copied into snapshots).
+    let (snap, disk) = stopped_snapshot_with_disk(&dir, true);
     let s = snap.to_str().unwrap();
     // Someone writes the disk meanwhile.
     std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&disk).unwrap(), b"x", 512)

@@ -160,6 +160,10 @@ pub struct ResumeArgs {
     /// The vsock device's cid=N,uds=PATH instead of the snapshot's.
     #[arg(long, value_parser = parse_vsock_arg)]
     pub vsock: Option<VsockConfig>,
+    /// Run the snapshot's disks, in order, on these files (PATH or PATH,ro) as they are, instead
+    /// of fresh working copies of the disks the snapshot holds (or the disks it refers to).
+    #[arg(long = "disk", value_parser = parse_disk_arg)]
+    pub disks: Vec<DiskConfig>,
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {

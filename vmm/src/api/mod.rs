@@ -14,6 +14,19 @@ pub fn socket_dir() -> PathBuf {
     }
 }
 
+/// Where the VM called `name` keeps its files (the working copies of a resumed snapshot's
+/// disks): `$XDG_STATE_HOME/vmm/NAME` when that is set, else `/var/lib/vmm/NAME` for root and
+/// `~/.local/state/vmm/NAME` for others.
+pub fn state_dir(name: &str) -> PathBuf {
+    let base = match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("vmm"),
+        _ if rustix::process::geteuid().is_root() => PathBuf::from("/var/lib/vmm"),
+        (_, Some(home)) if !home.is_empty() => PathBuf::from(home).join(".local/state/vmm"),
+        _ => std::env::temp_dir().join("vmm-state"),
+    };
+    base.join(name)
+}
+
 /// The control socket of the VM called `name`.
 pub fn socket_path(name: &str) -> PathBuf {
     socket_dir().join(format!("{name}.sock"))

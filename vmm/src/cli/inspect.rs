@@ -67,7 +67,17 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
     println!("kernel          {}", m.vm.kernel);
     println!("cmdline         {}", m.vm.cmdline);
     for disk in &m.vm.disks {
-        println!("disk            {}{}", disk.path, if disk.read_only { " (read-only)" } else { "" });
+        let held = match &disk.copy {
+            Some(c) => format!(", copy in the snapshot: {} ({} MiB)", c.file, c.size >> 20),
+            None => String::new(),
+        };
+        println!("disk            {}{}{held}", disk.path, if disk.read_only { " (read-only)" } else { "" });
+    }
+    for net in &m.vm.nets {
+        println!("net             tap={} mac={}", net.tap, net.mac);
+    }
+    if let Some(v) = &m.vm.vsock {
+        println!("vsock           cid={} uds={}", v.cid, v.uds);
     }
     println!(
         "host cpu        {} family {} model {} stepping {}",

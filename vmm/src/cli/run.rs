@@ -107,6 +107,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         disk_changed_ok: args.disk_changed_ok,
         nets: args.nets.clone(),
         vsock: args.vsock.clone(),
+        disks: args.disks.clone(),
     };
     let from_stream = args.dir.as_os_str() == "-";
     let source = if from_stream {

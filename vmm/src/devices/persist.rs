@@ -109,6 +109,15 @@ pub trait Persist: Send {
     }
     /// One line about the device, for `vmm inspect`.
     fn describe(&self) -> String;
+    /// Starts a point-in-time copy of the device's disk into `dest` (disks only; VM paused).
+    fn start_disk_copy(
+        &mut self,
+        _dest: File,
+    ) -> Option<Arc<std::sync::Mutex<crate::devices::virtio::disk_copy::DiskCopier>>> {
+        None
+    }
+    /// Ends it: guest writes go straight to the disk again.
+    fn end_disk_copy(&mut self) {}
 }
 
 /// A device as saved in a snapshot: its id, kind and resources, and its own state.

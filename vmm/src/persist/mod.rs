@@ -10,13 +10,13 @@ pub mod sink;
 mod state;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use snapshot::{
-    DeviceSummary, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress, StagedMemory,
-    VsockDescription,
+    DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress,
+    StagedMemory, VsockDescription,
 };
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
@@ -25,6 +25,7 @@ use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
 use crate::control::VmControl;
 use crate::devices::bus::lock;
+use crate::devices::virtio::disk_copy::DiskCopier;
 use crate::machine::MachineError;
 use crate::vstate::memory;
 use crate::vstate::vcpu::ControlError;
@@ -200,7 +201,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn describe_vm(config: &VmConfig) -> VmDescription {
+fn describe_vm(config: &VmConfig, copies: &[(usize, u64)]) -> VmDescription {
     VmDescription {
         name: config.name.clone(),
         vcpus: config.vcpus,
@@ -210,10 +211,15 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
         disks: config
             .disks
             .iter()
-            .map(|d| DiskDescription {
+            .enumerate()
+            .map(|(i, d)| DiskDescription {
                 path: d.path.display().to_string(),
                 read_only: d.read_only,
                 identity: std::fs::metadata(&d.path).ok().map(|m| FileIdentity::of(&m)),
+                copy: copies
+                    .iter()
+                    .find(|(index, _)| *index == i)
+                    .map(|&(_, size)| DiskCopy { file: DiskCopy::file_name(i), size }),
             })
             .collect(),
         nets: config
@@ -222,6 +228,62 @@ fn describe_vm(config: &VmConfig) -> VmDescription {
             .map(|n| NetDescription { tap: n.tap.clone(), mac: crate::config::format_mac(&n.mac) })
             .collect(),
         vsock: config.vsock.as_ref().map(|v| VsockDescription { cid: v.cid, uds: v.uds.display().to_string() }),
+    }
+}
+
+/// The disk copies a snapshot is taking; dropping it ends them (guest writes then go straight to
+/// the disks again), on success as on failure.
+struct DiskCopies<'a> {
+    control: &'a VmControl,
+    copies: Vec<(usize, Arc<Mutex<DiskCopier>>)>,
+}
+
+impl<'a> DiskCopies<'a> {
+    /// Starts a copy of each disk into its file (the VM paused).
+    fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File)>) -> Self {
+        let mut copies = Vec::new();
+        for (index, file) in files {
+            let id = format!("blk{index}");
+            if let Some(entry) = control.devices.list.iter().find(|e| e.id == id) {
+                if let Some(copier) = lock(&entry.device).start_disk_copy(file) {
+                    copies.push((index, copier));
+                }
+            }
+        }
+        Self { control, copies }
+    }
+
+    /// Copies what the guest has not overwritten yet (it copied the rest itself).
+    fn finish(&self, job: &Job) -> Result<u64, PersistError> {
+        let mut bytes = 0;
+        for (index, copier) in &self.copies {
+            let chunks = lock(copier).chunks();
+            for chunk in 0..chunks {
+                job.progress.check()?;
+                let mut c = lock(copier);
+                if let Err(e) = c.copy_chunk(chunk) {
+                    c.fail(e);
+                }
+            }
+            let c = lock(copier);
+            if let Some(e) = c.error() {
+                let path = self.control.config.disks[*index].path.display();
+                return Err(PersistError::Disk(format!("{path}: copying it into the snapshot: {e}")));
+            }
+            bytes += c.data_bytes;
+        }
+        Ok(bytes)
+    }
+}
+
+impl Drop for DiskCopies<'_> {
+    fn drop(&mut self) {
+        for (index, _) in &self.copies {
+            let id = format!("blk{index}");
+            if let Some(entry) = self.control.devices.list.iter().find(|e| e.id == id) {
+                lock(&entry.device).end_disk_copy();
+            }
+        }
     }
 }
 
@@ -304,6 +366,18 @@ pub fn snapshot(
         job.set_phase("preparing");
         memory::staging_size(&control.mem, &memory::page_kinds(&control.mem)).and_then(StagedMemory::with_capacity)
     };
+    // Files for the copies of the writable disks (a directory sink keeps them), made before the
+    // pause: the copies themselves start while paused and are taken while the guest runs on.
+    let mut disk_files = Vec::new();
+    for (index, disk) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
+        let size = std::fs::metadata(&disk.path)
+            .map(|m| m.len() / 512 * 512)
+            .map_err(|e| PersistError::Disk(format!("{}: {e}", disk.path.display())))?;
+        if let Some(file) = sink.disk_copy_file(index, size)? {
+            disk_files.push((index, file, size));
+        }
+    }
+    let copied: Vec<(usize, u64)> = disk_files.iter().map(|(i, _, size)| (*i, *size)).collect();
     job.progress.check()?;
     job.set_phase("pausing");
     let mut paused = control.pause_for()?;
@@ -315,6 +389,8 @@ pub fn snapshot(
         let vm = paused.vm_state()?;
         let vcpus = paused.vcpu_states()?;
         let devices = control.devices.save();
+        // The disks as they are now, with no request in flight (the vCPUs are stopped).
+        let copies = DiskCopies::start(control, disk_files.into_iter().map(|(i, f, _)| (i, f)).collect());
         let state = MachineState { vm, vcpus, devices };
         let sections = state.to_sections();
         let state_bytes = sections.encode();
@@ -326,7 +402,7 @@ pub fn snapshot(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             vmm_version: env!("CARGO_PKG_VERSION").into(),
-            vm: describe_vm(&control.config),
+            vm: describe_vm(&control.config, &copied),
             host_cpu: cpuid::host_cpu(),
             vcpus: state
                 .vcpus
@@ -362,7 +438,7 @@ pub fn snapshot(
                 Pending::Written
             }
         };
-        Ok::<_, PersistError>(pending)
+        Ok::<_, PersistError>((pending, copies))
     })();
     if opts.stop && taken.is_ok() {
         paused.keep_paused();
@@ -374,7 +450,7 @@ pub fn snapshot(
     if !opts.stop || taken.is_err() {
         thaw(&mut agent, &mut warnings);
     }
-    let pending = taken?;
+    let (pending, copies) = taken?;
 
     let result = (|| {
         if let Pending::Staged(staged) = &pending {
@@ -382,6 +458,12 @@ pub fn snapshot(
             sink.memory(MemoryData::Staged(staged), &job.progress)?;
         }
         drop(pending);
+        if !copies.copies.is_empty() {
+            job.set_phase("copying disks");
+            let bytes = copies.finish(job)?;
+            tracing::debug!("copied {} MiB of disk data", bytes >> 20);
+        }
+        drop(copies);
         // The disks must hold at least what the guest wrote before the snapshot, durably. Synced
         // outside the devices' locks: the guest goes on using its disks meanwhile.
         job.set_phase("syncing disks");

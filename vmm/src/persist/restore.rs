@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use snapshot::streamed::{self, MemoryUpdate, StreamedSnapshot};
@@ -12,6 +13,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress};
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
 use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
+use crate::devices::virtio::block::BlockError;
 use crate::machine::{self, Backends, Machine, MachineError};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
@@ -40,6 +42,8 @@ pub struct ResumeOptions {
     pub nets: Vec<NetArg>,
     /// The vsock device's CID and socket instead of the snapshot's.
     pub vsock: Option<VsockConfig>,
+    /// Disk files to run on instead of the snapshot's (in order; no working copy is made).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A machine rebuilt from a snapshot, ready to start.
@@ -169,12 +173,16 @@ fn check_host_cpu(vm: &crate::vstate::vm::Vm, saved: &VcpuState) -> Result<(), P
     }
 }
 
-/// Refuses disks that changed since the snapshot (unless told otherwise).
+/// Refuses disks that changed since the snapshot (unless told otherwise): those the snapshot
+/// holds no copy of and the user did not replace.
 fn check_disks(manifest: &Manifest, opts: &ResumeOptions) -> Result<(), PersistError> {
     if opts.disk_changed_ok {
         return Ok(());
     }
-    for d in &manifest.vm.disks {
+    for (i, d) in manifest.vm.disks.iter().enumerate() {
+        if d.copy.is_some() || opts.disks.get(i).is_some() {
+            continue;
+        }
         let Some(saved) = d.identity else { continue };
         // A missing disk is reported when it is opened.
         let Ok(meta) = std::fs::metadata(&d.path) else { continue };
@@ -198,7 +206,7 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
         cmdline: desc.cmdline.clone(),
         mem_bytes: desc.mem_bytes,
         vcpus: desc.vcpus,
-        disks: desc.disks.iter().map(|d| DiskConfig { path: d.path.clone().into(), read_only: d.read_only }).collect(),
+        disks: disks_of(manifest, opts)?,
         nets: nets_of(manifest, opts)?,
         vsock: match (&opts.vsock, &desc.vsock) {
             (Some(v), _) => Some(v.clone()),
@@ -206,6 +214,93 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
             (None, None) => None,
         },
     })
+}
+
+/// The disks the resumed VM runs on: those the user gave (`--disk`, in order), else the working
+/// copies of the snapshot's own copies (made by `make_working_copies`), else the disks the
+/// snapshot refers to.
+fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>, PersistError> {
+    let saved = &manifest.vm.disks;
+    if opts.disks.len() > saved.len() {
+        return Err(PersistError::Nets(format!(
+            "the snapshot has {} disk(s), --disk gave {}: give at most one --disk per disk, in order",
+            saved.len(),
+            opts.disks.len()
+        )));
+    }
+    let name = opts.name.clone().unwrap_or_else(|| manifest.vm.name.clone());
+    Ok(saved
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match (opts.disks.get(i), &d.copy) {
+            (Some(given), _) => given.clone(),
+            (None, Some(copy)) => {
+                DiskConfig { path: crate::api::state_dir(&name).join(&copy.file), read_only: d.read_only }
+            }
+            (None, None) => DiskConfig { path: d.path.clone().into(), read_only: d.read_only },
+        })
+        .collect())
+}
+
+/// Makes each working copy of the snapshot's disk copies the resumed VM runs on, fresh: a
+/// reflink where the file system can (instant), else a sparse copy. One another VM still runs
+/// on is refused (its lock is held).
+fn make_working_copies(snap: &Snapshot, config: &VmConfig, opts: &ResumeOptions) -> Result<(), PersistError> {
+    for (i, d) in snap.manifest.vm.disks.iter().enumerate() {
+        let (Some(copy), None) = (&d.copy, opts.disks.get(i)) else { continue };
+        let source = snap.check_disk_copy(copy)?;
+        let target = &config.disks[i].path;
+        let io = |what: &str, e: std::io::Error| PersistError::Disk(format!("{}: {what}: {e}", target.display()));
+        if let Some(dir) = target.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io("cannot create its directory", e))?;
+        }
+        if let Ok(existing) = File::open(target) {
+            if let Err(std::fs::TryLockError::WouldBlock) = existing.try_lock() {
+                return Err(PersistError::Machine(MachineError::Disk(BlockError::InUse(target.display().to_string()))));
+            }
+        }
+        let tmp = target.with_extension("img.partial");
+        let _ = std::fs::remove_file(&tmp);
+        copy_sparse(&source, &tmp).map_err(|e| io("cannot make the working copy", e))?;
+        std::fs::rename(&tmp, target).map_err(|e| io("cannot make the working copy", e))?;
+    }
+    Ok(())
+}
+
+/// Copies `from` to a new file `to` (mode 0600): a reflink (FICLONE) if the file system can,
+/// else the data regions only, so holes stay holes.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let src = File::open(from)?;
+    let dst = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+    if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
+        return dst.sync_all();
+    }
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data)).map_err(std::io::Error::from)?.min(len);
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    dst.sync_all()
 }
 
 /// The snapshot's network interfaces, on the TAPs the user gave instead, if any.
@@ -265,6 +360,7 @@ pub fn restore<T>(
         ResumeSource::Dir(dir) => {
             let (snap, state) = load_dir(&dir, opts.verify)?;
             let claimed = admit(&snap.manifest, &dir.display().to_string(), opts, claim)?;
+            make_working_copies(&snap, &config_of(&snap.manifest, opts)?, opts)?;
             let (mem, file) = map_memory(&snap)?;
             (snap.manifest, state, mem, Some(file), claimed)
         }

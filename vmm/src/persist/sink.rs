@@ -29,6 +29,11 @@ pub trait Sink: Send {
     fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError>;
     /// Makes the snapshot durable (directory) or complete (stream).
     fn commit(self: Box<Self>) -> Result<Written, PersistError>;
+    /// A file for disk `index`'s copy (`size` bytes), if this sink keeps disks: directories do;
+    /// streams do not (yet): their disks stay where they are, checked by identity on resume.
+    fn disk_copy_file(&mut self, _index: usize, _size: u64) -> Result<Option<std::fs::File>, PersistError> {
+        Ok(None)
+    }
 }
 
 /// A snapshot directory (see `snapshot::dir`).
@@ -58,6 +63,10 @@ impl Sink for DirSink {
         let manifest = self.manifest.as_mut().expect("begin before memory");
         manifest.memory = layout;
         Ok(())
+    }
+
+    fn disk_copy_file(&mut self, index: usize, size: u64) -> Result<Option<std::fs::File>, PersistError> {
+        Ok(Some(self.writer.create_disk_copy(&snapshot::DiskCopy::file_name(index), size)?))
     }
 
     fn commit(self: Box<Self>) -> Result<Written, PersistError> {

@@ -389,6 +389,17 @@ impl Persist for MmioTransport {
         self.device.durable_file()
     }
 
+    fn start_disk_copy(
+        &mut self,
+        dest: std::fs::File,
+    ) -> Option<std::sync::Arc<std::sync::Mutex<super::disk_copy::DiskCopier>>> {
+        self.device.start_disk_copy(dest)
+    }
+
+    fn end_disk_copy(&mut self) {
+        self.device.end_disk_copy();
+    }
+
     fn describe(&self) -> String {
         format!("{} (status {:#x}, features {:#x})", self.device.describe(), self.status, self.driver_features)
     }

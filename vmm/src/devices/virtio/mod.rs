@@ -1,6 +1,7 @@
 //! virtio: the device-side model (`VirtioDevice`), the MMIO transport and the devices.
 
 pub mod block;
+pub mod disk_copy;
 pub mod input;
 pub mod mmio;
 pub mod net;
@@ -48,6 +49,16 @@ pub trait VirtioDevice: Send {
     fn input_fd(&self) -> Option<(BorrowedFd<'_>, usize)> {
         None
     }
+    /// Starts a point-in-time copy of the device's disk into `dest` (a disk device; called with
+    /// the VM paused). Its guest writes then copy old data first (`disk_copy`).
+    fn start_disk_copy(
+        &mut self,
+        _dest: std::fs::File,
+    ) -> Option<std::sync::Arc<std::sync::Mutex<disk_copy::DiskCopier>>> {
+        None
+    }
+    /// Ends the copy (done, failed or cancelled): guest writes go straight to the disk again.
+    fn end_disk_copy(&mut self) {}
     /// The device's own state beyond its queues (which are the transport's), if it has any.
     fn save_state(&self) -> Option<DeviceState> {
         None

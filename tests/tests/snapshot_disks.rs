@@ -1,0 +1,146 @@
+//! Disks in snapshots: a snapshot directory holds each writable disk as it was at the pause,
+//! copied while the guest goes on writing it (copy-before-write), and `vmm resume` runs on a
+//! fresh working copy of it, so one snapshot resumes any number of times.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tests::{field, vmm_ok, TempDir, Vmm};
+
+const T: Duration = Duration::from_secs(60);
+const DISK_BYTES: u64 = 64 << 20;
+/// The disk workload rewrites (and reads back and verifies) this many sectors, 4 MiB, each round.
+const WORKLOAD_SECTORS: u64 = 8192;
+/// A pattern beyond what the guest writes, which every copy must keep.
+const PATTERN_AT: u64 = 48 << 20;
+
+fn pattern() -> Vec<u8> {
+    (0..1u32 << 20).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+/// A sparse 64 MiB disk with a 1 MiB pattern at 48 MiB.
+fn disk(dir: &TempDir) -> PathBuf {
+    let path = dir.path().join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    f.write_all_at(&pattern(), PATTERN_AT).unwrap();
+    path
+}
+
+fn working_copy(name: &str) -> PathBuf {
+    tests::test_state_dir().join("vmm").join(name).join("disk0.img")
+}
+
+fn assert_pattern_kept(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), DISK_BYTES, "{}", path.display());
+    let mut got = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut got, PATTERN_AT).unwrap();
+    assert!(got == pattern(), "{}: the data beyond the guest's writes changed", path.display());
+    // Holes stay holes: far less than the whole disk is allocated.
+    assert!(f.metadata().unwrap().blocks() * 512 < DISK_BYTES / 2, "{} is not sparse", path.display());
+}
+
+/// Resumes `snap` as `name` and checks the disk workload goes on verifying its rounds.
+fn resume_and_check(dir: &TempDir, snap: &Path, name: &str) -> Vmm {
+    let sock = dir.path().join(format!("{name}.sock")).display().to_string();
+    let mut vm = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--name", name, "--api-sock", &sock]);
+    let first = field(&vm.wait_for("testguest: tick", T), "cpu0").unwrap();
+    let mut last = first;
+    for _ in 0..3 {
+        last = field(&vm.wait_for("testguest: tick", T), "cpu0").unwrap();
+    }
+    assert!(last > first, "{name}: no disk rounds after the resume");
+    assert_pattern_kept(&working_copy(name));
+    vm
+}
+
+/// A guest rewriting and verifying its disk without pause is snapshotted several times while it
+/// runs. Each snapshot must hold the disk exactly as at its pause, consistent with the guest's
+/// memory: a resumed guest that was between writing a round and reading it back then reads back
+/// what it wrote, from the copy, even though the original VM overwrote the disk with later
+/// rounds while the copy was being taken.
+#[test]
+fn snapshots_hold_the_disk_as_at_the_pause() {
+    let dir = TempDir::new("snapdisk");
+    let disk = disk(&dir);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm =
+        Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--name", "snapdisk-src"]);
+    vm.wait_for("testguest: tick", T);
+
+    // Paused: the copy equals the disk file as it is.
+    vmm_ok(&["pause", "--api-sock", &sock]);
+    let at_pause = std::fs::read(&disk).unwrap();
+    let paused_snap = dir.path().join("paused");
+    let out = vmm_ok(&["snapshot", "--api-sock", &sock, "--out", paused_snap.to_str().unwrap()]);
+    assert!(std::fs::read(paused_snap.join("disk0.img")).unwrap() == at_pause, "copy != disk at the pause\n{out}");
+    vmm_ok(&["continue", "--api-sock", &sock]);
+
+    let mut snaps = Vec::new();
+    for i in 0..3 {
+        vm.wait_for("testguest: tick", T);
+        let snap = dir.path().join(format!("running-{i}"));
+        vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+        snaps.push(snap);
+    }
+    let inspect = vmm_ok(&["inspect", snaps[0].to_str().unwrap()]);
+    assert!(inspect.contains("disk0.img"), "{inspect}");
+    vmm_ok(&["verify", snaps[0].to_str().unwrap()]);
+    // The original VM is still running on its disk: the resumes run on their own copies.
+    for (i, snap) in snaps.iter().chain([&paused_snap]).enumerate() {
+        let mut resumed = resume_and_check(&dir, snap, &format!("snapdisk-{i}"));
+        resumed.kill();
+    }
+    vm.kill();
+    assert!(vm.lines_with("FAIL").is_empty());
+}
+
+/// One snapshot resumed twice: each resume gets a fresh working copy of the snapshot's disk;
+/// `--disk` runs one on a file of the user's instead, as it is.
+#[test]
+fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
+    let dir = TempDir::new("snapdisk2");
+    let disk = disk(&dir);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm = Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock]);
+    vm.wait_for("testguest: tick", T);
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
+    let _ = vm.wait_exit(T);
+    let source_after = std::fs::read(&disk).unwrap();
+
+    let mut a = resume_and_check(&dir, &snap, "snapdisk-a");
+    let mut b = resume_and_check(&dir, &snap, "snapdisk-b");
+    a.kill();
+    b.kill();
+    assert!(std::fs::read(&disk).unwrap() == source_after, "resuming wrote the original disk");
+    // The snapshot's copy is untouched by the resumed guests' writes.
+    vmm_ok(&["verify", snap.to_str().unwrap()]);
+
+    let mine = dir.path().join("mine.img");
+    std::fs::copy(snap.join("disk0.img"), &mine).unwrap();
+    let sock_c = dir.path().join("c.sock").display().to_string();
+    let mut c = Vmm::spawn(&[
+        "resume",
+        snap.to_str().unwrap(),
+        "--name",
+        "snapdisk-c",
+        "--disk",
+        mine.to_str().unwrap(),
+        "--api-sock",
+        &sock_c,
+    ]);
+    let first = field(&c.wait_for("testguest: tick", T), "cpu0").unwrap();
+    let later = field(&c.wait_for("testguest: tick", T), "cpu0").unwrap();
+    assert!(later > first);
+    assert!(!working_copy("snapdisk-c").exists(), "--disk still made a working copy");
+    assert!(
+        std::fs::read(&mine).unwrap() != std::fs::read(snap.join("disk0.img")).unwrap(),
+        "the guest did not write --disk's file"
+    );
+    c.kill();
+}

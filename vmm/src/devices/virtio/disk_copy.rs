@@ -1,0 +1,165 @@
+//! A point-in-time copy of a disk image, taken while the guest goes on writing it: the copy is
+//! started while the VM is paused; then a background pass copies every chunk, and a guest write
+//! to a chunk not copied yet first copies that chunk's old content (copy-before-write). So the
+//! copy holds exactly what the disk held at the pause, whatever the guest writes afterwards, and
+//! the pause does not grow with the disk's size. Holes in the image stay holes in the copy.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// The copy's granularity: a guest write to an uncopied chunk costs reading and writing this much.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+
+pub struct DiskCopier {
+    source: Arc<File>,
+    dest: File,
+    size: u64,
+    /// One bit per chunk: copied (or found to be a hole).
+    copied: Vec<u64>,
+    buf: Vec<u8>,
+    /// The first error met; the snapshot fails with it (the guest's writes never do).
+    error: Option<String>,
+    /// Bytes of data written to the copy.
+    pub data_bytes: u64,
+}
+
+impl DiskCopier {
+    /// Starts a copy of `source` (`size` bytes) into `dest`, which is `size` bytes of holes.
+    pub fn new(source: Arc<File>, dest: File, size: u64) -> Self {
+        let chunks = size.div_ceil(CHUNK_BYTES);
+        Self {
+            source,
+            dest,
+            size,
+            copied: vec![0; chunks.div_ceil(64) as usize],
+            buf: Vec::new(),
+            error: None,
+            data_bytes: 0,
+        }
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(CHUNK_BYTES)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_copied(&self, chunk: u64) -> bool {
+        self.copied[(chunk / 64) as usize] >> (chunk % 64) & 1 == 1
+    }
+
+    fn mark(&mut self, chunk: u64) {
+        self.copied[(chunk / 64) as usize] |= 1 << (chunk % 64);
+    }
+
+    /// Copies chunk `chunk` unless it was already.
+    pub fn copy_chunk(&mut self, chunk: u64) -> io::Result<()> {
+        if chunk >= self.chunks() || self.is_copied(chunk) {
+            return Ok(());
+        }
+        let start = chunk * CHUNK_BYTES;
+        let len = CHUNK_BYTES.min(self.size - start) as usize;
+        // A chunk inside a hole of the image is a hole of the copy already.
+        let hole = match rustix::fs::seek(&*self.source, rustix::fs::SeekFrom::Data(start)) {
+            Ok(data) => data >= start + len as u64,
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        };
+        if !hole {
+            self.buf.resize(len, 0);
+            self.source.read_exact_at(&mut self.buf[..len], start)?;
+            if self.buf[..len].iter().any(|&b| b != 0) {
+                self.dest.write_all_at(&self.buf[..len], start)?;
+                self.data_bytes += len as u64;
+            }
+        }
+        self.mark(chunk);
+        Ok(())
+    }
+
+    /// Called before the guest writes `len` bytes at `offset`: copies the chunks the write
+    /// touches first. A failure is kept for the snapshot, and the guest's write goes on.
+    pub fn before_write(&mut self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        for chunk in offset / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES) {
+            if let Err(e) = self.copy_chunk(chunk) {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+
+    pub fn fail(&mut self, e: io::Error) {
+        if self.error.is_none() {
+            self.error = Some(e.to_string());
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Makes the copy durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.dest.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(tag: &str, bytes: &[u8], len: u64) -> (tempfile::NamedTempFile, Arc<File>) {
+        let f = tempfile::Builder::new().prefix(&format!("vmm-diskcopy-{tag}-")).tempfile().unwrap();
+        f.as_file().set_len(len).unwrap();
+        f.as_file().write_all_at(bytes, 0).unwrap();
+        let file = Arc::new(f.reopen().unwrap());
+        (f, file)
+    }
+
+    #[test]
+    fn the_copy_holds_the_disk_as_it_was_whatever_is_written_after() {
+        let size = 3 * CHUNK_BYTES + 4096;
+        let (_src, source) = file_with("src", &vec![1u8; 2 * CHUNK_BYTES as usize], size);
+        let (_dst, dest) = file_with("dst", &[], size);
+        let mut copy = DiskCopier::new(source.clone(), dest.try_clone().unwrap(), size);
+        // The guest overwrites chunk 1 and the tail before the background pass gets there.
+        copy.before_write(CHUNK_BYTES + 10, 100);
+        source.write_all_at(&[2u8; 100], CHUNK_BYTES + 10).unwrap();
+        copy.before_write(size - 10, 10);
+        source.write_all_at(&[3u8; 10], size - 10).unwrap();
+        for c in 0..copy.chunks() {
+            copy.copy_chunk(c).unwrap();
+        }
+        // Written after the copy of its chunk: not in the copy.
+        copy.before_write(0, 1);
+        source.write_all_at(&[4u8; 1], 0).unwrap();
+        assert!(copy.error().is_none());
+        let mut got = vec![0u8; size as usize];
+        dest.read_exact_at(&mut got, 0).unwrap();
+        let mut expected = vec![0u8; size as usize];
+        expected[..2 * CHUNK_BYTES as usize].fill(1);
+        assert!(got == expected, "the copy differs from the disk at the start");
+        // Only the data chunks were written: the rest stayed holes.
+        assert_eq!(copy.data_bytes, 2 * CHUNK_BYTES);
+    }
+
+    #[test]
+    fn writes_outside_the_disk_are_ignored() {
+        let (_src, source) = file_with("src2", &[9u8; 10], CHUNK_BYTES);
+        let (_dst, dest) = file_with("dst2", &[], CHUNK_BYTES);
+        let mut copy = DiskCopier::new(source, (*dest).try_clone().unwrap(), CHUNK_BYTES);
+        copy.before_write(u64::MAX - 5, 100);
+        copy.before_write(CHUNK_BYTES, 1);
+        assert!(copy.error().is_none());
+        copy.copy_chunk(99).unwrap();
+        assert_eq!(copy.data_bytes, 0);
+    }
+}
