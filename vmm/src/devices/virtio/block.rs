@@ -8,6 +8,7 @@ use virtio_queue::{Queue, QueueT};
 
 use crate::vstate::memory::GuestMemory;
 
+use super::disk_copy::DiskCopier;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Descriptor-chain reader and writer over guest memory (writes mark the dirty bitmap).
@@ -51,6 +52,8 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
     queue_sizes: [u16; 1],
+    /// A snapshot's copy of this disk, being taken: writes copy old data first.
+    copy: Option<std::sync::Arc<std::sync::Mutex<DiskCopier>>>,
 }
 
 /// Why a request failed, as the status byte tells the driver.
@@ -86,6 +89,7 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             id,
             queue_sizes: [QUEUE_SIZE],
+            copy: None,
         })
     }
 
@@ -159,6 +163,9 @@ impl Block {
         }
         let len = reader.available_bytes();
         let mut offset = self.check_range(sector, len)?;
+        if let Some(copy) = &self.copy {
+            crate::devices::bus::lock(copy).before_write(offset, len as u64);
+        }
         let mut buf = vec![0u8; CHUNK.min(len)];
         let mut left = len;
         while left > 0 {
@@ -200,6 +207,20 @@ impl VirtioDevice for Block {
             path: self.path.display().to_string(),
             file: self.file.clone(),
         })
+    }
+
+    fn start_disk_copy(&mut self, dest: File) -> Option<std::sync::Arc<std::sync::Mutex<DiskCopier>>> {
+        if self.read_only {
+            return None;
+        }
+        let size = self.capacity_sectors * SECTOR_SIZE;
+        let copy = std::sync::Arc::new(std::sync::Mutex::new(DiskCopier::new(self.file.clone(), dest, size)));
+        self.copy = Some(copy.clone());
+        Some(copy)
+    }
+
+    fn end_disk_copy(&mut self) {
+        self.copy = None;
     }
 
     fn describe(&self) -> String {
