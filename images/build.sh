@@ -194,7 +194,7 @@ build_guest_agent() {
     (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --release --quiet -p guest-agent --target x86_64-unknown-linux-gnu)
     local name bin kind
-    for name in vmm-guest-agent vmm-memcheck; do
+    for name in vmm-guest-agent vmm-memcheck vmm-tcpcheck; do
         bin=$root/target/x86_64-unknown-linux-gnu/release/$name
         kind=$(file -L -b "$bin")
         [[ $kind == *'statically linked'* || $kind == *'static-pie linked'* ]] ||
@@ -345,7 +345,7 @@ build_linux() {
         echo "depmod: $(command -v depmod || echo busybox)"
         echo "nested host: ${nested_host_modules[*]} / ${nested_host_programs[*]}"
         dpkg-query -W iproute2 e2fsprogs libc6 2>/dev/null || true
-        sha256sum "$kdeb" "$bbdeb" "$out/vmm-guest-agent" "$out/vmm-memcheck" images/build.sh \
+        sha256sum "$kdeb" "$bbdeb" "$out/vmm-guest-agent" "$out/vmm-memcheck" "$out/vmm-tcpcheck" images/build.sh \
             images/linux/init images/linux/vmm-* images/nested-host/init
     )
     if [[ -f $stamp ]] && [[ $(cat "$stamp") == "$fingerprint" ]] &&
@@ -379,6 +379,7 @@ build_linux() {
     done
     install -m 0755 "$out/vmm-guest-agent" "$rootfs/usr/bin/vmm-guest-agent"
     install -m 0755 "$out/vmm-memcheck" "$rootfs/usr/bin/vmm-memcheck"
+    install -m 0755 "$out/vmm-tcpcheck" "$rootfs/usr/bin/vmm-tcpcheck"
     install_modules "$rootfs" "${linux_modules[@]}"
     cp "$rootfs/etc/vmm-modules" "$dst/modules"
     pack_initramfs "$rootfs" "$dst/initramfs.cpio.gz"

@@ -159,8 +159,8 @@ impl Agent {
         };
         let (ok, err) = match frame.message {
             Message::Ping => text(Ok(format!("vmm-guest-agent {}", env!("CARGO_PKG_VERSION")))),
-            Message::Quiesce { timeout_ms } => text(self.quiesce(Duration::from_millis(timeout_ms.into()))),
-            Message::Thaw => text(self.thaw()),
+            Message::Quiesce { timeout_ms } => text(log(self.quiesce(Duration::from_millis(timeout_ms.into())))),
+            Message::Thaw => text(log(self.thaw())),
             Message::SetTime { secs, nanos } => text(set_time(secs, nanos)),
             Message::AddEntropy(bytes) => text(add_entropy(bytes)),
             Message::Exec { timeout_ms, argv } => {
@@ -259,6 +259,16 @@ fn thaw_locked(frozen: &mut Frozen) -> Result<String, String> {
     } else {
         Err(errors.join("; "))
     }
+}
+
+/// Says on the console what a quiesce or thaw did (the console is no file system, so this never
+/// blocks on a frozen one).
+fn log(result: Result<String, String>) -> Result<String, String> {
+    match &result {
+        Ok(what) => eprintln!("vmm-guest-agent: {what}"),
+        Err(e) => eprintln!("vmm-guest-agent: error: {e}"),
+    }
+    result
 }
 
 fn encode(id: u32, message: Message<'_>, out: &mut [u8]) -> usize {
