@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             println!("vmm-guest: tcp FAIL at n={n}: echoed {got}");
             return ExitCode::FAILURE;
         }
-        if n % 200 == 0 {
+        if n.is_multiple_of(200) {
             println!("vmm-guest: tcp n={n}");
         }
     }
