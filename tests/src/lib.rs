@@ -508,17 +508,18 @@ pub fn vmm_cmd(args: &[&str]) -> (ExitStatus, String, String) {
     (status, join_bounded(out), join_bounded(err))
 }
 
-/// A `vmm` command whose VMs keep their files (working copies of snapshot disks) under the
-/// workspace's `target/test-state`, not in the host's `/var/lib/vmm`.
+/// A `vmm` command whose VMs keep their files (working copies of snapshot disks) in the tests'
+/// own state directory, not in the host's `/var/lib/vmm`.
 pub fn vmm_command() -> Command {
     let mut cmd = Command::new(vmm_bin());
     cmd.env("XDG_STATE_HOME", test_state_dir());
     cmd
 }
 
-/// `$XDG_STATE_HOME` of the VMs the tests run.
+/// `$XDG_STATE_HOME` of the VMs the tests run: under the temporary directory (the workspace
+/// may be read-only, as in the nested host). VM names are fixed per test, so it stays small.
 pub fn test_state_dir() -> PathBuf {
-    workspace_root().join("target/test-state")
+    std::env::temp_dir().join("vmm-test-state")
 }
 
 /// Processes whose parent is `pid`.

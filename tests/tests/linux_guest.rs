@@ -144,14 +144,17 @@ fn fsynced_ext4_file_is_on_disk_after_a_stop_snapshot_and_there_after_resume() {
     // The snapshot returned: what the guest fsync'd is on the host's disk image.
     assert_eq!(md5_in_image(&disk, "/data", &dir), sum, "the fsync'd file is not on the disk after the snapshot");
 
-    let mut vm = Vmm::spawn_with_console_input(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
+    let mut vm =
+        Vmm::spawn_with_console_input(&["resume", snap.to_str().unwrap(), "--api-sock", &s, "--name", "linux-ext4-r"]);
     vm.send("go\n");
     let read = vm.wait_for("vmm-guest: ext4 read md5=", bound(120));
     assert!(read.ends_with(&sum), "after resume the guest read {read}, wrote {sum}");
     vm.wait_for("vmm-guest: ext4 unmounted", bound(60));
     let (status, _, stderr) = vm.wait_exit(bound(120));
     assert_eq!(status.code(), Some(0), "guest power-off: {stderr}");
-    let (code, report) = fsck_readonly(&disk);
+    // The resumed guest ran on its working copy of the snapshot's disk.
+    let working = tests::test_state_dir().join("vmm/linux-ext4-r/disk0.img");
+    let (code, report) = fsck_readonly(working.to_str().unwrap());
     assert_eq!(code, 0, "the disk is not clean after the guest unmounted it:\n{report}");
 }
 

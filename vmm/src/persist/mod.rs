@@ -60,6 +60,8 @@ pub enum PersistError {
     MapMemory(String),
     #[error("cannot flush disk {0}")]
     Disk(String),
+    #[error("cannot make the working copy of a snapshot's disk at {0}")]
+    WorkingCopy(String),
     #[error("snapshot names its VM '{0}', which is not a valid VM name; give one with --name")]
     BadName(String),
     #[error("disk {path} changed since the snapshot ({why}); resuming would show the guest a disk it does not know (--disk-changed-ok resumes anyway)")]

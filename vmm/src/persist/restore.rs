@@ -250,7 +250,8 @@ fn make_working_copies(snap: &Snapshot, config: &VmConfig, opts: &ResumeOptions)
         let (Some(copy), None) = (&d.copy, opts.disks.get(i)) else { continue };
         let source = snap.check_disk_copy(copy)?;
         let target = &config.disks[i].path;
-        let io = |what: &str, e: std::io::Error| PersistError::Disk(format!("{}: {what}: {e}", target.display()));
+        let io =
+            |what: &str, e: std::io::Error| PersistError::WorkingCopy(format!("{}: {what}: {e}", target.display()));
         if let Some(dir) = target.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -265,8 +266,11 @@ fn make_working_copies(snap: &Snapshot, config: &VmConfig, opts: &ResumeOptions)
         }
         let tmp = target.with_extension("img.partial");
         let _ = std::fs::remove_file(&tmp);
-        copy_sparse(&source, &tmp).map_err(|e| io("cannot make the working copy", e))?;
-        std::fs::rename(&tmp, target).map_err(|e| io("cannot make the working copy", e))?;
+        if let Err(e) = copy_sparse(&source, &tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("copying", e));
+        }
+        std::fs::rename(&tmp, target).map_err(|e| io("renaming it into place", e))?;
     }
     Ok(())
 }
