@@ -250,9 +250,6 @@ impl Snapshot {
         let snap = Self { dir: dir.to_path_buf(), id: decoded.id, manifest: decoded.manifest };
         snap.check_size(STATE_FILE, snap.manifest.state.size)?;
         snap.check_size(MEMORY_FILE, snap.manifest.memory.total_size())?;
-        for copy in snap.manifest.vm.disks.iter().filter_map(|d| d.copy.as_ref()) {
-            snap.check_disk_copy(copy)?;
-        }
         Ok(snap)
     }
 
@@ -315,10 +312,15 @@ impl Snapshot {
         pages::verify_pages(&file, &path, &self.manifest.memory)
     }
 
-    /// Checks everything: manifest (done by `open`), state and memory.
+    /// Checks everything: manifest (done by `open`), state, memory, and that each disk copy is
+    /// there with its size (their content has no checksum).
     pub fn verify(&self) -> Result<()> {
         self.read_state()?;
-        self.verify_memory()
+        self.verify_memory()?;
+        for copy in self.manifest.vm.disks.iter().filter_map(|d| d.copy.as_ref()) {
+            self.check_disk_copy(copy)?;
+        }
+        Ok(())
     }
 
     /// Bytes the snapshot takes on disk (holes excluded).

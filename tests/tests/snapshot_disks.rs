@@ -138,6 +138,18 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     let later = field(&c.wait_for("testguest: tick", T), "cpu0").unwrap();
     assert!(later > first);
     assert!(!working_copy("snapdisk-c").exists(), "--disk still made a working copy");
+    // --disk replaces the copy: the snapshot need not have it; a disk of another size is refused.
+    let moved = dir.path().join("moved-disk0.img");
+    std::fs::rename(snap.join("disk0.img"), &moved).unwrap();
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small).unwrap().set_len(1 << 20).unwrap();
+    let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--disk", small.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the guest would see another disk"), "{stderr}");
+    let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--name", "snapdisk-d"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("disk0.img is missing"), "{stderr}");
+    std::fs::rename(&moved, snap.join("disk0.img")).unwrap();
     assert!(
         std::fs::read(&mine).unwrap() != std::fs::read(snap.join("disk0.img")).unwrap(),
         "the guest did not write --disk's file"

@@ -183,7 +183,7 @@ fn duplicate_name_is_refused_and_stale_socket_replaced() {
     let (status, stderr) =
         tests::run_vmm(&["run", "--kernel", kernel.to_str().unwrap(), "--name", "dup", "--api-sock", &s], T);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains("is in use by a running VM"), "{stderr}");
     // Killed without cleanup, the socket stays behind; the next VM of that name replaces it.
     vm.kill();
     assert!(Path::new(&s).exists());

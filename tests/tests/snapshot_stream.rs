@@ -172,7 +172,7 @@ fn resume_refuses_a_taken_name_before_the_source_is_gone() {
     let dst = Vmm::spawn_with_stdin(&["resume", "-", "--name", "taken", "--api-sock", &sock(&dir, "taken")], pipe);
     let (status, _, stderr) = dst.wait_exit(T);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains("is in use by a running VM"), "{stderr}");
     // The snapshot could not be delivered: its command fails and the source runs on.
     let status = snap.wait().unwrap();
     assert_eq!(status.code(), Some(1));

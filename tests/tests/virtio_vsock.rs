@@ -157,16 +157,34 @@ fn bad_vsock_arguments_are_refused() {
         assert_eq!(status.code(), Some(2), "--vsock {arg}: {stderr}");
         assert!(stderr.contains(expect) && stderr.trim_end().lines().count() == 1, "--vsock {arg}: {stderr}");
     }
+    // The vsock socket cannot be the control socket.
+    let same = dir.path().join("same.sock").display().to_string();
+    let arg = format!("cid=3,uds={same}");
+    let (status, _, stderr) = vmm_cmd(&["run", "--kernel", &kernel, "--vsock", &arg, "--api-sock", &same]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is the VM's control socket"), "{stderr}");
     let (mut vm, _sock, uds_held) = boot(&dir, "vsock-holder", "workload=vsock");
     let arg = format!("cid=4,uds={uds_held}");
     let (status, _, stderr) = vmm_cmd(&["run", "--kernel", &kernel, "--vsock", &arg]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("in use"), "{stderr}");
     vm.kill();
-    // A stale socket file (its VM killed) does not stand in the way.
-    let (mut again, _, _) = boot(&dir, "vsock-holder", "workload=vsock");
-    again.kill();
-    let _ = uds;
+    // A stale socket file (its VM killed) does not stand in the way; a VM that ends removes it.
+    let (again, sock, uds_again) = boot(&dir, "vsock-holder", "workload=vsock");
+    vmm_ok(&["shutdown", "--api-sock", &sock]);
+    let _ = again.wait_exit(T);
+    assert!(!Path::new(&uds_again).exists(), "the vsock socket outlived its VM");
+    // --vsock on resume replaces a vsock device; it cannot add one.
+    let sock = dir.path().join("plain.sock").display().to_string();
+    let mut plain = Vmm::testguest("workload=idle", &["--api-sock", &sock]);
+    plain.wait_for("testguest: ready", T);
+    let snap = dir.path().join("plain-snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
+    let _ = plain.wait_exit(T);
+    let arg = format!("cid=3,uds={uds}");
+    let (status, _, stderr) = vmm_cmd(&["resume", snap.to_str().unwrap(), "--vsock", &arg]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("has no vsock device"), "{stderr}");
 }
 
 /// `vmm snapshot` has the agent quiesce the guest before the pause and thaw it after: the
@@ -228,5 +246,16 @@ fn an_absent_agent_warns_or_fails_as_asked() {
     assert!(!snap2.exists(), "a failed snapshot left {}", snap2.display());
     let status = vmm_ok(&["status", "--api-sock", &sock]);
     assert!(status.contains("running"), "{status}");
+    // A paused guest is not asked (it cannot answer): a warning at once, or a refusal.
+    vmm_ok(&["pause", "--api-sock", &sock]);
+    let snap3 = dir.path().join("snap3");
+    let started = std::time::Instant::now();
+    let (status, _, err) = vmm_cmd(&["snapshot", "--api-sock", &sock, "--out", snap3.to_str().unwrap()]);
+    assert!(status.success() && err.contains("the guest is paused"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "a paused guest's agent was waited for");
+    let (status, _, err) =
+        vmm_cmd(&["snapshot", "--api-sock", &sock, "--out", snap2.to_str().unwrap(), "--require-agent"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("the guest is paused"), "{err}");
     vm.kill();
 }

@@ -26,6 +26,8 @@ const ENTROPY_BYTES: usize = 64;
 pub enum AgentError {
     #[error("no guest agent answered on vsock port {AGENT_PORT}")]
     Absent,
+    #[error("the guest is paused: its agent cannot answer")]
+    Paused,
     #[error("the guest agent did not answer {what} within {ms} ms")]
     Timeout { what: &'static str, ms: u128 },
     #[error("the guest agent failed to {what}: {message}")]

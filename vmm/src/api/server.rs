@@ -20,7 +20,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("a VM named '{0}' is already running (control socket {1})")]
+    #[error("control socket {1} is in use by a running VM: give VM '{0}' another --name or --api-sock")]
     NameInUse(String, String),
     #[error("cannot create control socket {path}: {err}")]
     Socket { path: String, err: std::io::Error },

@@ -71,6 +71,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     };
     vmm::config::check_nets(&config.nets).map_err(|e| Failure::bad_input(e.to_string()))?;
     let socket = args.api_sock.unwrap_or_else(|| api::socket_path(&config.name));
+    check_vsock_path(config.vsock.as_ref(), &socket)?;
     let (listener, guard) = bind(&socket, &config.name)?;
     let machine = Machine::boot(config).map_err(|e| {
         if e.is_bad_input() {
@@ -129,6 +130,8 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     // snapshot says it, before memory is read.
     let claim = |name: &str| {
         let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(name));
+        check_vsock_path(args.vsock.as_ref(), &socket)
+            .map_err(|f| persist::PersistError::Claim { message: f.message, bad_input: true })?;
         bind(&socket, name).map_err(|f| persist::PersistError::Claim {
             message: f.message,
             bad_input: f.code == super::EXIT_BAD_INPUT,
@@ -145,6 +148,17 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         refresh_agent,
     };
     serve(restored.machine, listener, guard, launch)
+}
+
+/// The vsock socket must not be the control socket.
+fn check_vsock_path(vsock: Option<&vmm::config::VsockConfig>, control: &Path) -> Result<(), Failure> {
+    match vsock {
+        Some(v) if v.uds == control => Err(Failure::bad_input(format!(
+            "--vsock uds={} is the VM's control socket: give the vsock device a path of its own",
+            v.uds.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Claims the VM's name by binding its control socket, before any work; the guard removes the
@@ -207,6 +221,10 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     running.control.devices.console.flush_for(std::time::Duration::from_secs(2));
     terminal.restore();
     guard.remove();
+    // The vsock device's socket is ours too (the guest's host-side sockets PATH_PORT are not).
+    if let Some(v) = &running.control.config.vsock {
+        let _ = std::fs::remove_file(&v.uds);
+    }
     match reason {
         ExitReason::Fatal(msg) => Err(Failure::runtime(msg)),
         ExitReason::Signal(sig) => {

@@ -25,7 +25,7 @@ use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
 use crate::control::VmControl;
 use crate::devices::bus::lock;
-use crate::devices::virtio::disk_copy::DiskCopier;
+use crate::devices::virtio::disk_copy::{DiskCopier, CHUNK_BYTES};
 use crate::machine::MachineError;
 use crate::vstate::memory;
 use crate::vstate::vcpu::ControlError;
@@ -62,6 +62,8 @@ pub enum PersistError {
     Disk(String),
     #[error("cannot make the working copy of a snapshot's disk at {0}")]
     WorkingCopy(String),
+    #[error("cannot copy disk {path} into the snapshot: {err}")]
+    DiskCopy { path: String, err: String },
     #[error("snapshot names its VM '{0}', which is not a valid VM name; give one with --name")]
     BadName(String),
     #[error("disk {path} changed since the snapshot ({why}); resuming would show the guest a disk it does not know (--disk-changed-ok resumes anyway)")]
@@ -70,7 +72,7 @@ pub enum PersistError {
     HasParent(String),
     #[error("{0}")]
     Nets(String),
-    #[error("cannot quiesce the guest: {0} (the snapshot was not taken; the guest runs on)")]
+    #[error("cannot quiesce the guest: {0} (the snapshot was not taken)")]
     Quiesce(crate::agent::AgentError),
     /// The resuming side could not take the VM's name or control socket.
     #[error("{message}")]
@@ -261,16 +263,18 @@ impl<'a> DiskCopies<'a> {
         for (index, copier) in &self.copies {
             let chunks = lock(copier).chunks();
             for chunk in 0..chunks {
-                job.progress.check()?;
                 let mut c = lock(copier);
                 if let Err(e) = c.copy_chunk(chunk) {
                     c.fail(e);
                 }
+                let len = CHUNK_BYTES.min(c.size() - chunk * CHUNK_BYTES);
+                drop(c);
+                job.progress.advance(len)?;
             }
             let c = lock(copier);
             if let Some(e) = c.error() {
-                let path = self.control.config.disks[*index].path.display();
-                return Err(PersistError::Disk(format!("{path}: copying it into the snapshot: {e}")));
+                let path = self.control.config.disks[*index].path.display().to_string();
+                return Err(PersistError::DiskCopy { path, err: e.to_string() });
             }
             bytes += c.data_bytes;
         }
@@ -302,6 +306,15 @@ fn quiesce(
         }
         return Ok(None);
     };
+    if control.run_state() != crate::control::RunState::Running {
+        // A paused guest cannot answer, and its disks and memory stand still anyway.
+        let e = AgentError::Paused;
+        if opts.quiesce == Quiesce::Require {
+            return Err(PersistError::Quiesce(e));
+        }
+        warnings.push(format!("{e}: snapshot taken without quiescing the guest"));
+        return Ok(None);
+    }
     job.set_phase("quiescing");
     let timeout = opts.quiesce_timeout.unwrap_or(agent::QUIESCE_TIMEOUT);
     let started = Instant::now();
@@ -358,7 +371,6 @@ pub fn snapshot(
     let start = Instant::now();
     boost_this_thread();
     let mut warnings = Vec::new();
-    let mut agent = quiesce(control, opts, job, &mut warnings)?;
     let mem_bytes: u64 = control.config.mem_bytes;
     job.progress.set_total(memory::total_bytes(&control.mem));
     // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
@@ -380,9 +392,24 @@ pub fn snapshot(
         }
     }
     let copied: Vec<(usize, u64)> = disk_files.iter().map(|(i, _, size)| (*i, *size)).collect();
+    // The progress counts the disks' copies after the memory.
+    job.progress.set_total(memory::total_bytes(&control.mem) + copied.iter().map(|(_, size)| size).sum::<u64>());
     job.progress.check()?;
+    // Quiesced last, just before the pause: the guest's file systems stay frozen only as long
+    // as the pause (and the state save) need.
+    let mut agent = quiesce(control, opts, job, &mut warnings)?;
+    if let Err(e) = job.progress.check() {
+        thaw(&mut agent, &mut warnings);
+        return Err(e.into());
+    }
     job.set_phase("pausing");
-    let mut paused = control.pause_for()?;
+    let mut paused = match control.pause_for() {
+        Ok(paused) => paused,
+        Err(e) => {
+            thaw(&mut agent, &mut warnings);
+            return Err(e.into());
+        }
+    };
     let paused_at = Instant::now();
     let resume_on_error = opts.stop && paused.was_running();
     let taken = (|| {

@@ -209,6 +209,11 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
         disks: disks_of(manifest, opts)?,
         nets: nets_of(manifest, opts)?,
         vsock: match (&opts.vsock, &desc.vsock) {
+            (Some(_), None) => {
+                return Err(PersistError::Nets(
+                    "the snapshot's VM has no vsock device: --vsock can only replace one".into(),
+                ))
+            }
             (Some(v), _) => Some(v.clone()),
             (None, Some(v)) => Some(VsockConfig { cid: v.cid, uds: v.uds.clone().into() }),
             (None, None) => None,
@@ -227,6 +232,18 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
             saved.len(),
             opts.disks.len()
         )));
+    }
+    for (i, (given, d)) in opts.disks.iter().zip(saved).enumerate() {
+        let expected = d.copy.as_ref().map(|c| c.size).or(d.identity.map(|id| id.size));
+        // A missing file is reported when it is opened.
+        let Ok(meta) = std::fs::metadata(&given.path) else { continue };
+        if let Some(expected) = expected.filter(|&e| e / 512 != meta.len() / 512) {
+            return Err(PersistError::Nets(format!(
+                "--disk {} is {} bytes, the snapshot's disk {i} was {expected}: the guest would see another disk",
+                given.path.display(),
+                meta.len()
+            )));
+        }
     }
     let name = opts.name.clone().unwrap_or_else(|| manifest.vm.name.clone());
     Ok(saved

@@ -71,9 +71,12 @@ impl DiskCopier {
         };
         if !hole {
             self.buf.resize(len, 0);
-            self.source.read_exact_at(&mut self.buf[..len], start)?;
+            let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+            self.source.read_exact_at(&mut self.buf[..len], start).map_err(|e| context("reading the disk", e))?;
             if self.buf[..len].iter().any(|&b| b != 0) {
-                self.dest.write_all_at(&self.buf[..len], start)?;
+                self.dest
+                    .write_all_at(&self.buf[..len], start)
+                    .map_err(|e| context("writing the snapshot's copy", e))?;
                 self.data_bytes += len as u64;
             }
         }
