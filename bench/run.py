@@ -968,6 +968,7 @@ def disk_benchmark(env, runs, invocation):
             s.run(disk_snapshot_run, env, disk)
     rows = [(label, s.cell("pause_ms", 2), s.cell("durable_ms"), s.cell("disk_mib", 0))
             for label, (_, s) in series.items()]
+    plot = plot_disk(series)
     failures = [n for _, s in series.values() if (n := s.failure_note(runs))]
     sock = env.tmp / "a.sock"
     argvs = [env.show(env.vmm_run(DISK_CMDLINE, "256M", 1, sock) + ["--disk", "$TMP/disk-1GiB.img"]),
@@ -983,6 +984,8 @@ def disk_benchmark(env, runs, invocation):
         "copied. No QEMU figure: its migration leaves disks to shared storage, and `savevm` needs "
         "qcow2 internal snapshots, a different thing.",
         table(("disk", "pause (ms)", "durable (ms)", "snapshot on disk (MiB)"), rows),
+        f"![pause and durable time against disk size]({plot})" if plot else
+        "(No plot: matplotlib is not installed.)",
         "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
         commands_block(invocation, argvs),
     ])
@@ -1026,6 +1029,40 @@ def growth_benchmark(env, runs, invocation):
         "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
         commands_block(invocation, argvs),
     ])
+
+
+def plot_disk(series):
+    """docs/disk.png: pause and durable against disk size (vmm only: QEMU has no comparable
+    figure). Returns its path relative to docs/, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = {label: size / MiB for size, label in DISK_SIZES}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "pause_ms", "guest paused (ms)"),
+                           (axes[1], "durable_ms", "snapshot durable (ms)")):
+        xs, ys, lo, hi = [], [], [], []
+        for label, (_, s) in series.items():
+            values = s.values(key)
+            if values:
+                xs.append(sizes[label])
+                ys.append(statistics.median(values))
+                lo.append(ys[-1] - min(values))
+                hi.append(max(values) - ys[-1])
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label="vmm")
+        ax.set_xlabel("disk data (MiB), 256 MiB guest writing its disk")
+        ax.set_ylabel(title)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPO / "docs/disk.png", dpi=100)
+    plt.close(fig)
+    return "disk.png"
 
 
 def plot_growth(series):
