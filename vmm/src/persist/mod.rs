@@ -70,8 +70,9 @@ pub enum PersistError {
     DiskChanged { path: String, why: String },
     #[error("snapshot {0} is a difference from a parent snapshot, which this vmm cannot resume yet")]
     HasParent(String),
+    /// `vmm resume --net/--disk/--vsock` that do not fit the snapshot.
     #[error("{0}")]
-    Nets(String),
+    Override(String),
     #[error("cannot quiesce the guest: {0} (the snapshot was not taken)")]
     Quiesce(crate::agent::AgentError),
     /// The resuming side could not take the VM's name or control socket.
@@ -95,7 +96,7 @@ impl PersistError {
             | PersistError::BadName(_)
             | PersistError::DiskChanged { .. }
             | PersistError::HasParent(_)
-            | PersistError::Nets(_) => true,
+            | PersistError::Override(_) => true,
             PersistError::Quiesce(_) => false,
             PersistError::Machine(e) => e.is_bad_input(),
             PersistError::Claim { bad_input, .. } => *bad_input,

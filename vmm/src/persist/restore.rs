@@ -210,7 +210,7 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
         nets: nets_of(manifest, opts)?,
         vsock: match (&opts.vsock, &desc.vsock) {
             (Some(_), None) => {
-                return Err(PersistError::Nets(
+                return Err(PersistError::Override(
                     "the snapshot's VM has no vsock device: --vsock can only replace one".into(),
                 ))
             }
@@ -227,7 +227,7 @@ fn config_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<VmConfig, Pers
 fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>, PersistError> {
     let saved = &manifest.vm.disks;
     if opts.disks.len() > saved.len() {
-        return Err(PersistError::Nets(format!(
+        return Err(PersistError::Override(format!(
             "the snapshot has {} disk(s), --disk gave {}: give at most one --disk per disk, in order",
             saved.len(),
             opts.disks.len()
@@ -238,7 +238,7 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
         // A missing file is reported when it is opened.
         let Ok(meta) = std::fs::metadata(&given.path) else { continue };
         if let Some(expected) = expected.filter(|&e| e / 512 != meta.len() / 512) {
-            return Err(PersistError::Nets(format!(
+            return Err(PersistError::Override(format!(
                 "--disk {} is {} bytes, the snapshot's disk {i} was {expected}: the guest would see another disk",
                 given.path.display(),
                 meta.len()
@@ -328,7 +328,7 @@ fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
 fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, PersistError> {
     let saved = &manifest.vm.nets;
     if !opts.nets.is_empty() && opts.nets.len() != saved.len() {
-        return Err(PersistError::Nets(format!(
+        return Err(PersistError::Override(format!(
             "the snapshot has {} network interface(s), --net gave {}: give one --net per interface, in order",
             saved.len(),
             opts.nets.len()
@@ -344,7 +344,7 @@ fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, 
         };
         nets.push(net);
     }
-    crate::config::check_nets(&nets).map_err(|e| PersistError::Nets(e.to_string()))?;
+    crate::config::check_nets(&nets).map_err(|e| PersistError::Override(e.to_string()))?;
     Ok(nets)
 }
 
