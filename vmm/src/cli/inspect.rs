@@ -62,7 +62,7 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
     if let Some(parent) = &m.parent {
         println!("parent          {parent}");
     }
-    println!("taken by        vmm {} at unix time {}", m.vmm_version, m.created_unix);
+    println!("taken by        vmm {} at {} (unix time {})", m.vmm_version, utc(m.created_unix), m.created_unix);
     println!("vm              {} ({} vCPUs, {} MiB)", m.vm.name, m.vm.vcpus, m.vm.mem_bytes >> 20);
     println!("kernel          {}", m.vm.kernel);
     println!("cmdline         {}", m.vm.cmdline);
@@ -87,7 +87,8 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
         println!("vcpu {:<10} {} rip={:#x}", v.index, v.mode, v.rip);
     }
     for dev in &m.devices {
-        println!("device          {}: {}", dev.kind, dev.detail);
+        // The detail starts with the device's id and says what it is.
+        println!("device          {}", dev.detail);
     }
     for s in &m.state.sections {
         println!("state section   {} v{} ({} bytes)", s.name, s.version, s.bytes);
@@ -95,8 +96,25 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
     println!("memory          {} MiB in {} regions", m.memory.total_size() >> 20, m.memory.regions.len());
     println!("zero pages      {:.1}% ({} of {})", zero_share * 100.0, m.memory.zero_pages(), m.memory.total_pages());
     let where_ = if d.stream { "bytes in stream " } else { "bytes on disk   " };
-    println!("{where_}{}", d.bytes);
+    println!("{where_}{} ({:.1} MiB)", d.bytes, d.bytes as f64 / (1u64 << 20) as f64);
     Ok(0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` of a Unix time (the proleptic Gregorian calendar, Howard Hinnant's
+/// days-to-civil algorithm).
+fn utc(unix: u64) -> String {
+    let days = (unix / 86400) as i64;
+    let secs = unix % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 pub fn verify(dir: &Path) -> CmdResult {
@@ -118,4 +136,14 @@ pub fn verify(dir: &Path) -> CmdResult {
         snap.manifest.memory.chunk_checksums.len()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_042_851), "2026-11-30 12:47:31 UTC");
+    }
 }
