@@ -259,3 +259,67 @@ fn an_absent_agent_warns_or_fails_as_asked() {
     assert!(err.contains("the guest is paused"), "{err}");
     vm.kill();
 }
+
+/// A host listener that does not accept (its backlog full) refuses the guest's connection at
+/// once: the device never waits for it, so the VM's other connections go on.
+#[test]
+fn a_host_listener_with_a_full_backlog_does_not_stall_the_device() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = TempDir::new("vsock-backlog");
+    let uds = dir.path().join("bl.vsock");
+    let path = std::ffi::CString::new(format!("{}_5555", uds.display())).unwrap();
+    // SAFETY: plain socket calls on a descriptor this test owns; the address lives for the calls.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as u16;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+        assert_eq!(libc::bind(fd, std::ptr::addr_of!(addr).cast(), len), 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        OwnedFd::from_raw_fd(fd)
+    };
+    // Fill the backlog: connections until one would have to wait.
+    let target = std::path::PathBuf::from(path.to_str().unwrap());
+    let mut pending = Vec::new();
+    loop {
+        let s = socket2_nonblocking_connect(&target);
+        match s {
+            Some(s) => pending.push(s),
+            None => break,
+        }
+        assert!(pending.len() < 64, "the backlog never filled");
+    }
+    let sock = dir.path().join("vm.sock").display().to_string();
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut vm = Vmm::testguest("workload=vsock vsock.connect=5555", &["--vsock", &vsock, "--api-sock", &sock]);
+    vm.wait_for("testguest: vsock ready", T);
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut conn, _) = connect(uds.to_str().unwrap(), ECHO_PORT);
+    echo_round_trip(&mut conn, b"the device is not stuck\n");
+    assert!(vm.lines_with("connect-back ok").is_empty());
+    vm.kill();
+    drop((listener, pending));
+}
+
+/// A non-blocking connection to a Unix socket: None when the listener's backlog is full.
+fn socket2_nonblocking_connect(path: &Path) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: plain socket calls on a descriptor this function owns; the address lives for them.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0);
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as u16;
+        for (d, s) in addr.sun_path.iter_mut().zip(cpath.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+        (libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) == 0).then_some(owned)
+    }
+}

@@ -403,9 +403,7 @@ impl Vsock {
     /// A guest connects to host port `dst_port`: a connection to the Unix socket `PATH_port`.
     fn guest_connect(&mut self, pkt: &Header) {
         let path = PathBuf::from(format!("{}_{}", self.uds.display(), pkt.dst_port));
-        let stream = (self.conns.len() < MAX_CONNECTIONS)
-            .then(|| UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)).ok())
-            .flatten();
+        let stream = (self.conns.len() < MAX_CONNECTIONS).then(|| connect_nonblocking(&path).ok()).flatten();
         let Some(stream) = stream else { return self.reset_for(pkt) };
         let mut conn = Conn::new(stream, pkt.dst_port, pkt.src_port, State::Established);
         conn.peer_buf_alloc = pkt.buf_alloc;
@@ -515,6 +513,15 @@ impl Vsock {
         }
         used_any
     }
+}
+
+/// Connects to a host listener without waiting: a listener whose backlog is full refuses at once
+/// (EAGAIN) instead of stalling the device's worker, and with it the guest.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
+    connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// The payload room of the next receive buffer, without taking it.
