@@ -367,7 +367,16 @@ impl Machine {
             }
             let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
             let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), vm.irqfd(gsi)?)));
-            MmioTransport::start_input_worker(&transport, &id, &vm, base + QUEUE_NOTIFY_OFFSET)?;
+            let (has_input, queues) = {
+                let t = lock(&transport);
+                (t.has_input(), t.queue_count())
+            };
+            if has_input {
+                let notifies = (0..queues)
+                    .map(|q| vm.mmio_write_eventfd(base + QUEUE_NOTIFY_OFFSET, q as u32))
+                    .collect::<Result<Vec<_>, _>>()?;
+                MmioTransport::start_input_worker(&transport, &id, notifies).map_err(MachineError::Thread)?;
+            }
             mmio_bus.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             let resources = Resources { mmio: Some((base, VIRTIO_MMIO_SIZE)), gsi: Some(gsi), pio: None };
             list.push(DeviceEntry { id, kind, resources, device: transport });

@@ -33,12 +33,10 @@ pub static ANSWERED: AtomicU64 = AtomicU64::new(0);
 pub struct Net {
     mmio: Mmio,
     rxq: u64,
-    txq: u64,
+    tx: virtio::OneShotQueue,
     bufs: u64,
     rx_avail: u16,
     rx_used: u16,
-    tx_avail: u16,
-    tx_used: u16,
     pub mac: [u8; 6],
     pub ip: [u8; 4],
 }
@@ -74,7 +72,8 @@ impl Net {
         put(rxq + OFF_AVAIL + 2, QSIZE);
         virtio::driver_ok(&m);
         m.write(R_QUEUE_NOTIFY, RX);
-        Ok(Net { mmio: m, rxq, txq, bufs, rx_avail: QSIZE, rx_used: 0, tx_avail: 0, tx_used: 0, mac, ip })
+        let tx = virtio::OneShotQueue::new(txq, TX, QSIZE);
+        Ok(Net { mmio: m, rxq, tx, bufs, rx_avail: QSIZE, rx_used: 0, mac, ip })
     }
 
     fn tx_buf(&self) -> u64 {
@@ -185,23 +184,7 @@ impl Net {
         // SAFETY: the transmit buffer, BUF bytes, used by this driver alone and free (the last
         // send waited for the device to be done with it).
         unsafe { core::ptr::copy_nonoverlapping(frame.as_ptr(), (buf + HDR as u64) as *mut u8, len) };
-        let d = self.txq + OFF_DESC;
-        put(d, buf);
-        put(d + 8, (HDR + len) as u32);
-        put(d + 12, 0u16);
-        put(d + 14, 0u16);
-        put(self.txq + OFF_AVAIL + 4 + 2 * (self.tx_avail % QSIZE) as u64, 0u16);
-        self.tx_avail = self.tx_avail.wrapping_add(1);
-        fence(SeqCst);
-        put(self.txq + OFF_AVAIL + 2, self.tx_avail);
-        fence(SeqCst);
-        self.mmio.write(R_QUEUE_NOTIFY, TX);
-        // The device takes it on its own thread: wait (bounded) until the buffer is back.
-        let deadline = crate::kvmclock::uptime_ns(0) + 2_000_000_000;
-        while get::<u16>(self.txq + OFF_USED + 2) == self.tx_used && crate::kvmclock::uptime_ns(0) < deadline {
-            core::hint::spin_loop();
-        }
-        self.tx_used = get::<u16>(self.txq + OFF_USED + 2);
+        self.tx.send(&self.mmio, buf, (HDR + len) as u32);
     }
 }
 

@@ -177,6 +177,43 @@ pub fn setup_queue(m: &Mmio, index: u32, size: u16, page: u64) -> Result<(), Err
     Ok(())
 }
 
+/// A queue the driver puts one buffer at a time on, waiting (bounded: 2 s) until the device
+/// has used it: the transmit queues of the net and vsock drivers.
+pub struct OneShotQueue {
+    pub page: u64,
+    pub index: u32,
+    pub size: u16,
+    avail: u16,
+    used: u16,
+}
+
+impl OneShotQueue {
+    pub fn new(page: u64, index: u32, size: u16) -> Self {
+        OneShotQueue { page, index, size, avail: 0, used: 0 }
+    }
+
+    /// Hands the device `len` bytes at `buf` (descriptor 0) and waits until it is done with them.
+    pub fn send(&mut self, m: &Mmio, buf: u64, len: u32) {
+        let d = self.page + OFF_DESC;
+        put(d, buf);
+        put(d + 8, len);
+        put(d + 12, 0u16);
+        put(d + 14, 0u16);
+        put(self.page + OFF_AVAIL + 4 + 2 * (self.avail % self.size) as u64, 0u16);
+        self.avail = self.avail.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        put(self.page + OFF_AVAIL + 2, self.avail);
+        fence(Ordering::SeqCst);
+        m.write(R_QUEUE_NOTIFY, self.index);
+        // The device may take it on a thread of its own: wait, bounded, for the buffer to be back.
+        let deadline = kvmclock::uptime_ns(0) + 2_000_000_000;
+        while get::<u16>(self.page + OFF_USED + 2) == self.used && kvmclock::uptime_ns(0) < deadline {
+            core::hint::spin_loop();
+        }
+        self.used = get::<u16>(self.page + OFF_USED + 2);
+    }
+}
+
 /// Tells the device the driver is ready.
 pub fn driver_ok(m: &Mmio) {
     m.write(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);

@@ -77,15 +77,13 @@ struct Hdr {
 pub struct Vsock {
     mmio: Mmio,
     rxq: u64,
-    txq: u64,
+    tx: virtio::OneShotQueue,
     evq: u64,
     bufs: u64,
     rx_avail: u16,
     rx_used: u16,
     ev_avail: u16,
     ev_used: u16,
-    tx_avail: u16,
-    tx_used: u16,
     pub cid: u64,
     conns: [Option<Conn>; MAX_CONNS],
 }
@@ -126,15 +124,13 @@ impl Vsock {
         Ok(Vsock {
             mmio: m,
             rxq,
-            txq,
+            tx: virtio::OneShotQueue::new(txq, TX, QSIZE),
             evq,
             bufs,
             rx_avail: QSIZE,
             rx_used: 0,
             ev_avail: QSIZE,
             ev_used: 0,
-            tx_avail: 0,
-            tx_used: 0,
             cid,
             conns: [None; MAX_CONNS],
         })
@@ -308,22 +304,7 @@ impl Vsock {
         // SAFETY: the transmit buffer, BUF bytes, used by this driver alone and free (the last
         // send waited for the device to be done with it).
         unsafe { core::ptr::copy_nonoverlapping(payload.as_ptr(), (buf + HDR as u64) as *mut u8, len) };
-        let d = self.txq + OFF_DESC;
-        put(d, buf);
-        put(d + 8, (HDR + len) as u32);
-        put(d + 12, 0u16);
-        post(self.txq, self.tx_avail, 0);
-        self.tx_avail = self.tx_avail.wrapping_add(1);
-        fence(SeqCst);
-        put(self.txq + OFF_AVAIL + 2, self.tx_avail);
-        fence(SeqCst);
-        self.mmio.write(R_QUEUE_NOTIFY, TX);
-        // The device takes it on its own thread: wait (bounded) until the buffer is back.
-        let deadline = crate::kvmclock::uptime_ns(0) + 2_000_000_000;
-        while get::<u16>(self.txq + OFF_USED + 2) == self.tx_used && crate::kvmclock::uptime_ns(0) < deadline {
-            core::hint::spin_loop();
-        }
-        self.tx_used = get::<u16>(self.txq + OFF_USED + 2);
+        self.tx.send(&self.mmio, buf, (HDR + len) as u32);
     }
 }
 

@@ -350,13 +350,13 @@ fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, 
 
 /// What can be checked of a snapshot before its memory is read; `claim` then takes the VM's name
 /// (e.g. binds its control socket), so that a VM that cannot be resumed here is refused before
-/// a stream's source is gone.
+/// a stream's source is gone. Returns the resumed VM's configuration and the claim.
 fn admit<T>(
     manifest: &Manifest,
     what: &str,
     opts: &ResumeOptions,
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
-) -> Result<T, PersistError> {
+) -> Result<(VmConfig, T), PersistError> {
     if manifest.parent.is_some() {
         return Err(PersistError::HasParent(what.to_string()));
     }
@@ -365,7 +365,8 @@ fn admit<T>(
     }
     check_disks(manifest, opts)?;
     let config = config_of(manifest, opts)?;
-    claim(&config.name)
+    let claimed = claim(&config.name)?;
+    Ok((config, claimed))
 }
 
 /// Rebuilds the machine of a snapshot, ready to start where it stopped. `claim` is called with
@@ -377,21 +378,20 @@ pub fn restore<T>(
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
 ) -> Result<(Restored, T), PersistError> {
     let streamed = matches!(source, ResumeSource::Stream(_));
-    let (manifest, state, mem, memory_file, claimed) = match source {
+    let (state, mem, memory_file, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
             let (snap, state) = load_dir(&dir, opts.verify)?;
-            let claimed = admit(&snap.manifest, &dir.display().to_string(), opts, claim)?;
-            make_working_copies(&snap, &config_of(&snap.manifest, opts)?, opts)?;
+            let admitted = admit(&snap.manifest, &dir.display().to_string(), opts, claim)?;
+            make_working_copies(&snap, &admitted.0, opts)?;
             let (mem, file) = map_memory(&snap)?;
-            (snap.manifest, state, mem, Some(file), claimed)
+            (state, mem, Some(file), admitted)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem, claimed) = read_stream(&mut input, |m| admit(m, "the snapshot stream", opts, claim))?;
+            let (streamed, mem, admitted) = read_stream(&mut input, |m| admit(m, "the snapshot stream", opts, claim))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
-            (streamed.manifest, state, mem, None, claimed)
+            (state, mem, None, admitted)
         }
     };
-    let config = config_of(&manifest, opts)?;
     // A VM moved through a pipe: its source ends (and lets go of its disks) only once its
     // stream is complete, so give it a moment.
     let mut waited = std::time::Duration::ZERO;

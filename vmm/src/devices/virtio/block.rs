@@ -194,10 +194,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn activate(&mut self, _features: u64) {}

@@ -96,25 +96,26 @@ impl MmioTransport {
         }
     }
 
-    /// Starts the worker of a device that has a backend to wait on (a TAP, sockets). Its queue
-    /// notifications then go to the worker through eventfds KVM signals (`notify_addr` is the
-    /// transport's QueueNotify register), so a vCPU never waits for such a device.
+    /// Whether the device has a backend to wait on (a TAP, sockets), and so wants a worker.
+    pub fn has_input(&self) -> bool {
+        self.device.input_fd().is_some()
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Starts the worker of a device that has a backend to wait on. `notifies[q]` is signalled
+    /// when the guest notifies queue `q` (an ioeventfd KVM signals on the QueueNotify write), so
+    /// a vCPU never waits for such a device.
     pub fn start_input_worker(
         this: &std::sync::Arc<std::sync::Mutex<Self>>,
         name: &str,
-        vm: &crate::vstate::vm::Vm,
-        notify_addr: u64,
-    ) -> Result<(), crate::vstate::vm::VmError> {
+        notifies: Vec<EventFd>,
+    ) -> std::io::Result<()> {
         let mut transport = crate::devices::bus::lock(this);
-        let nqueues = transport.queues.len();
         let Some((fd, queue)) = transport.device.input_fd() else { return Ok(()) };
-        let notifies =
-            (0..nqueues).map(|q| vm.mmio_write_eventfd(notify_addr, q as u32)).collect::<Result<Vec<_>, _>>()?;
-        let worker = InputWorker::spawn(format!("{name}-io"), fd, queue, notifies, std::sync::Arc::downgrade(this))
-            .map_err(|e| crate::vstate::vm::VmError::Kvm {
-                call: "spawn device worker",
-                err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
-            })?;
+        let worker = InputWorker::spawn(format!("{name}-io"), fd, queue, notifies, std::sync::Arc::downgrade(this))?;
         transport.input_worker = Some(worker);
         transport.input_queue = Some(queue);
         Ok(())

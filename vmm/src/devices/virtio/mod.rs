@@ -21,6 +21,40 @@ pub use vsock::Vsock;
 /// VIRTIO_F_VERSION_1: the modern (virtio 1.x) interface, the only one we offer.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// Writes device configuration bytes `cfg` at `offset` into `data`; bytes past its end read as zero.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset).ok().and_then(|o| cfg.get(o.checked_add(i)?)).copied().unwrap_or(0);
+    }
+}
+
+/// Returns several buffers to the used ring and makes them visible to the driver at once (one
+/// store of the used index). A frame spread over mergeable receive buffers must appear whole:
+/// Linux reads `num_buffers` from the first and drops the frame if the others are not there yet
+/// (virtio 1.2, 5.1.6.4.2). Elements are `(head, bytes written)`.
+pub fn add_used_together(queue: &mut Queue, mem: &GuestMemory, elements: &[(u16, u32)]) -> Result<(), String> {
+    use std::sync::atomic::Ordering;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    let size = queue.size();
+    let start = queue.next_used();
+    for (i, &(head, len)) in elements.iter().enumerate() {
+        if head >= size {
+            return Err(format!("descriptor {head} is outside the queue"));
+        }
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        // struct virtq_used_elem { le32 id; le32 len; } after the 4-byte flags and idx.
+        let at = queue.used_ring().checked_add(4 + 8 * slot).ok_or("used ring address overflows")?;
+        let element = u64::from(head) | u64::from(len) << 32;
+        mem.write_obj(element.to_le(), GuestAddress(at)).map_err(|e| e.to_string())?;
+    }
+    let next = start.wrapping_add(elements.len() as u16);
+    let idx = queue.used_ring().checked_add(2).ok_or("used ring address overflows")?;
+    mem.store(next.to_le(), GuestAddress(idx), Ordering::Release).map_err(|e| e.to_string())?;
+    queue.set_next_used(next);
+    Ok(())
+}
+
 /// A virtio device behind a transport. The transport owns the queues and the interrupt; the
 /// device turns available buffers into used ones.
 pub trait VirtioDevice: Send {

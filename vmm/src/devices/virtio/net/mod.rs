@@ -213,50 +213,44 @@ impl Net {
         while room < len {
             // Buffers too few or too small to take the frame whole, or not writable at all:
             // the frame is dropped and the buffers go back empty.
-            let drop = |queue: &mut Queue, heads: &[u16]| {
-                for &h in heads {
-                    if queue.add_used(mem, h, 0).is_err() {
-                        break;
+            let unusable = if chains.len() == limit {
+                Some(None)
+            } else {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    // Put back what was taken; the frame waits for more buffers.
+                    queue.set_next_avail(first_avail);
+                    return Delivery::NoBuffers;
+                };
+                let head = chain.head_index();
+                match chain.writer(mem).ok().filter(|w| w.available_bytes() > 0) {
+                    Some(w) => {
+                        room += w.available_bytes();
+                        chains.push((head, w));
+                        None
                     }
+                    None => Some(Some(head)),
                 }
-                Delivery::Dropped
             };
-            let mut heads: Vec<u16> = chains.iter().map(|(h, _)| *h).collect();
-            if chains.len() == limit {
-                return drop(queue, &heads);
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // Put back what was taken; the frame waits for more buffers.
-                queue.set_next_avail(first_avail);
-                return Delivery::NoBuffers;
-            };
-            let head = chain.head_index();
-            match chain.writer(mem).ok().filter(|w| w.available_bytes() > 0) {
-                Some(w) => {
-                    room += w.available_bytes();
-                    chains.push((head, w));
+            if let Some(extra) = unusable {
+                let empty: Vec<(u16, u32)> = chains.iter().map(|(h, _)| (*h, 0)).chain(extra.map(|h| (h, 0))).collect();
+                if let Err(e) = super::add_used_together(queue, mem, &empty) {
+                    tracing::warn!("virtio-net: cannot return receive buffers: {e}");
                 }
-                None => {
-                    heads.push(head);
-                    return drop(queue, &heads);
-                }
+                return Delivery::Dropped;
             }
         }
         let count = chains.len() as u16;
         self.rx_frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&count.to_le_bytes());
         let mut offset = 0;
-        let mut used = Vec::with_capacity(chains.len());
-        for (head, mut writer) in chains {
+        let mut used = [(0u16, 0u32); MAX_RX_CHAINS];
+        for (slot, (head, mut writer)) in used.iter_mut().zip(chains) {
             let n = writer.available_bytes().min(len - offset);
             let written = writer.write_all(&self.rx_frame[offset..offset + n]).map(|_| n).unwrap_or(0);
             offset += n;
-            used.push((head, written as u32));
+            *slot = (head, written as u32);
         }
-        for (head, n) in used {
-            if let Err(e) = queue.add_used(mem, head, n) {
-                tracing::warn!("virtio-net: cannot return receive buffer {head}: {e}");
-                break;
-            }
+        if let Err(e) = super::add_used_together(queue, mem, &used[..count as usize]) {
+            tracing::warn!("virtio-net: cannot return receive buffers: {e}");
         }
         Delivery::Delivered
     }
@@ -313,9 +307,7 @@ impl VirtioDevice for Net {
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6..8].copy_from_slice(&(bits::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(&mut self, features: u64) {

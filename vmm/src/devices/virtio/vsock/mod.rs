@@ -571,10 +571,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let cfg = self.cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, _features: u64) {}
