@@ -458,6 +458,19 @@ mod tests {
         f
     }
 
+    /// Opens `name`, waiting while it is still attached to a file just closed: a child another
+    /// test thread is spawning holds a copy of every descriptor until its exec, so the TAP of a
+    /// dropped device may stay busy for a moment.
+    fn open_tap(name: &str) -> Tap {
+        for _ in 0..200 {
+            match Tap::open(name) {
+                Err(TapError::InUse(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{name} stayed in use for 2 s");
+    }
+
     struct Driver {
         dev: MmioTransport,
         mem: GuestMemory,
@@ -468,7 +481,7 @@ mod tests {
     impl Driver {
         fn new(tap: &str, features: u64) -> Self {
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-            let net = Net::new(Tap::open(tap).unwrap(), [0x02, 0, 0, 0, 0, 0x42]);
+            let net = Net::new(open_tap(tap), [0x02, 0, 0, 0, 0, 0x42]);
             let mut dev = MmioTransport::new(Box::new(net), mem.clone(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
             let w = |dev: &mut MmioTransport, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
             w(&mut dev, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
