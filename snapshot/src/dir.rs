@@ -88,6 +88,11 @@ impl SnapshotWriter {
         Ok(Self { dest: dest.to_path_buf(), tmp, force, committed: false, disk_copies: Vec::new(), _lock: lock })
     }
 
+    /// Where the snapshot will be once committed.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
     fn check_dest(dest: &Path, force: bool) -> Result<()> {
         if dest.symlink_metadata().is_ok() {
             if !force {
@@ -132,6 +137,11 @@ impl SnapshotWriter {
         let mut file = self.create_file(STATE_FILE)?;
         file.write_all(bytes).map_err(|e| self.error(STATE_FILE, e))?;
         Ok(StateDigest { size: bytes.len() as u64, checksum: checksum(bytes), sections: Vec::new() })
+    }
+
+    /// Creates the page file, to be written by the caller; returns it and its final path.
+    pub fn create_memory_file(&self) -> Result<(File, PathBuf)> {
+        Ok((self.create_file(MEMORY_FILE)?, self.dest.join(MEMORY_FILE)))
     }
 
     /// Writes guest memory (zero pages become holes) and returns its layout with checksums.

@@ -5,6 +5,7 @@
 //!
 //! See `docs/snapshot-format.md`.
 
+pub mod chain;
 pub mod digest;
 pub mod dir;
 pub mod manifest;
@@ -14,6 +15,7 @@ pub mod state;
 pub mod stream;
 pub mod streamed;
 
+pub use chain::Chain;
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{
     CpuIdentity, DecodedManifest, DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, NetDescription,
@@ -74,6 +76,12 @@ pub enum Error {
     MissingFile(String, &'static str),
     #[error("snapshot disk copy {file} is {problem}")]
     BadDiskCopy { file: String, problem: String },
+    #[error("snapshot {child} is a diff whose parent {parent} (id {id}) is missing; resume, verify or merge need it where it was, or beside {child}")]
+    ParentMissing { child: String, parent: String, id: String },
+    #[error("snapshot {child} is a diff of snapshot {expected}, but {parent} is {found} now (replaced since?)")]
+    ParentMismatch { child: String, parent: String, expected: String, found: String },
+    #[error("{0}")]
+    ChainMismatch(String),
     #[error("cannot create snapshot {path}: {err}")]
     Create { path: String, err: std::io::Error },
     #[error("{path}: {err}")]

@@ -169,6 +169,10 @@ pub struct Manifest {
     /// snapshot's (which may itself have a parent).
     #[serde(default)]
     pub parent: Option<SnapshotId>,
+    /// Where the parent was (its absolute path) when this diff was taken. A chain whose layers
+    /// moved together is still found: a directory of that name beside this one is tried next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_dir: Option<String>,
     /// Seconds since the Unix epoch when the snapshot was taken.
     pub created_unix: u64,
     pub vmm_version: String,
@@ -285,6 +289,7 @@ pub(crate) mod tests {
         Manifest {
             format_version: FORMAT_VERSION,
             parent: None,
+            parent_dir: None,
             created_unix: 1,
             vmm_version: "0.1.0".into(),
             vm: VmDescription {

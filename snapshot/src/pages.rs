@@ -85,6 +85,15 @@ pub enum PageKind {
     Mapped,
     /// Not in the mapping yet: its content is the backing file's.
     InFile,
+    /// Unchanged since the parent snapshot (a diff): neither read nor written.
+    Parent,
+}
+
+/// A page as a writer sees it.
+enum Page<'a> {
+    Zero,
+    Parent,
+    Data(&'a [u8]),
 }
 
 impl MemoryLayout {
@@ -196,8 +205,8 @@ static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 trait PageSource {
     fn guest_addr(&self) -> u64;
     fn size(&self) -> usize;
-    /// Page `p`'s bytes, or None if it is zero.
-    fn page(&self, p: usize) -> Option<&[u8]>;
+    /// Page `p`: its bytes, or whether it is zero or the parent's.
+    fn page(&self, p: usize) -> Page<'_>;
     /// The bytes of the non-zero pages [first, end), which are contiguous in the source.
     fn run(&self, first: usize, end: usize) -> &[u8];
 }
@@ -211,10 +220,18 @@ impl PageSource for MemorySource<'_> {
         self.bytes.len()
     }
 
-    fn page(&self, p: usize) -> Option<&[u8]> {
-        let zero = self.kinds.as_ref().is_some_and(|k| k.get(p) == Some(&PageKind::Zero));
+    fn page(&self, p: usize) -> Page<'_> {
+        match self.kinds.as_ref().and_then(|k| k.get(p)) {
+            Some(PageKind::Zero) => return Page::Zero,
+            Some(PageKind::Parent) => return Page::Parent,
+            _ => {}
+        }
         let bytes = &self.bytes[p * PAGE..((p + 1) * PAGE).min(self.bytes.len())];
-        (!zero && !is_zero(bytes)).then_some(bytes)
+        if is_zero(bytes) {
+            Page::Zero
+        } else {
+            Page::Data(bytes)
+        }
     }
 
     fn run(&self, first: usize, end: usize) -> &[u8] {
@@ -225,6 +242,8 @@ impl PageSource for MemorySource<'_> {
 const PAGE: usize = PAGE_SIZE as usize;
 /// Slot of a zero page in a staged region.
 const ZERO_SLOT: u32 = u32::MAX;
+/// Slot of a page left to the parent snapshot.
+const PARENT_SLOT: u32 = u32::MAX - 1;
 
 /// One region's pages that may hold data, copied aside in page order.
 struct StagedRegion {
@@ -306,6 +325,7 @@ impl StagedMemory {
                         continue;
                     }
                     (PageKind::Zero, _) => slots.push(ZERO_SLOT),
+                    (PageKind::Parent, _) => slots.push(PARENT_SLOT),
                     _ => {
                         // A run of pages in the mapping, copied as they are in one go: which of
                         // them are zero is found when they are written, while the guest runs.
@@ -374,13 +394,18 @@ impl PageSource for StagedView<'_> {
         self.region.size
     }
 
-    fn page(&self, p: usize) -> Option<&[u8]> {
-        let slot = *self.region.slots.get(p)?;
-        if slot == ZERO_SLOT {
-            return None;
+    fn page(&self, p: usize) -> Page<'_> {
+        let slot = match self.region.slots.get(p) {
+            None | Some(&ZERO_SLOT) => return Page::Zero,
+            Some(&PARENT_SLOT) => return Page::Parent,
+            Some(&slot) => slot as usize,
+        };
+        let bytes = &self.data[slot * PAGE..(slot + 1) * PAGE];
+        if is_zero(bytes) {
+            Page::Zero
+        } else {
+            Page::Data(bytes)
         }
-        let bytes = &self.data[slot as usize * PAGE..(slot as usize + 1) * PAGE];
-        (!is_zero(bytes)).then_some(bytes)
     }
 
     fn run(&self, first: usize, end: usize) -> &[u8] {
@@ -424,23 +449,34 @@ impl MemoryData<'_> {
     }
 
     /// Calls `f` for every maximal run of non-zero pages and of zero pages, in guest address
-    /// order, region by region; stops at the first error.
+    /// order, region by region; stops at the first error. Pages left to a parent are skipped.
     pub fn visit_runs<E>(
         &self,
         mut f: impl FnMut(Run<'_>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
+        #[derive(PartialEq)]
+        enum Kind {
+            Zero,
+            Parent,
+            Data,
+        }
+        let kind = |page: Page<'_>| match page {
+            Page::Zero => Kind::Zero,
+            Page::Parent => Kind::Parent,
+            Page::Data(_) => Kind::Data,
+        };
         self.with_sources(|sources| {
             for &src in sources {
                 let pages = src.size().div_ceil(PAGE);
                 let mut p = 0;
                 while p < pages {
-                    let zero = src.page(p).is_none();
-                    let end = (p + 1..pages).find(|&q| src.page(q).is_none() != zero).unwrap_or(pages);
+                    let this = kind(src.page(p));
+                    let end = (p + 1..pages).find(|&q| kind(src.page(q)) != this).unwrap_or(pages);
                     let guest_addr = src.guest_addr() + (p * PAGE) as u64;
-                    if zero {
-                        f(Run::Zero { guest_addr, len: ((end - p) * PAGE) as u64 })?;
-                    } else {
-                        f(Run::Data { guest_addr, bytes: src.run(p, end) })?;
+                    match this {
+                        Kind::Zero => f(Run::Zero { guest_addr, len: ((end - p) * PAGE) as u64 })?,
+                        Kind::Data => f(Run::Data { guest_addr, bytes: src.run(p, end) })?,
+                        Kind::Parent => {}
                     }
                     p = end;
                 }
@@ -487,12 +523,13 @@ fn write_regions(
             for p in first..(first + pages_per_chunk).min(page_count) {
                 let addr = src.guest_addr() + (p * PAGE) as u64;
                 match src.page(p) {
-                    None => {
-                        push_extent(&mut extents, addr, PAGE_SIZE, ExtentKind::Zero);
+                    page @ (Page::Zero | Page::Parent) => {
+                        let kind = if matches!(page, Page::Zero) { ExtentKind::Zero } else { ExtentKind::Parent };
+                        push_extent(&mut extents, addr, PAGE_SIZE, kind);
                         hasher.update(&ZERO_PAGE[..PAGE.min(src.size() - p * PAGE)]);
                         flush(&mut run)?;
                     }
-                    Some(bytes) => {
+                    Page::Data(bytes) => {
                         push_extent(&mut extents, addr, PAGE_SIZE, ExtentKind::Data);
                         hasher.update(bytes);
                         run = Some((run.map_or(p, |(start, _)| start), p + 1));

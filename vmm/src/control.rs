@@ -2,6 +2,7 @@
 //! socket and the main thread both act through this.
 
 use crate::vstate::memory::GuestMemory;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,11 +35,37 @@ impl RunState {
     }
 }
 
+/// The snapshot directory the VM's memory was last saved to or resumed from: a diff snapshot
+/// holds the pages written since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiffBase {
+    pub id: String,
+    /// Absolute.
+    pub dir: PathBuf,
+}
+
+/// Pages written since a snapshot, for the next diff.
+#[derive(Debug, Default)]
+struct Tracking {
+    /// None until the first snapshot that started the tracking is durable.
+    base: Option<DiffBase>,
+    since: DirtyPages,
+}
+
 struct Inner {
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// The control socket's dirty log (`dirty-log start`): pages written since its last fetch.
+    api_log: Option<DirtyPages>,
+    /// Pages written since the VM's last snapshot (or its resume).
+    tracking: Option<Tracking>,
+}
+
+impl Inner {
     /// KVM's dirty log is on for every memory slot.
-    dirty_logging: bool,
+    fn logging(&self) -> bool {
+        self.api_log.is_some() || self.tracking.is_some()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +133,23 @@ impl PausedVm<'_> {
                 MemorySource { guest_addr: region.start_addr().0, bytes, kinds, backing }
             })
             .collect()
+    }
+
+    /// Starts a new diff layer: returns the snapshot the VM's memory was last saved to (if any)
+    /// and the pages written since, and from now on records pages written since this pause.
+    /// The caller then reports `layer_committed` or gives the pages back (`layer_failed`).
+    pub fn begin_layer(&mut self) -> Result<(Option<DiffBase>, DirtyPages), VmError> {
+        let control = self.control;
+        if self.inner.tracking.is_none() {
+            if !self.inner.logging() {
+                control.vm.set_dirty_logging(&control.mem, true)?;
+            }
+            self.inner.tracking = Some(Tracking::default());
+            return Ok((None, DirtyPages::default()));
+        }
+        control.collect_dirty(&mut self.inner)?;
+        let tracking = self.inner.tracking.as_mut().expect("tracking");
+        Ok((tracking.base.clone(), std::mem::take(&mut tracking.since)))
     }
 
     /// Whether the guest ran before this pause.
@@ -205,7 +249,7 @@ impl VmControl {
             }
         }
         let paused = AtomicBool::new(state == RunState::Paused);
-        let inner = Mutex::new(Inner { vcpus, state, dirty_logging: false });
+        let inner = Mutex::new(Inner { vcpus, state, api_log: None, tracking: None });
         Self { config, vm, mem, devices, inner, exit, job: Mutex::new(None), paused }
     }
 
@@ -276,32 +320,88 @@ impl VmControl {
         *lock(&self.job) = None;
     }
 
+    /// Reads KVM's log and the VMM's own writes (clearing both) into every record kept.
+    fn collect_dirty(&self, inner: &mut Inner) -> Result<(), VmError> {
+        if !inner.logging() {
+            return Ok(());
+        }
+        let dirty = self.vm.fetch_dirty_pages(&self.mem)?;
+        if let Some(log) = inner.api_log.as_mut() {
+            log.add(&dirty);
+        }
+        if let Some(tracking) = inner.tracking.as_mut() {
+            tracking.since.add(&dirty);
+        }
+        Ok(())
+    }
+
+    /// Pages written since the VM's last snapshot, as far as recorded (None: no record kept).
+    pub fn unsaved_pages(&self) -> Result<Option<u64>, VmError> {
+        let mut inner = lock(&self.inner);
+        self.collect_dirty(&mut inner)?;
+        Ok(inner.tracking.as_ref().map(|t| t.since.count()))
+    }
+
+    /// Later diffs are diffs of `base`, which the memory equaled when KVM's dirty log was started
+    /// (`Machine::start`, before the vCPUs ran): the log holds every page written since.
+    pub(crate) fn adopt_diff_base(&self, base: DiffBase) {
+        lock(&self.inner).tracking = Some(Tracking { base: Some(base), since: DirtyPages::default() });
+    }
+
+    /// The snapshot a diff taken now would be a diff of.
+    pub fn diff_base(&self) -> Option<DiffBase> {
+        lock(&self.inner).tracking.as_ref().and_then(|t| t.base.clone())
+    }
+
+    /// The layer `begin_layer` started is durable at `base`: later diffs are diffs of it.
+    pub fn layer_committed(&self, base: DiffBase) {
+        if let Some(tracking) = lock(&self.inner).tracking.as_mut() {
+            tracking.base = Some(base);
+        }
+    }
+
+    /// The layer `begin_layer` started was not made: the pages it took are still unsaved.
+    pub fn layer_failed(&self, taken: &DirtyPages) {
+        if let Some(tracking) = lock(&self.inner).tracking.as_mut() {
+            tracking.since.add(taken);
+        }
+    }
+
     /// Starts recording the pages the guest and the VMM write (see `vstate::dirty`); a no-op
     /// when already started.
     pub fn start_dirty_log(&self) -> Result<(), DirtyLogError> {
         let mut inner = lock(&self.inner);
-        if !inner.dirty_logging {
-            self.vm.set_dirty_logging(&self.mem, true)?;
-            inner.dirty_logging = true;
+        if inner.api_log.is_none() {
+            if !inner.logging() {
+                self.vm.set_dirty_logging(&self.mem, true)?;
+            } else {
+                // Only what is written from now on is the API's.
+                self.collect_dirty(&mut inner)?;
+            }
+            inner.api_log = Some(DirtyPages::default());
         }
         Ok(())
     }
 
     /// The pages written since the log started or was last fetched; clears it.
     pub fn fetch_dirty_log(&self) -> Result<DirtyPages, DirtyLogError> {
-        let inner = lock(&self.inner);
-        if !inner.dirty_logging {
+        let mut inner = lock(&self.inner);
+        if inner.api_log.is_none() {
             return Err(DirtyLogError::NotStarted);
         }
-        Ok(self.vm.fetch_dirty_pages(&self.mem)?)
+        self.collect_dirty(&mut inner)?;
+        Ok(std::mem::take(inner.api_log.as_mut().expect("started")))
     }
 
-    /// Stops recording; a no-op when not started.
+    /// Stops recording; a no-op when not started. The record kept for diff snapshots goes on.
     pub fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
         let mut inner = lock(&self.inner);
-        if inner.dirty_logging {
-            self.vm.set_dirty_logging(&self.mem, false)?;
-            inner.dirty_logging = false;
+        if inner.api_log.is_some() {
+            self.collect_dirty(&mut inner)?;
+            inner.api_log = None;
+            if !inner.logging() {
+                self.vm.set_dirty_logging(&self.mem, false)?;
+            }
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::regs;
 use crate::config::VmConfig;
 use crate::console;
-use crate::control::VmControl;
+use crate::control::{DiffBase, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmDevice, SerialDevice, I8042};
 use crate::devices::persist::{DeviceRecord, DurableFile, Persist, Resources};
@@ -389,8 +389,18 @@ impl Machine {
     }
 
     /// Starts every vCPU (paused first, if asked) and the console; `stdin_input`: the host's
-    /// stdin is the serial port's input (not when stdin carried a snapshot stream).
-    pub fn start(self, paused: bool, stdin_input: bool) -> Result<RunningVm, MachineError> {
+    /// stdin is the serial port's input (not when stdin carried a snapshot stream). `diff_base`:
+    /// the snapshot the memory equals (a resumed VM), which later diffs are diffs of: what is
+    /// written from the first instruction on is recorded.
+    pub fn start(
+        self,
+        paused: bool,
+        stdin_input: bool,
+        diff_base: Option<DiffBase>,
+    ) -> Result<RunningVm, MachineError> {
+        if diff_base.is_some() {
+            self.vm.set_dirty_logging(&self.mem, true)?;
+        }
         if paused {
             self.devices.pause_workers();
         }
@@ -407,6 +417,9 @@ impl Machine {
                 .map_err(MachineError::Thread)?;
         }
         let control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
+        if let Some(base) = diff_base {
+            control.adopt_diff_base(base);
+        }
         Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
     }
 }

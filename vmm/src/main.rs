@@ -57,6 +57,20 @@ enum Command {
         /// Snapshot directory, or - to read a snapshot stream from stdin.
         dir: PathBuf,
     },
+    /// Flatten a chain of diff snapshots into one snapshot.
+    Merge {
+        /// One diff snapshot: its whole chain becomes a full snapshot. Or several consecutive
+        /// layers of a chain, oldest first: they become one layer (a diff of the first one's
+        /// parent, if it has one).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Snapshot directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing snapshot at --out (only once the new one is complete).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -91,6 +105,13 @@ pub struct SnapshotArgs {
     /// How long the agent gets to quiesce, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub quiesce_timeout: u64,
+    /// Save only the memory pages written since the VM's last snapshot (or its resume from one):
+    /// a diff of that snapshot, which resume, verify and merge find through it.
+    #[arg(long)]
+    pub diff: bool,
+    /// The snapshot the diff is of (checked: it must be the VM's last one, which is the default).
+    #[arg(long, requires = "diff")]
+    pub parent: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -227,6 +248,7 @@ fn main() -> ExitCode {
         Command::Status(target) => cli::client::status(&target),
         Command::Inspect { dir, json } => cli::inspect::inspect(&dir, json),
         Command::Verify { dir } => cli::inspect::verify(&dir),
+        Command::Merge { dirs, out, force } => cli::inspect::merge(&dirs, &out, force),
     };
     // vCPU threads may still be inside KVM_RUN: exit without waiting for them.
     match result {

@@ -27,6 +27,12 @@ pub enum Request {
         /// Bound of the quiesce, in ms.
         #[serde(default)]
         quiesce_timeout_ms: Option<u64>,
+        /// Only the pages written since the VM's last snapshot, as a diff of it.
+        #[serde(default)]
+        diff: bool,
+        /// Absolute path of the snapshot the diff is of (checked to be the VM's last one).
+        #[serde(default)]
+        parent: Option<String>,
     },
     /// Cancels the snapshot being taken: the guest runs on, nothing is left at its destination.
     Cancel,
@@ -135,7 +141,9 @@ mod tests {
                 stop: false,
                 compress: false,
                 quiesce: Quiesce::Auto,
-                quiesce_timeout_ms: None
+                quiesce_timeout_ms: None,
+                diff: false,
+                parent: None
             }
         );
         assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);

@@ -141,6 +141,9 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
     if stream && args.force {
         return Err(Failure::bad_input("--force replaces a snapshot directory; it means nothing with --out -"));
     }
+    if args.diff && stream {
+        return Err(Failure::bad_input("--diff writes a snapshot directory, not a stream: give --out DIR"));
+    }
     if args.compress && !stream {
         return Err(Failure::bad_input("--compress applies to snapshot streams (--out -)"));
     }
@@ -165,6 +168,16 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         compress: args.compress,
         quiesce,
         quiesce_timeout_ms: Some(args.quiesce_timeout * 1000),
+        diff: args.diff,
+        parent: match &args.parent {
+            Some(p) => Some(
+                std::path::absolute(p)
+                    .map_err(|e| Failure::bad_input(format!("bad --parent {}: {e}", p.display())))?
+                    .display()
+                    .to_string(),
+            ),
+            None => None,
+        },
     };
     cancel_on_signal(&args.target).map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     let done = AtomicBool::new(false);
@@ -183,6 +196,10 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         }
         let what = if stream { "stream".to_string() } else { format!("snapshot {}", args.out.display()) };
         let id = r.id.map(|id| format!(" id {id}")).unwrap_or_default();
+        let id = match &r.parent {
+            Some(parent) => format!("{id} (a diff of {parent})"),
+            None => id,
+        };
         let size = if stream { "bytes through the stream" } else { "bytes on disk" };
         // stdout is the stream itself with --out -: the report goes to stderr then.
         let line = format!(

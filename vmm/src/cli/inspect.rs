@@ -1,10 +1,10 @@
-//! `vmm inspect` and `vmm verify`: look inside a snapshot and check it, without KVM. Both read a
-//! directory, or a snapshot stream on stdin (`-`).
+//! `vmm inspect`, `vmm verify` and `vmm merge`: look inside a snapshot, check it, flatten a chain
+//! of diffs, without KVM. Inspect and verify read a directory, or a snapshot stream on stdin (`-`).
 
 use std::io::IsTerminal;
 use std::path::Path;
 
-use snapshot::{Manifest, Snapshot};
+use snapshot::{Chain, Manifest, Progress, Snapshot};
 
 use super::{CmdResult, Failure};
 
@@ -60,7 +60,16 @@ pub fn inspect(dir: &Path, json: bool) -> CmdResult {
     println!("id              {}", d.id);
     println!("format version  {}", m.format_version);
     if let Some(parent) = &m.parent {
-        println!("parent          {parent}");
+        let at = m.parent_dir.as_deref().unwrap_or("(not recorded)");
+        println!("parent          {parent} at {at}");
+        // The chain down to its full snapshot, if it can be followed from here.
+        match Chain::open(dir) {
+            Ok(chain) => {
+                let layers: Vec<String> = chain.layers.iter().map(|l| l.dir.display().to_string()).collect();
+                println!("chain           {} layers: {}", layers.len(), layers.join(" <- "));
+            }
+            Err(e) => println!("chain           broken: {e}"),
+        }
     }
     println!("taken by        vmm {} at {} (unix time {})", m.vmm_version, utc(m.created_unix), m.created_unix);
     println!("vm              {} ({} vCPUs, {} MiB)", m.vm.name, m.vm.vcpus, m.vm.mem_bytes >> 20);
@@ -128,13 +137,29 @@ pub fn verify(dir: &Path) -> CmdResult {
         );
         return Ok(0);
     }
-    let snap = Snapshot::open(dir).map_err(|e| failure(e.into()))?;
-    let (_, _) = vmm::persist::load_dir(dir, true).map_err(failure)?;
-    println!(
-        "{}: ok (manifest, state and {} memory chunks verified)",
-        dir.display(),
-        snap.manifest.memory.chunk_checksums.len()
-    );
+    let (chain, _) = vmm::persist::load_dir(dir, false).map_err(failure)?;
+    chain.verify().map_err(|e| failure(e.into()))?;
+    let chunks: usize = chain.layers.iter().map(|l| l.manifest.memory.chunk_checksums.len()).sum();
+    let layers = match chain.layers.len() {
+        1 => String::new(),
+        n => format!("{n} layers, every link and "),
+    };
+    println!("{}: ok ({layers}manifest, state and {chunks} memory chunks verified)", dir.display());
+    Ok(0)
+}
+
+pub fn merge(dirs: &[std::path::PathBuf], out: &Path, force: bool) -> CmdResult {
+    let chain = match dirs {
+        [one] => Chain::open(one),
+        several => Chain::open_layers(several),
+    }
+    .map_err(|e| failure(e.into()))?;
+    let id = snapshot::chain::merge(&chain, out, force, &Progress::default()).map_err(|e| failure(e.into()))?;
+    let kind = match &chain.base().manifest.parent {
+        Some(parent) => format!("a diff of {parent}"),
+        None => "a full snapshot".into(),
+    };
+    println!("snapshot {} id {id}: {} layers merged, {kind}", out.display(), chain.layers.len());
     Ok(0)
 }
 

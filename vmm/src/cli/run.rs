@@ -86,7 +86,14 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    let launch = Launch { paused: false, prefault: None, memory_file: None, stdin_input: true, refresh_agent: None };
+    let launch = Launch {
+        paused: false,
+        prefault: None,
+        memory_file: None,
+        stdin_input: true,
+        refresh_agent: None,
+        diff_base: None,
+    };
     serve(machine, listener, guard, launch)
 }
 
@@ -146,6 +153,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         memory_file: restored.memory_file,
         stdin_input: !from_stream,
         refresh_agent,
+        diff_base: restored.diff_base,
     };
     serve(restored.machine, listener, guard, launch)
 }
@@ -189,11 +197,15 @@ struct Launch {
     stdin_input: bool,
     /// A resumed VM's vsock socket: its agent thaws the guest and refreshes its clock and RNG.
     refresh_agent: Option<PathBuf>,
+    /// The snapshot directory a resumed VM's memory equals.
+    diff_base: Option<vmm::control::DiffBase>,
 }
 
 /// Starts the VM and serves it until it ends.
 fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, launch: Launch) -> CmdResult {
-    let running = machine.start(launch.paused, launch.stdin_input).map_err(|e| Failure::runtime(e.to_string()))?;
+    let running = machine
+        .start(launch.paused, launch.stdin_input, launch.diff_base)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(mem) = launch.prefault {
         vmm::vstate::memory::spawn_prefault(mem).map_err(|e| Failure::runtime(e.to_string()))?;
     }

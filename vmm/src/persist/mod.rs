@@ -9,24 +9,25 @@ mod restore;
 pub mod sink;
 mod state;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use snapshot::{
-    DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress,
-    StagedMemory, VsockDescription,
+    DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, MemorySource, NetDescription,
+    PageKind, Progress, StagedMemory, VsockDescription,
 };
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
 use crate::agent::{self, Agent, AgentError};
 use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
-use crate::control::VmControl;
+use crate::control::{DiffBase, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::virtio::disk_copy::{DiskCopier, CHUNK_BYTES};
 use crate::machine::MachineError;
+use crate::vstate::dirty::{DirtyPages, PAGE_SIZE};
 use crate::vstate::memory;
 use crate::vstate::vcpu::ControlError;
 use crate::vstate::vm::VmError;
@@ -73,6 +74,16 @@ pub enum PersistError {
     /// `vmm resume --net/--disk/--vsock` that do not fit the snapshot.
     #[error("{0}")]
     Override(String),
+    #[error("VM '{0}' has no snapshot to take a diff of: take a full snapshot first (or resume it from a snapshot directory)")]
+    NoDiffBase(String),
+    #[error("the VM's last snapshot {dir} cannot be a diff's parent any more ({why}): take a full snapshot")]
+    DiffBaseGone { dir: String, why: String },
+    #[error(
+        "--parent {given} is not the VM's last snapshot ({base}): a diff holds the pages written since the last one"
+    )]
+    NotDiffBase { given: String, base: String },
+    #[error("{0}")]
+    BadRequest(String),
     #[error("cannot quiesce the guest: {0} (the snapshot was not taken)")]
     Quiesce(crate::agent::AgentError),
     /// The resuming side could not take the VM's name or control socket.
@@ -96,6 +107,10 @@ impl PersistError {
             | PersistError::BadName(_)
             | PersistError::DiskChanged { .. }
             | PersistError::HasParent(_)
+            | PersistError::NoDiffBase(_)
+            | PersistError::DiffBaseGone { .. }
+            | PersistError::NotDiffBase { .. }
+            | PersistError::BadRequest(_)
             | PersistError::Override(_) => true,
             PersistError::Quiesce(_) => false,
             PersistError::Machine(e) => e.is_bad_input(),
@@ -109,7 +124,7 @@ impl PersistError {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SnapshotOptions {
     /// Leave the guest paused once the snapshot is complete (the caller then ends the VM), and
     /// write memory straight from the paused guest.
@@ -117,6 +132,10 @@ pub struct SnapshotOptions {
     pub quiesce: Quiesce,
     /// How long the agent gets to quiesce (default `agent::QUIESCE_TIMEOUT`).
     pub quiesce_timeout: Option<Duration>,
+    /// Save only the pages written since the VM's last snapshot, as a diff of it.
+    pub diff: bool,
+    /// The snapshot the diff is of, as the user named it: it must be the VM's last one.
+    pub parent: Option<PathBuf>,
 }
 
 /// Whether the guest agent flushes and freezes the guest's file systems for the snapshot.
@@ -141,6 +160,9 @@ pub struct SnapshotReport {
     /// The snapshot's id (directories).
     #[serde(default)]
     pub id: Option<String>,
+    /// The id of the snapshot this one is a diff of.
+    #[serde(default)]
+    pub parent: Option<String>,
     /// Time the guest did not run, in ms.
     pub pause_ms: f64,
     /// Time until the snapshot was durable (fsync'd and renamed into place) or the stream
@@ -294,10 +316,70 @@ impl Drop for DiskCopies<'_> {
     }
 }
 
+/// The snapshot a diff is to be taken of: the VM's last one, which must still be where it was
+/// written, unchanged, and not about to be replaced by the diff itself.
+fn diff_parent(control: &VmControl, opts: &SnapshotOptions, dest: Option<&Path>) -> Result<DiffBase, PersistError> {
+    let Some(dest) = dest else {
+        return Err(PersistError::BadRequest("a diff snapshot is written to a directory, not a stream".into()));
+    };
+    let base = control.diff_base().ok_or_else(|| PersistError::NoDiffBase(control.config.name.clone()))?;
+    if let Some(given) = &opts.parent {
+        if given.canonicalize().ok().as_ref() != Some(&base.dir) {
+            return Err(PersistError::NotDiffBase {
+                given: given.display().to_string(),
+                base: base.dir.display().to_string(),
+            });
+        }
+    }
+    let gone = |why: String| PersistError::DiffBaseGone { dir: base.dir.display().to_string(), why };
+    match snapshot::Snapshot::open(&base.dir) {
+        Ok(snap) if snap.id == base.id => {}
+        Ok(_) => return Err(gone("another snapshot replaced it".into())),
+        Err(e) => return Err(gone(e.to_string())),
+    }
+    if dest.canonicalize().ok().as_ref() == Some(&base.dir) {
+        return Err(PersistError::BadRequest(format!(
+            "--out {} is the diff's own parent: write the diff elsewhere",
+            dest.display()
+        )));
+    }
+    Ok(base)
+}
+
+/// Leaves only the pages in `dirty` to be saved: the others are the parent snapshot's.
+fn keep_only_dirty(sources: &mut [MemorySource<'_>], dirty: &DirtyPages) {
+    for src in sources {
+        let pages = src.bytes.len().div_ceil(PAGE_SIZE as usize);
+        let region = dirty.regions.iter().find(|r| r.guest_addr == src.guest_addr);
+        let kinds = src.kinds.get_or_insert_with(|| vec![PageKind::Mapped; pages]);
+        for (p, kind) in kinds.iter_mut().enumerate() {
+            if !region.is_some_and(|r| r.is_dirty(p as u64)) {
+                *kind = PageKind::Parent;
+            }
+        }
+    }
+}
+
+/// A diff layer a snapshot started (`PausedVm::begin_layer`): unless the snapshot is committed,
+/// the pages it took go back to the VM's record, so the next diff still holds them.
+struct Layer<'a> {
+    control: &'a VmControl,
+    taken: DirtyPages,
+    committed: bool,
+}
+
+impl Drop for Layer<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.control.layer_failed(&self.taken);
+        }
+    }
+}
+
 /// Asks the guest agent to quiesce, as `opts` say; returns the connection to thaw it through.
 fn quiesce(
     control: &VmControl,
-    opts: SnapshotOptions,
+    opts: &SnapshotOptions,
     job: &Job,
     warnings: &mut Vec<String>,
 ) -> Result<Option<Agent>, PersistError> {
@@ -374,12 +456,20 @@ pub fn snapshot(
     let mut warnings = Vec::new();
     let mem_bytes: u64 = control.config.mem_bytes;
     job.progress.set_total(memory::total_bytes(&control.mem));
-    // Allocating and faulting in the staging buffer is the slow part: do it before pausing.
+    let dest = sink.directory().map(Path::to_path_buf);
+    let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
+    // Allocating and faulting in the staging buffer is the slow part: do it before pausing. A
+    // diff needs room for the pages written so far, and for those written until the pause.
     let staging = if opts.stop {
         None
     } else {
         job.set_phase("preparing");
-        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem)).and_then(StagedMemory::with_capacity)
+        let limit = match parent {
+            Some(_) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
+            None => None,
+        };
+        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem), limit)
+            .and_then(StagedMemory::with_capacity)
     };
     // Files for the copies of the writable disks (a directory sink keeps them), made before the
     // pause: the copies themselves start while paused and are taken while the guest runs on.
@@ -398,7 +488,7 @@ pub fn snapshot(
     job.progress.check()?;
     // Quiesced last, just before the pause: the guest's file systems stay frozen only as long
     // as the pause (and the state save) need.
-    let mut agent = quiesce(control, opts, job, &mut warnings)?;
+    let mut agent = quiesce(control, &opts, job, &mut warnings)?;
     if let Err(e) = job.progress.check() {
         thaw(&mut agent, &mut warnings);
         return Err(e.into());
@@ -413,7 +503,20 @@ pub fn snapshot(
     };
     let paused_at = Instant::now();
     let resume_on_error = opts.stop && paused.was_running();
+    let mut layer = None;
     let taken = (|| {
+        // A snapshot directory starts a layer: the next diff holds what is written from now on.
+        let dirty = match dest {
+            Some(_) => {
+                let (base, taken) = paused.begin_layer()?;
+                let layer = layer.insert(Layer { control, taken, committed: false });
+                if parent.is_some() && base != parent {
+                    return Err(PersistError::NoDiffBase(control.config.name.clone()));
+                }
+                Some(&layer.taken)
+            }
+            None => None,
+        };
         job.set_phase("saving state");
         // VM-wide state first: interrupts the PIT delivers meanwhile then show in the LAPICs.
         let vm = paused.vm_state()?;
@@ -426,7 +529,8 @@ pub fn snapshot(
         let state_bytes = sections.encode();
         let manifest = Manifest {
             format_version: snapshot::FORMAT_VERSION,
-            parent: None,
+            parent: parent.as_ref().map(|p| p.id.clone()),
+            parent_dir: parent.as_ref().map(|p| p.dir.display().to_string()),
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -456,7 +560,10 @@ pub fn snapshot(
             memory: memory::layout_of(&control.mem),
         };
         sink.begin(&manifest, &state_bytes)?;
-        let sources = paused.memory();
+        let mut sources = paused.memory();
+        if let (Some(_), Some(dirty)) = (&parent, dirty) {
+            keep_only_dirty(&mut sources, dirty);
+        }
         // Copy memory aside at memory speed; write it to the sink while paused only when the
         // copy does not fit, or when the guest is not to run again anyway.
         let staged = staging.and_then(|mut staged| staged.copy(&sources).then_some(staged));
@@ -507,16 +614,24 @@ pub fn snapshot(
         written
     })();
     match result {
-        Ok(written) => Ok(SnapshotReport {
-            path: PathBuf::new(),
-            id: written.id,
-            pause_ms: ms(pause),
-            total_ms: ms(start.elapsed()),
-            bytes: written.bytes,
-            memory_bytes: mem_bytes,
-            zero_pages: written.zero_pages,
-            quiesced: agent.is_some(),
-            warnings,
+        Ok(written) => Ok({
+            if let (Some(layer), Some(id), Some(dir)) = (layer.as_mut(), &written.id, &dest) {
+                layer.committed = true;
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                control.layer_committed(DiffBase { id: id.clone(), dir });
+            }
+            SnapshotReport {
+                path: PathBuf::new(),
+                parent: parent.map(|p| p.id),
+                id: written.id,
+                pause_ms: ms(pause),
+                total_ms: ms(start.elapsed()),
+                bytes: written.bytes,
+                memory_bytes: mem_bytes,
+                zero_pages: written.zero_pages,
+                quiesced: agent.is_some(),
+                warnings,
+            }
         }),
         Err(e) => {
             if resume_on_error {

@@ -6,18 +6,23 @@ use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use snapshot::chain::read_memory;
 use snapshot::streamed::{self, MemoryUpdate, StreamedSnapshot};
-use snapshot::{FileIdentity, MachineSections, Manifest, Snapshot};
+use snapshot::{Chain, ExtentKind, FileIdentity, MachineSections, Manifest, Snapshot};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
 use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
+use crate::control::DiffBase;
 use crate::devices::virtio::block::BlockError;
 use crate::machine::{self, Backends, Machine, MachineError};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
 use crate::vstate::vm::VmError;
+
+/// How a stream is named in errors.
+const STREAM: &str = "the snapshot stream";
 
 /// How long a resume from a stream waits for its disks and TAPs to be let go by the VM it came from.
 const BACKEND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -49,6 +54,8 @@ pub struct ResumeOptions {
 /// A machine rebuilt from a snapshot, ready to start.
 pub struct Restored {
     pub machine: Machine,
+    /// The snapshot directory the guest's memory now equals: a diff taken later is of it.
+    pub diff_base: Option<DiffBase>,
     /// The page file the guest's memory is mapped from (directories), which must not change
     /// while the VM runs: vmm holds a shared lock on it, and watches it.
     pub memory_file: Option<MemoryFile>,
@@ -80,15 +87,19 @@ fn decode_state(manifest: &Manifest, bytes: &[u8]) -> Result<MachineState, Persi
     Ok(state)
 }
 
-/// Opens a snapshot directory and decodes its machine state.
-pub fn load_dir(dir: &Path, verify_memory: bool) -> Result<(Snapshot, MachineState), PersistError> {
-    let snap = Snapshot::open(dir)?;
-    let bytes = snap.read_state()?;
-    let state = decode_state(&snap.manifest, &bytes)?;
+/// Opens a snapshot directory, and its parents if it is a diff, and decodes its machine state.
+/// `verify_memory`: check every layer's memory checksums too.
+pub fn load_dir(dir: &Path, verify_memory: bool) -> Result<(Chain, MachineState), PersistError> {
+    let chain = Chain::open(dir)?;
+    let top = chain.top();
+    let bytes = top.read_state()?;
+    let state = decode_state(&top.manifest, &bytes)?;
     if verify_memory {
-        snap.verify_memory()?;
+        for layer in &chain.layers {
+            layer.verify_memory()?;
+        }
     }
-    Ok((snap, state))
+    Ok((chain, state))
 }
 
 /// Reads and checks a whole snapshot stream, dropping its memory (`vmm inspect -`, `verify -`).
@@ -96,6 +107,32 @@ pub fn inspect_stream(input: impl Read, what: &str) -> Result<StreamedSnapshot, 
     let (streamed, ()) = streamed::read_snapshot(input, what, |_| Ok::<_, PersistError>(()), |_, _| Ok(()))?;
     decode_state(&streamed.manifest, &streamed.state)?;
     Ok(streamed)
+}
+
+/// Guest memory of a chain: the oldest layer's page file mapped (`map_memory`), with what each
+/// later layer changed read in over it.
+fn chain_memory(chain: &Chain) -> Result<(GuestMemory, MemoryFile), PersistError> {
+    let (mem, file) = map_memory(chain.base())?;
+    let files = chain.layers.iter().map(|l| File::open(l.memory_path()).map_err(|e| (l, e)));
+    let files: Vec<File> = files
+        .collect::<Result<_, _>>()
+        .map_err(|(l, e)| PersistError::MapMemory(format!("{}: {e}", l.memory_path().display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for o in chain.overlays() {
+        let mut done = 0;
+        while done < o.len {
+            let n = (o.len - done).min(buf.len() as u64) as usize;
+            let addr = o.guest_addr + done;
+            let piece = &mut buf[..n];
+            match o.kind {
+                ExtentKind::Data => read_memory(&chain.layers[o.layer], &files[o.layer], addr, piece)?,
+                _ => piece.fill(0),
+            }
+            mem.write_slice(piece, GuestAddress(addr)).map_err(|e| PersistError::MapMemory(e.to_string()))?;
+            done += n as u64;
+        }
+    }
+    Ok((mem, file))
 }
 
 /// Maps the page file as guest memory, privately: pages load on first touch and guest writes
@@ -357,7 +394,8 @@ fn admit<T>(
     opts: &ResumeOptions,
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
 ) -> Result<(VmConfig, T), PersistError> {
-    if manifest.parent.is_some() {
+    // A diff's parents are found beside it on disk; a stream has nowhere to look.
+    if manifest.parent.is_some() && what == STREAM {
         return Err(PersistError::HasParent(what.to_string()));
     }
     if manifest.vm.vcpus == 0 {
@@ -378,18 +416,20 @@ pub fn restore<T>(
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
 ) -> Result<(Restored, T), PersistError> {
     let streamed = matches!(source, ResumeSource::Stream(_));
-    let (state, mem, memory_file, (config, claimed)) = match source {
+    let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
-            let (snap, state) = load_dir(&dir, opts.verify)?;
-            let admitted = admit(&snap.manifest, &dir.display().to_string(), opts, claim)?;
-            make_working_copies(&snap, &admitted.0, opts)?;
-            let (mem, file) = map_memory(&snap)?;
-            (state, mem, Some(file), admitted)
+            let (chain, state) = load_dir(&dir, opts.verify)?;
+            let top = chain.top();
+            let admitted = admit(&top.manifest, &dir.display().to_string(), opts, claim)?;
+            make_working_copies(top, &admitted.0, opts)?;
+            let (mem, file) = chain_memory(&chain)?;
+            let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
+            (state, mem, Some(file), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem, admitted) = read_stream(&mut input, |m| admit(m, "the snapshot stream", opts, claim))?;
+            let (streamed, mem, admitted) = read_stream(&mut input, |m| admit(m, STREAM, opts, claim))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
-            (state, mem, None, admitted)
+            (state, mem, None, None, admitted)
         }
     };
     // A VM moved through a pipe: its source ends (and lets go of its disks) only once its
@@ -418,7 +458,7 @@ pub fn restore<T>(
     // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
     // the devices raise the interrupts they had pending.
     machine.devices.replay_interrupts();
-    Ok((Restored { machine, memory_file }, claimed))
+    Ok((Restored { machine, diff_base, memory_file }, claimed))
 }
 
 /// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.

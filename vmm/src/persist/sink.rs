@@ -27,6 +27,10 @@ pub trait Sink: Send {
     fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError>;
     /// Writes guest memory.
     fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError>;
+    /// The snapshot directory this sink makes, if it makes one (a diff can be taken of it).
+    fn directory(&self) -> Option<&Path> {
+        None
+    }
     /// Makes the snapshot durable (directory) or complete (stream).
     fn commit(self: Box<Self>) -> Result<Written, PersistError>;
     /// A file for disk `index`'s copy (`size` bytes), if this sink keeps disks: directories do;
@@ -63,6 +67,10 @@ impl Sink for DirSink {
         let manifest = self.manifest.as_mut().expect("begin before memory");
         manifest.memory = layout;
         Ok(())
+    }
+
+    fn directory(&self) -> Option<&Path> {
+        Some(self.writer.dest())
     }
 
     fn disk_copy_file(&mut self, index: usize, size: u64) -> Result<Option<std::fs::File>, PersistError> {

@@ -53,6 +53,20 @@ impl DirtyRegion {
 }
 
 impl DirtyPages {
+    /// Adds the pages of `other` (of the same memory) to these.
+    pub fn add(&mut self, other: &DirtyPages) {
+        if self.regions.is_empty() {
+            self.regions = other.regions.clone();
+            return;
+        }
+        for (mine, theirs) in self.regions.iter_mut().zip(&other.regions) {
+            debug_assert_eq!((mine.guest_addr, mine.pages), (theirs.guest_addr, theirs.pages));
+            for (a, b) in mine.bitmap.iter_mut().zip(&theirs.bitmap) {
+                *a |= *b;
+            }
+        }
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> u64 {
         self.regions.iter().flat_map(|r| &r.bitmap).map(|w| u64::from(w.count_ones())).sum()

@@ -155,18 +155,21 @@ fn host_swaps() -> bool {
     meminfo_kib("SwapTotal:").is_none_or(|kib| kib > 0)
 }
 
-/// Bytes to set aside to copy the guest's non-zero memory (the pages not known to be zero, with
-/// room for pages touched meanwhile), or None when that would not fit
-/// comfortably in half of what the host has available.
-pub fn staging_size(mem: &GuestMemory, kinds: &[Option<Vec<PageKind>>]) -> Option<usize> {
+/// Bytes to set aside to copy the guest's non-zero memory (the pages not known to be zero, at
+/// most `limit` bytes of them, with room for pages touched meanwhile), or None when that would
+/// not fit comfortably in half of what the host has available.
+pub fn staging_size(mem: &GuestMemory, kinds: &[Option<Vec<PageKind>>], limit: Option<u64>) -> Option<usize> {
     let bound: u64 = mem
         .iter()
         .zip(kinds)
         .map(|(region, kinds)| match kinds {
-            Some(kinds) => kinds.iter().filter(|k| **k != PageKind::Zero).count() as u64 * PAGE as u64,
+            Some(kinds) => {
+                kinds.iter().filter(|k| matches!(k, PageKind::Mapped | PageKind::InFile)).count() as u64 * PAGE as u64
+            }
             None => region.len(),
         })
         .sum();
+    let bound = limit.map_or(bound, |l| bound.min(l));
     let size = bound + bound / 16 + (16 << 20);
     let available = meminfo_kib("MemAvailable:")? * 1024;
     (size <= available / 2).then_some(size as usize)

@@ -1,0 +1,280 @@
+//! Chains of snapshots: a full snapshot at the base, then diffs, each holding only the pages
+//! written since its parent and naming that parent by id (`Manifest::parent`). A chain is opened
+//! from its newest layer; every link is checked (the parent found has the id its child names, and
+//! describes the same machine), so a moved, replaced or damaged parent is named, never mixed in.
+//! `merge` flattens consecutive layers into one.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::dir::{Snapshot, SnapshotWriter};
+use crate::manifest::{Manifest, SnapshotId};
+use crate::pages::{self, push_extent, ExtentKind, MemoryLayout};
+use crate::progress::Progress;
+use crate::{io_err, Error, Result};
+
+/// Longest chain opened: far more layers than anyone keeps, and a bound on a loop of links.
+pub const MAX_DEPTH: usize = 1024;
+
+/// The layers of a chain, oldest (the full snapshot, or the first layer asked for) first.
+pub struct Chain {
+    pub layers: Vec<Snapshot>,
+}
+
+/// Where a diff's parent is: the directory its manifest records, else the directory of that name
+/// beside the child (a tree of snapshots moved or copied as a whole).
+fn parent_candidates(child: &Snapshot) -> Vec<PathBuf> {
+    let Some(recorded) = child.manifest.parent_dir.as_deref().map(PathBuf::from) else { return Vec::new() };
+    let mut out = vec![recorded.clone()];
+    if let (Some(name), Some(beside)) = (recorded.file_name(), child.dir.parent()) {
+        let sibling = beside.join(name);
+        if sibling != recorded {
+            out.push(sibling);
+        }
+    }
+    out
+}
+
+/// Opens the parent of `child` (which has one), checked against the id the child names.
+pub fn open_parent(child: &Snapshot) -> Result<Snapshot> {
+    let id = child.manifest.parent.clone().expect("a diff");
+    let candidates = parent_candidates(child);
+    let missing = || Error::ParentMissing {
+        child: child.dir.display().to_string(),
+        parent: candidates.first().map_or_else(|| "(not recorded)".into(), |p| p.display().to_string()),
+        id: id.clone(),
+    };
+    let mut mismatch = None;
+    for dir in &candidates {
+        match Snapshot::open(dir) {
+            Ok(parent) if parent.id == id => {
+                check_link(&parent, child)?;
+                return Ok(parent);
+            }
+            Ok(parent) => {
+                mismatch.get_or_insert(Error::ParentMismatch {
+                    child: child.dir.display().to_string(),
+                    parent: dir.display().to_string(),
+                    expected: id.clone(),
+                    found: parent.id,
+                });
+            }
+            Err(Error::NotASnapshot(..)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(mismatch.unwrap_or_else(missing))
+}
+
+/// A parent and its child must describe one machine: same memory layout, same vCPUs.
+fn check_link(parent: &Snapshot, child: &Snapshot) -> Result<()> {
+    let (p, c) = (&parent.manifest, &child.manifest);
+    if p.memory.regions != c.memory.regions || p.vm.vcpus != c.vm.vcpus || p.vm.mem_bytes != c.vm.mem_bytes {
+        return Err(Error::ChainMismatch(format!(
+            "{} and its parent {} describe different machines",
+            child.dir.display(),
+            parent.dir.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Chain {
+    /// Opens `dir` and every parent down to a full snapshot.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut layers = vec![Snapshot::open(dir)?];
+        while layers.last().expect("one").manifest.parent.is_some() {
+            if layers.len() >= MAX_DEPTH {
+                return Err(Error::ChainMismatch(format!("{} has more than {MAX_DEPTH} layers", dir.display())));
+            }
+            let parent = open_parent(layers.last().expect("one"))?;
+            layers.push(parent);
+        }
+        layers.reverse();
+        Ok(Self { layers })
+    }
+
+    /// Opens `dirs`, given oldest first, which must be consecutive layers of one chain (each the
+    /// parent of the next). The first may itself have a parent: it is not opened.
+    pub fn open_layers(dirs: &[PathBuf]) -> Result<Self> {
+        let mut layers: Vec<Snapshot> = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let snap = Snapshot::open(dir)?;
+            if let Some(prev) = layers.last() {
+                if snap.manifest.parent.as_ref() != Some(&prev.id) {
+                    return Err(Error::ChainMismatch(format!(
+                        "{} is not a diff of {} (give the layers oldest first)",
+                        snap.dir.display(),
+                        prev.dir.display()
+                    )));
+                }
+                check_link(prev, &snap)?;
+            }
+            layers.push(snap);
+        }
+        Ok(Self { layers })
+    }
+
+    /// The newest layer: the machine the chain resumes to.
+    pub fn top(&self) -> &Snapshot {
+        self.layers.last().expect("a chain has a layer")
+    }
+
+    /// The oldest layer.
+    pub fn base(&self) -> &Snapshot {
+        &self.layers[0]
+    }
+
+    /// Checks every layer (state, memory checksums, disk copies); links were checked on opening.
+    pub fn verify(&self) -> Result<()> {
+        self.layers.iter().try_for_each(Snapshot::verify)
+    }
+
+    /// For every page of guest memory, the index of the newest layer that holds it (data or
+    /// zero), or None where every layer leaves it to a parent outside the chain.
+    fn owners(&self) -> Vec<Option<(u16, ExtentKind)>> {
+        let layout = &self.top().manifest.memory;
+        let mut owners = vec![None; layout.total_pages() as usize];
+        for (index, layer) in self.layers.iter().enumerate() {
+            for e in layer.manifest.memory.extents.iter().filter(|e| e.kind != ExtentKind::Parent) {
+                let first = page_index(layout, e.guest_addr);
+                owners[first..first + (e.len / layout.page_size) as usize].fill(Some((index as u16, e.kind)));
+            }
+        }
+        owners
+    }
+
+    /// The guest memory of every layer above the oldest, oldest first, as (guest address, layer,
+    /// kind) runs of data or zero pages: what must be laid over the oldest layer's memory to get
+    /// the newest one's. Pages a later layer overwrites are left out.
+    pub fn overlays(&self) -> Vec<Overlay> {
+        let layout = &self.top().manifest.memory;
+        let mut out: Vec<Overlay> = Vec::new();
+        let owners = self.owners();
+        for r in &layout.regions {
+            let first = page_index(layout, r.guest_addr);
+            let pages = &owners[first..first + (r.size / layout.page_size) as usize];
+            for (p, owner) in pages.iter().enumerate() {
+                let Some((layer, kind)) = owner.filter(|(layer, _)| *layer > 0) else { continue };
+                let guest_addr = r.guest_addr + p as u64 * layout.page_size;
+                match out.last_mut() {
+                    Some(o) if o.layer == layer as usize && o.kind == kind && o.guest_addr + o.len == guest_addr => {
+                        o.len += layout.page_size
+                    }
+                    _ => out.push(Overlay { guest_addr, len: layout.page_size, layer: layer as usize, kind }),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A run of pages one layer of a chain gives: data (read it from that layer's page file) or zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overlay {
+    pub guest_addr: u64,
+    /// Bytes.
+    pub len: u64,
+    pub layer: usize,
+    pub kind: ExtentKind,
+}
+
+/// Index of the page at `guest_addr` counting every region's pages in order.
+fn page_index(layout: &MemoryLayout, guest_addr: u64) -> usize {
+    let r = layout
+        .regions
+        .iter()
+        .find(|r| guest_addr >= r.guest_addr && guest_addr < r.guest_addr + r.size)
+        .expect("validated extents lie in regions");
+    ((r.file_offset + guest_addr - r.guest_addr) / layout.page_size) as usize
+}
+
+/// Offset in the page file of guest memory at `guest_addr`.
+pub fn file_offset(layout: &MemoryLayout, guest_addr: u64) -> u64 {
+    page_index(layout, guest_addr) as u64 * layout.page_size + guest_addr % layout.page_size
+}
+
+/// Reads `buf.len()` bytes of a snapshot's page file holding guest memory at `guest_addr`.
+pub fn read_memory(snap: &Snapshot, file: &File, guest_addr: u64, buf: &mut [u8]) -> Result<()> {
+    let path = snap.memory_path();
+    file.read_exact_at(buf, file_offset(&snap.manifest.memory, guest_addr)).map_err(io_err(&path))
+}
+
+/// Writes the layers of `chain` as one snapshot at `dest`: the newest layer's machine, with every
+/// page the newest layer holding it gives. If the oldest layer is a diff, so is the result, of
+/// the same parent; otherwise it is a full snapshot. Disk copies are not merged (a chain with
+/// any is refused). Returns the new snapshot's id.
+pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Result<SnapshotId> {
+    if chain.layers.iter().any(|l| l.manifest.vm.disks.iter().any(|d| d.copy.is_some())) {
+        return Err(Error::ChainMismatch("merging snapshots that hold disk copies is not supported yet".into()));
+    }
+    if chain.layers.iter().any(|l| same_dir(&l.dir, dest)) {
+        return Err(Error::ChainMismatch(format!(
+            "{} is a layer being merged: write the result elsewhere",
+            dest.display()
+        )));
+    }
+    let top = chain.top();
+    let layout = &top.manifest.memory;
+    let writer = SnapshotWriter::create(dest, force)?;
+    let state = top.read_state()?;
+    let mut digest = writer.write_state(&state)?;
+    digest.sections = top.manifest.state.sections.clone();
+    let (out, out_path) = writer.create_memory_file()?;
+    out.set_len(layout.total_size()).map_err(io_err(&out_path))?;
+    progress.set_total(layout.total_size());
+    let files: Vec<File> = chain
+        .layers
+        .iter()
+        .map(|l| File::open(l.memory_path()).map_err(io_err(&l.memory_path())))
+        .collect::<Result<_>>()?;
+    let owners = chain.owners();
+    let mut extents = Vec::new();
+    let mut buf = vec![0u8; pages::CHUNK_SIZE as usize];
+    let page = layout.page_size;
+    for r in &layout.regions {
+        let first = page_index(layout, r.guest_addr);
+        let pages_in = (r.size / page) as usize;
+        let mut p = 0;
+        while p < pages_in {
+            let owner = owners[first + p];
+            // A run of pages with one owner, at most a chunk.
+            let end = (p + 1..pages_in.min(p + buf.len() / page as usize))
+                .find(|&q| owners[first + q] != owner)
+                .unwrap_or(pages_in.min(p + buf.len() / page as usize));
+            let guest_addr = r.guest_addr + p as u64 * page;
+            let len = (end - p) as u64 * page;
+            match owner {
+                Some((layer, ExtentKind::Data)) => {
+                    let piece = &mut buf[..len as usize];
+                    read_memory(&chain.layers[layer as usize], &files[layer as usize], guest_addr, piece)?;
+                    out.write_all_at(piece, r.file_offset + guest_addr - r.guest_addr).map_err(io_err(&out_path))?;
+                    push_extent(&mut extents, guest_addr, len, ExtentKind::Data);
+                }
+                Some(_) => push_extent(&mut extents, guest_addr, len, ExtentKind::Zero),
+                None => push_extent(&mut extents, guest_addr, len, ExtentKind::Parent),
+            }
+            progress.advance(len)?;
+            p = end;
+        }
+    }
+    let mut memory = MemoryLayout { extents, chunk_checksums: Vec::new(), ..layout.clone() };
+    memory.chunk_checksums = pages::checksum_pages(&out, &out_path, &memory)?;
+    let base = chain.base();
+    let manifest = Manifest {
+        parent: base.manifest.parent.clone(),
+        parent_dir: base.manifest.parent_dir.clone(),
+        state: digest,
+        memory,
+        ..top.manifest.clone()
+    };
+    writer.commit(&manifest).map(|(_, id)| id)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
