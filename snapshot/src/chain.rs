@@ -201,14 +201,74 @@ pub fn read_memory(snap: &Snapshot, file: &File, guest_addr: u64, buf: &mut [u8]
     file.read_exact_at(buf, file_offset(&snap.manifest.memory, guest_addr)).map_err(io_err(&path))
 }
 
+/// Writes disk `index` as the newest of `layers` holds it into `dst`, an empty file: the newest
+/// whole copy, then the ranges each later layer holds over it. Returns the ranges written when
+/// no layer holds a whole copy (the result is itself a diff's), None otherwise.
+pub fn build_disk(layers: &[Snapshot], index: usize, dst: &File, dst_path: &Path) -> Result<Option<Vec<(u64, u64)>>> {
+    let copy_of = |l: &Snapshot| l.manifest.vm.disks.get(index).and_then(|d| d.copy.clone());
+    let top = layers.last().expect("a layer");
+    let size = copy_of(top).map(|c| c.size).unwrap_or(0);
+    let whole = layers.iter().rposition(|l| copy_of(l).is_some_and(|c| c.ranges.is_none()));
+    let first = match whole {
+        Some(i) => {
+            let path = layers[i].check_disk_copy(&copy_of(&layers[i]).expect("a copy"))?;
+            let src = File::open(&path).map_err(io_err(&path))?;
+            crate::dir::copy_sparse(&src, dst).map_err(io_err(dst_path))?;
+            i + 1
+        }
+        None => {
+            dst.set_len(size).map_err(io_err(dst_path))?;
+            0
+        }
+    };
+    let mut written: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for layer in &layers[first..] {
+        let copy = copy_of(layer).ok_or_else(|| {
+            Error::ChainMismatch(format!("{} holds no copy of disk {index}, its parent does", layer.dir.display()))
+        })?;
+        if copy.size != size {
+            return Err(Error::ChainMismatch(format!("disk {index} changed size in {}", layer.dir.display())));
+        }
+        let path = layer.check_disk_copy(&copy)?;
+        let src = File::open(&path).map_err(io_err(&path))?;
+        for &(start, end) in copy.ranges.as_deref().unwrap_or_default() {
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                src.read_exact_at(&mut buf[..n], at).map_err(io_err(&path))?;
+                let punched = buf[..n].iter().all(|&b| b == 0)
+                    && rustix::fs::fallocate(
+                        dst,
+                        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                        at,
+                        n as u64,
+                    )
+                    .is_ok();
+                if !punched {
+                    dst.write_all_at(&buf[..n], at).map_err(io_err(dst_path))?;
+                }
+                at += n as u64;
+            }
+            written.push((start, end));
+        }
+    }
+    written.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for r in written {
+        match merged.last_mut() {
+            Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
+            _ => merged.push(r),
+        }
+    }
+    Ok(whole.is_none().then_some(merged))
+}
+
 /// Writes the layers of `chain` as one snapshot at `dest`: the newest layer's machine, with every
 /// page the newest layer holding it gives. If the oldest layer is a diff, so is the result, of
-/// the same parent; otherwise it is a full snapshot. Disk copies are not merged (a chain with
-/// any is refused). Returns the new snapshot's id.
+/// the same parent; otherwise it is a full snapshot. Disk copies are merged the same way.
+/// Returns the new snapshot's id.
 pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Result<SnapshotId> {
-    if chain.layers.iter().any(|l| l.manifest.vm.disks.iter().any(|d| d.copy.is_some())) {
-        return Err(Error::ChainMismatch("merging snapshots that hold disk copies is not supported yet".into()));
-    }
     if chain.layers.iter().any(|l| same_dir(&l.dir, dest)) {
         return Err(Error::ChainMismatch(format!(
             "{} is a layer being merged: write the result elsewhere",
@@ -217,7 +277,13 @@ pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Re
     }
     let top = chain.top();
     let layout = &top.manifest.memory;
-    let writer = SnapshotWriter::create(dest, force)?;
+    let mut writer = SnapshotWriter::create(dest, force)?;
+    let mut disks = top.manifest.vm.disks.clone();
+    for (index, disk) in disks.iter_mut().enumerate() {
+        let Some(copy) = disk.copy.as_mut() else { continue };
+        let file = writer.create_disk_copy(&copy.file, 0)?;
+        copy.ranges = build_disk(&chain.layers, index, &file, &dest.join(&copy.file))?;
+    }
     let state = top.read_state()?;
     let mut digest = writer.write_state(&state)?;
     digest.sections = top.manifest.state.sections.clone();
@@ -267,6 +333,7 @@ pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Re
         parent_dir: base.manifest.parent_dir.clone(),
         state: digest,
         memory,
+        vm: crate::manifest::VmDescription { disks, ..top.manifest.vm.clone() },
         ..top.manifest.clone()
     };
     writer.commit(&manifest).map(|(_, id)| id)

@@ -184,6 +184,36 @@ impl SnapshotWriter {
     }
 }
 
+/// Copies the whole of `src` into `dst` (made as long): a reflink (FICLONE) if the file system
+/// can, else the data regions only, so holes stay holes.
+pub fn copy_sparse(src: &File, dst: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)).map_err(std::io::Error::from)?.min(len);
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
 /// Bytes the files of a snapshot directory take on disk (holes excluded).
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -269,6 +299,17 @@ impl Snapshot {
         let bad = |problem: String| Error::BadDiskCopy { file: copy.file.clone(), problem };
         if !DiskCopy::valid_name(&copy.file) {
             return Err(bad("not a name a snapshot's disk copy has".into()));
+        }
+        if let Some(ranges) = &copy.ranges {
+            let mut end = 0;
+            for &(s, e) in ranges {
+                if s < end || e <= s || e > copy.size {
+                    return Err(bad(format!(
+                        "said to hold the bytes {s}..{e}, which are out of order or past its end"
+                    )));
+                }
+                end = e;
+            }
         }
         let path = self.dir.join(&copy.file);
         match std::fs::metadata(&path) {

@@ -66,6 +66,10 @@ pub struct DiskCopy {
     pub file: String,
     /// Its length in bytes.
     pub size: u64,
+    /// In a diff: the byte ranges [start, end) of the disk this copy holds (written since the
+    /// parent; a hole in them is zeros), sorted; the rest is the parent's copy. None: the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<(u64, u64)>>,
 }
 
 impl DiskCopy {

@@ -109,15 +109,23 @@ pub trait Persist: Send {
     }
     /// One line about the device, for `vmm inspect`.
     fn describe(&self) -> String;
-    /// Starts a point-in-time copy of the device's disk into `dest` (disks only; VM paused).
+    /// Starts a point-in-time copy of the device's disk into `dest`, of the chunks in `only` or
+    /// of all (disks only; VM paused; see `VirtioDevice::start_disk_copy`).
     fn start_disk_copy(
         &mut self,
         _dest: File,
+        _only: Option<&[u64]>,
     ) -> Option<Arc<std::sync::Mutex<crate::devices::virtio::disk_copy::DiskCopier>>> {
         None
     }
     /// Ends it: guest writes go straight to the disk again.
     fn end_disk_copy(&mut self) {}
+    /// The disk chunks written since the last call (see `VirtioDevice::take_written_chunks`).
+    fn take_written_chunks(&mut self) -> Option<Vec<u64>> {
+        None
+    }
+    /// Gives back what `take_written_chunks` took, for a snapshot that was not made.
+    fn return_written_chunks(&mut self, _chunks: &[u64]) {}
 }
 
 /// A device as saved in a snapshot: its id, kind and resources, and its own state.

@@ -228,7 +228,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn describe_vm(config: &VmConfig, copies: &[(usize, u64)]) -> VmDescription {
+/// What `vmm run` was given, and the disks copied into the snapshot (`copies`: index and size),
+/// in a diff only the chunks written since the parent (`diff_disks`).
+fn describe_vm(config: &VmConfig, copies: &[(usize, u64)], diff_disks: Option<&[(usize, Vec<u64>)]>) -> VmDescription {
     VmDescription {
         name: config.name.clone(),
         vcpus: config.vcpus,
@@ -243,10 +245,16 @@ fn describe_vm(config: &VmConfig, copies: &[(usize, u64)]) -> VmDescription {
                 path: d.path.display().to_string(),
                 read_only: d.read_only,
                 identity: std::fs::metadata(&d.path).ok().map(|m| FileIdentity::of(&m)),
-                copy: copies
-                    .iter()
-                    .find(|(index, _)| *index == i)
-                    .map(|&(_, size)| DiskCopy { file: DiskCopy::file_name(i), size }),
+                copy: copies.iter().find(|(index, _)| *index == i).map(|&(_, size)| DiskCopy {
+                    file: DiskCopy::file_name(i),
+                    size,
+                    ranges: diff_disks.map(|disks| {
+                        disks
+                            .iter()
+                            .find(|(index, _)| *index == i)
+                            .map_or_else(Vec::new, |(_, c)| DiskCopier::ranges(c, size))
+                    }),
+                }),
             })
             .collect(),
         nets: config
@@ -265,14 +273,21 @@ struct DiskCopies<'a> {
     copies: Vec<(usize, Arc<Mutex<DiskCopier>>)>,
 }
 
+/// The device of disk `index`.
+fn disk_device(control: &VmControl, index: usize) -> Option<&crate::machine::DeviceEntry> {
+    let id = format!("blk{index}");
+    control.devices.list.iter().find(|e| e.id == id)
+}
+
 impl<'a> DiskCopies<'a> {
-    /// Starts a copy of each disk into its file (the VM paused).
-    fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File)>) -> Self {
+    /// Starts a copy of each disk into its file (the VM paused): of the chunks `only` gives for
+    /// it (a diff), or of all of it.
+    fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File)>, only: Option<&[(usize, Vec<u64>)]>) -> Self {
         let mut copies = Vec::new();
         for (index, file) in files {
-            let id = format!("blk{index}");
-            if let Some(entry) = control.devices.list.iter().find(|e| e.id == id) {
-                if let Some(copier) = lock(&entry.device).start_disk_copy(file) {
+            let chunks = only.map(|only| only.iter().find(|(i, _)| *i == index).map_or(&[][..], |(_, c)| c.as_slice()));
+            if let Some(entry) = disk_device(control, index) {
+                if let Some(copier) = lock(&entry.device).start_disk_copy(file, chunks) {
                     copies.push((index, copier));
                 }
             }
@@ -308,8 +323,7 @@ impl<'a> DiskCopies<'a> {
 impl Drop for DiskCopies<'_> {
     fn drop(&mut self) {
         for (index, _) in &self.copies {
-            let id = format!("blk{index}");
-            if let Some(entry) = self.control.devices.list.iter().find(|e| e.id == id) {
+            if let Some(entry) = disk_device(self.control, *index) {
                 lock(&entry.device).end_disk_copy();
             }
         }
@@ -360,18 +374,35 @@ fn keep_only_dirty(sources: &mut [MemorySource<'_>], dirty: &DirtyPages) {
     }
 }
 
-/// A diff layer a snapshot started (`PausedVm::begin_layer`): unless the snapshot is committed,
-/// the pages it took go back to the VM's record, so the next diff still holds them.
+/// A diff layer a snapshot started (`PausedVm::begin_layer`, and the disks' written chunks):
+/// unless the snapshot is committed, the pages and chunks it took go back to the VM's records,
+/// so the next diff still holds them.
 struct Layer<'a> {
     control: &'a VmControl,
     taken: DirtyPages,
+    /// Per writable disk: the chunks written since the last snapshot.
+    disks: Vec<(usize, Vec<u64>)>,
     committed: bool,
+}
+
+impl<'a> Layer<'a> {
+    /// Takes the disks' written chunks (the VM paused).
+    fn take_disks(control: &'a VmControl) -> Vec<(usize, Vec<u64>)> {
+        (0..control.config.disks.len())
+            .filter_map(|i| disk_device(control, i).and_then(|e| lock(&e.device).take_written_chunks()).map(|c| (i, c)))
+            .collect()
+    }
 }
 
 impl Drop for Layer<'_> {
     fn drop(&mut self) {
         if !self.committed {
             self.control.layer_failed(&self.taken);
+            for (index, chunks) in &self.disks {
+                if let Some(entry) = disk_device(self.control, *index) {
+                    lock(&entry.device).return_written_chunks(chunks);
+                }
+            }
         }
     }
 }
@@ -509,11 +540,12 @@ pub fn snapshot(
         let dirty = match dest {
             Some(_) => {
                 let (base, taken) = paused.begin_layer()?;
-                let layer = layer.insert(Layer { control, taken, committed: false });
+                let disks = Layer::take_disks(control);
+                let layer = layer.insert(Layer { control, taken, disks, committed: false });
                 if parent.is_some() && base != parent {
                     return Err(PersistError::NoDiffBase(control.config.name.clone()));
                 }
-                Some(&layer.taken)
+                Some(&*layer)
             }
             None => None,
         };
@@ -523,7 +555,8 @@ pub fn snapshot(
         let vcpus = paused.vcpu_states()?;
         let devices = control.devices.save();
         // The disks as they are now, with no request in flight (the vCPUs are stopped).
-        let copies = DiskCopies::start(control, disk_files.into_iter().map(|(i, f, _)| (i, f)).collect());
+        let diff_disks = dirty.filter(|_| parent.is_some()).map(|l| l.disks.as_slice());
+        let copies = DiskCopies::start(control, disk_files.into_iter().map(|(i, f, _)| (i, f)).collect(), diff_disks);
         let state = MachineState { vm, vcpus, devices };
         let sections = state.to_sections();
         let state_bytes = sections.encode();
@@ -536,7 +569,7 @@ pub fn snapshot(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             vmm_version: env!("CARGO_PKG_VERSION").into(),
-            vm: describe_vm(&control.config, &copied),
+            vm: describe_vm(&control.config, &copied, diff_disks),
             host_cpu: cpuid::host_cpu(),
             vcpus: state
                 .vcpus
@@ -561,8 +594,8 @@ pub fn snapshot(
         };
         sink.begin(&manifest, &state_bytes)?;
         let mut sources = paused.memory();
-        if let (Some(_), Some(dirty)) = (&parent, dirty) {
-            keep_only_dirty(&mut sources, dirty);
+        if let (Some(_), Some(layer)) = (&parent, dirty) {
+            keep_only_dirty(&mut sources, &layer.taken);
         }
         // Copy memory aside at memory speed; write it to the sink while paused only when the
         // copy does not fit, or when the guest is not to run again anyway.

@@ -296,13 +296,13 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
         .collect())
 }
 
-/// Makes each working copy of the snapshot's disk copies the resumed VM runs on, fresh: a
-/// reflink where the file system can (instant), else a sparse copy. One another VM still runs
-/// on is refused (its lock is held).
-fn make_working_copies(snap: &Snapshot, config: &VmConfig, opts: &ResumeOptions) -> Result<(), PersistError> {
-    for (i, d) in snap.manifest.vm.disks.iter().enumerate() {
-        let (Some(copy), None) = (&d.copy, opts.disks.get(i)) else { continue };
-        let source = snap.check_disk_copy(copy)?;
+/// Makes each working copy of the snapshot's disk copies the resumed VM runs on, fresh: the
+/// newest whole copy in the chain (a reflink where the file system can, else a sparse copy) with
+/// the ranges of every later diff over it. One another VM still runs on is refused (its lock
+/// is held).
+fn make_working_copies(chain: &Chain, config: &VmConfig, opts: &ResumeOptions) -> Result<(), PersistError> {
+    for (i, d) in chain.top().manifest.vm.disks.iter().enumerate() {
+        let (Some(_), None) = (&d.copy, opts.disks.get(i)) else { continue };
         let target = &config.disks[i].path;
         let io =
             |what: &str, e: std::io::Error| PersistError::WorkingCopy(format!("{}: {what}: {e}", target.display()));
@@ -320,45 +320,24 @@ fn make_working_copies(snap: &Snapshot, config: &VmConfig, opts: &ResumeOptions)
         }
         let tmp = target.with_extension("img.partial");
         let _ = std::fs::remove_file(&tmp);
-        if let Err(e) = copy_sparse(&source, &tmp) {
+        let built = (|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let dst = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io("creating it", e))?;
+            snapshot::chain::build_disk(&chain.layers, i, &dst, &tmp)?;
+            dst.sync_all().map_err(|e| io("syncing it", e))
+        })();
+        if let Err(e) = built {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io("copying", e));
+            return Err(e);
         }
         std::fs::rename(&tmp, target).map_err(|e| io("renaming it into place", e))?;
     }
     Ok(())
-}
-
-/// Copies `from` to a new file `to` (mode 0600): a reflink (FICLONE) if the file system can,
-/// else the data regions only, so holes stay holes.
-fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let src = File::open(from)?;
-    let dst = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
-    if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
-        return dst.sync_all();
-    }
-    let len = src.metadata()?.len();
-    dst.set_len(len)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < len {
-        let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data)).map_err(std::io::Error::from)?.min(len);
-        let mut at = data;
-        while at < hole {
-            let n = (hole - at).min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], at)?;
-            dst.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-        }
-        pos = hole;
-    }
-    dst.sync_all()
 }
 
 /// The snapshot's network interfaces, on the TAPs the user gave instead, if any.
@@ -421,7 +400,7 @@ pub fn restore<T>(
             let (chain, state) = load_dir(&dir, opts.verify)?;
             let top = chain.top();
             let admitted = admit(&top.manifest, &dir.display().to_string(), opts, claim)?;
-            make_working_copies(top, &admitted.0, opts)?;
+            make_working_copies(&chain, &admitted.0, opts)?;
             let (mem, file) = chain_memory(&chain)?;
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
             (state, mem, Some(file), Some(base), admitted)

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 
 use crate::vstate::memory::GuestMemory;
 
-use super::disk_copy::DiskCopier;
+use super::disk_copy::{DiskCopier, CHUNK_BYTES};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Descriptor-chain reader and writer over guest memory (writes mark the dirty bitmap).
@@ -54,6 +54,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     /// A snapshot's copy of this disk, being taken: writes copy old data first.
     copy: Option<std::sync::Arc<std::sync::Mutex<DiskCopier>>>,
+    /// The chunks (`CHUNK_BYTES`) written since the last snapshot's pause, one bit each.
+    written: Vec<u64>,
 }
 
 /// Why a request failed, as the status byte tells the driver.
@@ -90,6 +92,7 @@ impl Block {
             id,
             queue_sizes: [QUEUE_SIZE],
             copy: None,
+            written: vec![0; (len / SECTOR_SIZE * SECTOR_SIZE).div_ceil(CHUNK_BYTES).div_ceil(64) as usize],
         })
     }
 
@@ -166,6 +169,11 @@ impl Block {
         if let Some(copy) = &self.copy {
             crate::devices::bus::lock(copy).before_write(offset, len as u64);
         }
+        if len > 0 {
+            for chunk in offset / CHUNK_BYTES..=(offset + len as u64 - 1) / CHUNK_BYTES {
+                self.written[(chunk / 64) as usize] |= 1 << (chunk % 64);
+            }
+        }
         let mut buf = vec![0u8; CHUNK.min(len)];
         let mut left = len;
         while left > 0 {
@@ -206,18 +214,34 @@ impl VirtioDevice for Block {
         })
     }
 
-    fn start_disk_copy(&mut self, dest: File) -> Option<std::sync::Arc<std::sync::Mutex<DiskCopier>>> {
+    fn start_disk_copy(
+        &mut self,
+        dest: File,
+        only: Option<&[u64]>,
+    ) -> Option<std::sync::Arc<std::sync::Mutex<DiskCopier>>> {
         if self.read_only {
             return None;
         }
         let size = self.capacity_sectors * SECTOR_SIZE;
-        let copy = std::sync::Arc::new(std::sync::Mutex::new(DiskCopier::new(self.file.clone(), dest, size)));
+        let copier = DiskCopier::new(self.file.clone(), dest, size, only);
+        let copy = std::sync::Arc::new(std::sync::Mutex::new(copier));
         self.copy = Some(copy.clone());
         Some(copy)
     }
 
     fn end_disk_copy(&mut self) {
         self.copy = None;
+    }
+
+    fn take_written_chunks(&mut self) -> Option<Vec<u64>> {
+        let words = self.written.len();
+        (!self.read_only).then(|| std::mem::replace(&mut self.written, vec![0; words]))
+    }
+
+    fn return_written_chunks(&mut self, chunks: &[u64]) {
+        for (mine, given) in self.written.iter_mut().zip(chunks) {
+            *mine |= given;
+        }
     }
 
     fn describe(&self) -> String {

@@ -26,18 +26,33 @@ pub struct DiskCopier {
 }
 
 impl DiskCopier {
-    /// Starts a copy of `source` (`size` bytes) into `dest`, which is `size` bytes of holes.
-    pub fn new(source: Arc<File>, dest: File, size: u64) -> Self {
+    /// Starts a copy of `source` (`size` bytes) into `dest`, which is `size` bytes of holes: of
+    /// the chunks set in the bitmap `only`, or of every chunk.
+    pub fn new(source: Arc<File>, dest: File, size: u64, only: Option<&[u64]>) -> Self {
         let chunks = size.div_ceil(CHUNK_BYTES);
-        Self {
-            source,
-            dest,
-            size,
-            copied: vec![0; chunks.div_ceil(64) as usize],
-            buf: Vec::new(),
-            error: None,
-            data_bytes: 0,
+        let words = chunks.div_ceil(64) as usize;
+        // Chunks left out count as copied: nothing is ever done for them.
+        let copied = match only {
+            Some(only) => (0..words).map(|i| !only.get(i).copied().unwrap_or(0)).collect(),
+            None => vec![0; words],
+        };
+        Self { source, dest, size, copied, buf: Vec::new(), error: None, data_bytes: 0 }
+    }
+
+    /// The byte ranges [start, end) of the chunks set in the bitmap `chunks`, merged, within a
+    /// disk of `size` bytes.
+    pub fn ranges(chunks: &[u64], size: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for chunk in 0..size.div_ceil(CHUNK_BYTES) {
+            if chunks.get((chunk / 64) as usize).is_some_and(|w| w >> (chunk % 64) & 1 == 1) {
+                let (start, end) = (chunk * CHUNK_BYTES, ((chunk + 1) * CHUNK_BYTES).min(size));
+                match out.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => out.push((start, end)),
+                }
+            }
         }
+        out
     }
 
     pub fn chunks(&self) -> u64 {

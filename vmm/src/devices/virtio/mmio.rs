@@ -393,8 +393,17 @@ impl Persist for MmioTransport {
     fn start_disk_copy(
         &mut self,
         dest: std::fs::File,
+        only: Option<&[u64]>,
     ) -> Option<std::sync::Arc<std::sync::Mutex<super::disk_copy::DiskCopier>>> {
-        self.device.start_disk_copy(dest)
+        self.device.start_disk_copy(dest, only)
+    }
+
+    fn take_written_chunks(&mut self) -> Option<Vec<u64>> {
+        self.device.take_written_chunks()
+    }
+
+    fn return_written_chunks(&mut self, chunks: &[u64]) {
+        self.device.return_written_chunks(chunks)
     }
 
     fn end_disk_copy(&mut self) {

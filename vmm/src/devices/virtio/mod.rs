@@ -84,13 +84,22 @@ pub trait VirtioDevice: Send {
         None
     }
     /// Starts a point-in-time copy of the device's disk into `dest` (a disk device; called with
-    /// the VM paused). Its guest writes then copy old data first (`disk_copy`).
+    /// the VM paused): of the chunks in `only` (a bitmap, as `take_written_chunks` gives), or of
+    /// the whole disk. Its guest writes then copy old data first (`disk_copy`).
     fn start_disk_copy(
         &mut self,
         _dest: std::fs::File,
+        _only: Option<&[u64]>,
     ) -> Option<std::sync::Arc<std::sync::Mutex<disk_copy::DiskCopier>>> {
         None
     }
+    /// The 1 MiB chunks of the device's disk (`disk_copy::CHUNK_BYTES`) the guest wrote since the
+    /// previous call, as a bitmap (a disk device), and clears them: a diff snapshot copies those.
+    fn take_written_chunks(&mut self) -> Option<Vec<u64>> {
+        None
+    }
+    /// Gives back chunks `take_written_chunks` took, for a snapshot that was not made.
+    fn return_written_chunks(&mut self, _chunks: &[u64]) {}
     /// Ends the copy (done, failed or cancelled): guest writes go straight to the disk again.
     fn end_disk_copy(&mut self) {}
     /// The device's own state beyond its queues (which are the transport's), if it has any.
