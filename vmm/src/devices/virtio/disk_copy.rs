@@ -147,7 +147,7 @@ mod tests {
         let size = 3 * CHUNK_BYTES + 4096;
         let (_src, source) = file_with("src", &vec![1u8; 2 * CHUNK_BYTES as usize], size);
         let (_dst, dest) = file_with("dst", &[], size);
-        let mut copy = DiskCopier::new(source.clone(), dest.try_clone().unwrap(), size);
+        let mut copy = DiskCopier::new(source.clone(), dest.try_clone().unwrap(), size, None);
         // The guest overwrites chunk 1 and the tail before the background pass gets there.
         copy.before_write(CHUNK_BYTES + 10, 100);
         source.write_all_at(&[2u8; 100], CHUNK_BYTES + 10).unwrap();
@@ -170,10 +170,31 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_copies_only_the_chunks_asked_for() {
+        let size = 4 * CHUNK_BYTES;
+        let (_src, source) = file_with("src3", &vec![5u8; size as usize], size);
+        let (_dst, dest) = file_with("dst3", &[], size);
+        let only = [0b1010u64]; // chunks 1 and 3
+        let mut copy = DiskCopier::new(source, dest.try_clone().unwrap(), size, Some(&only));
+        copy.before_write(0, 10); // chunk 0 is the parent's: nothing to copy
+        for c in 0..copy.chunks() {
+            copy.copy_chunk(c).unwrap();
+        }
+        assert_eq!(copy.data_bytes, 2 * CHUNK_BYTES);
+        let mut got = vec![0u8; size as usize];
+        dest.read_exact_at(&mut got, 0).unwrap();
+        let chunk = |i: u64| &got[(i * CHUNK_BYTES) as usize..((i + 1) * CHUNK_BYTES) as usize];
+        assert!(chunk(0).iter().all(|&b| b == 0) && chunk(2).iter().all(|&b| b == 0));
+        assert!(chunk(1).iter().all(|&b| b == 5) && chunk(3).iter().all(|&b| b == 5));
+        assert_eq!(DiskCopier::ranges(&[0b1110], size - 100), vec![(CHUNK_BYTES, size - 100)]);
+        assert_eq!(DiskCopier::ranges(&[0b1001], size), vec![(0, CHUNK_BYTES), (3 * CHUNK_BYTES, size)]);
+    }
+
+    #[test]
     fn writes_outside_the_disk_are_ignored() {
         let (_src, source) = file_with("src2", &[9u8; 10], CHUNK_BYTES);
         let (_dst, dest) = file_with("dst2", &[], CHUNK_BYTES);
-        let mut copy = DiskCopier::new(source, (*dest).try_clone().unwrap(), CHUNK_BYTES);
+        let mut copy = DiskCopier::new(source, (*dest).try_clone().unwrap(), CHUNK_BYTES, None);
         copy.before_write(u64::MAX - 5, 100);
         copy.before_write(CHUNK_BYTES, 1);
         assert!(copy.error().is_none());
