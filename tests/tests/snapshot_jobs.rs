@@ -105,8 +105,11 @@ fn a_memory_file_changed_under_a_resumed_vm_stops_it_with_that_cause() {
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
     vm.wait_exit(T);
     let rsock = dir.path().join("r.sock").display().to_string();
-    let mut resumed = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--name", "r", "--api-sock", &rsock]);
+    // --lazy: the VM goes on reading untouched pages from the file.
+    let mut resumed = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--lazy", "--name", "r", "--api-sock", &rsock]);
     resumed.wait_for("testguest: tick", T);
+    let status = vmm_ok(&["status", "--api-sock", &rsock]);
+    assert!(status.contains("memory=lazy-from:"), "{status}");
     let pages = std::fs::OpenOptions::new().write(true).open(snap.join("memory.pages")).unwrap();
     pages.set_len(0).unwrap();
     let (status, _, stderr) = resumed.wait_exit(Duration::from_secs(30));

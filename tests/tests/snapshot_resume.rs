@@ -288,26 +288,57 @@ fn snapshot_right_after_resume_keeps_untouched_memory() {
     third.kill();
 }
 
-/// `resume --prefault` copies the snapshot's memory in while the guest already runs: the guest
-/// must see exactly its memory, whichever of the two touches a page first.
+/// A resume brings the snapshot's memory in from a background thread while the guest already
+/// runs (the guest must see exactly its memory, whichever of the two touches a page first), and
+/// then no longer depends on the snapshot: `status` says so, and the page file overwritten in
+/// place changes nothing for the guest, whose memory pattern goes on verifying. A snapshot taken
+/// afterwards is whole.
 #[test]
-fn resume_with_prefault_continues() {
-    let dir = TempDir::new("prefault");
+fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
+    let dir = TempDir::new("load");
     let (vm, before) = boot(&dir, "orig");
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
     vm.wait_exit(T);
-    let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--prefault", "--api-sock", &sock(&dir, "pf")]);
+    let s = sock(&dir, "ld");
+    let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
     let first = r.wait_for("testguest: tick", T);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let status = vmm_ok(&["status", "--api-sock", &s]);
+        if status.contains("memory=own") {
+            break;
+        }
+        assert!(status.contains("memory=loading:"), "{status}");
+        assert!(std::time::Instant::now() < deadline, "memory still not loaded: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Garbage over the whole page file, in place.
+    let pages = std::fs::OpenOptions::new().write(true).open(snap.join("memory.pages")).unwrap();
+    let len = pages.metadata().unwrap().len();
+    std::os::unix::fs::FileExt::write_all_at(&pages, &vec![0x5a; len as usize], 0).unwrap();
+    drop(pages);
     let mut last = first.clone();
-    for _ in 0..3 {
+    for _ in 0..4 {
         last = r.wait_for("testguest: tick", T);
     }
     let ((t0, c0), (t1, c1)) = (tick(&before), tick(&last));
     assert!(t1 > t0, "{before} -> {last}");
     assert!((0..VCPUS as usize).all(|c| c1[c] > c0[c]), "{before} -> {last}");
     assert!(r.lines_with("testguest: ready").is_empty(), "guest rebooted");
-    r.kill();
+    // A snapshot now reads the VM's own memory, not the overwritten file.
+    let again = dir.path().join("again");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", again.to_str().unwrap(), "--stop"]);
+    r.wait_exit(T);
+    // The pages the guest never touched are still zero (the overwritten file's holes were not
+    // the VM's any more): the guest touched 16 MiB, and the snapshot holds about that.
+    let shown: serde_json::Value =
+        serde_json::from_str(&vmm_ok(&["inspect", "--json", again.to_str().unwrap()])).unwrap();
+    let extents = shown["manifest"]["memory"]["extents"].as_array().unwrap().clone();
+    let data: u64 = extents.iter().filter(|e| e["kind"] == "data").map(|e| e["len"].as_u64().unwrap()).sum();
+    assert!(data < 64 << 20, "{} MiB of data: the overwritten snapshot leaked into the VM", data >> 20);
+    let (mut r2, _) = resume_and_check(&dir, "again", &again, &last);
+    r2.kill();
 }
 
 /// A vmm killed (SIGKILL) while it writes a snapshot over an existing one (`--force`) leaves the

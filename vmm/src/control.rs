@@ -15,6 +15,7 @@ use crate::exit::{ExitReason, ExitSender};
 use crate::machine::Devices;
 use crate::persist::Job;
 use crate::vstate::dirty::DirtyPages;
+use crate::vstate::load::MemoryLoad;
 use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{Vm, VmError, VmState};
@@ -88,6 +89,8 @@ pub struct VmControl {
     /// `inner.state == Paused`, readable without the lock a snapshot holds while it writes from
     /// the paused guest: `status` and `cancel` must answer meanwhile.
     paused: AtomicBool,
+    /// A VM resumed from a snapshot directory: how far its memory is from being its own.
+    pub memory_load: std::sync::OnceLock<Arc<MemoryLoad>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +120,7 @@ impl PausedVm<'_> {
     /// Guest memory as byte slices, valid while the machine stays paused, with where each page
     /// is (see `vstate::memory::page_kinds`).
     pub fn memory(&self) -> Vec<MemorySource<'_>> {
-        let kinds = crate::vstate::memory::page_kinds(&self.control.mem);
+        let kinds = crate::vstate::memory::page_kinds(&self.control.mem, self.control.memory_detached());
         self.control
             .mem
             .iter()
@@ -250,7 +253,17 @@ impl VmControl {
         }
         let paused = AtomicBool::new(state == RunState::Paused);
         let inner = Mutex::new(Inner { vcpus, state, api_log: None, tracking: None });
-        Self { config, vm, mem, devices, inner, exit, job: Mutex::new(None), paused }
+        Self {
+            config,
+            vm,
+            mem,
+            devices,
+            inner,
+            exit,
+            job: Mutex::new(None),
+            paused,
+            memory_load: std::sync::OnceLock::new(),
+        }
     }
 
     /// Whether the guest runs; never waits (a snapshot may hold the vCPUs paused for long).
@@ -404,6 +417,24 @@ impl VmControl {
             }
         }
         Ok(())
+    }
+
+    /// Whether the memory once mapped from a snapshot holds nothing of its file any more.
+    pub fn memory_detached(&self) -> bool {
+        self.memory_load.get().is_some_and(|l| l.is_independent())
+    }
+
+    /// Brings the snapshot's memory in (`vstate::load`) and then, the guest paused for a moment,
+    /// detaches the VM from the file. Returns whether the VM is independent of it now.
+    pub fn load_memory(&self, load: &MemoryLoad) -> std::io::Result<bool> {
+        crate::vstate::load::populate(&self.mem, load)?;
+        let paused = self.pause_for().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let detached = crate::vstate::load::detach_from_file(&self.mem)?;
+        if detached {
+            load.independent.store(true, Ordering::Release);
+        }
+        drop(paused);
+        Ok(detached)
     }
 
     /// A handle to end the VM from elsewhere (signals).

@@ -170,10 +170,11 @@ pub struct ResumeArgs {
     /// that does not match what it remembers of it).
     #[arg(long)]
     pub disk_changed_ok: bool,
-    /// Copy the snapshot's memory into the VM in the background as soon as it runs, instead of
-    /// page by page as the guest touches it (faster warm-up, more memory used at once).
+    /// Load memory only as the guest touches it, page by page. By default vmm also brings it in
+    /// from a background thread as soon as the guest runs (the guest is at full speed sooner),
+    /// after which the VM no longer depends on the snapshot's files (`vmm status` says so).
     #[arg(long)]
-    pub prefault: bool,
+    pub lazy: bool,
     /// Attach the snapshot's network interfaces, in order, to these TAP devices instead of the
     /// ones they had: tap=NAME[,mac=MAC] (default MAC: the snapshot's). One per interface.
     #[arg(long = "net", value_parser = parse_net_arg)]

@@ -95,6 +95,23 @@ pub struct Status {
     /// The snapshot being taken, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobStatus>,
+    /// A VM resumed from a snapshot directory: where its memory is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
+}
+
+/// The memory of a VM resumed from a snapshot directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// The snapshot directory it was mapped from.
+    pub snapshot: String,
+    /// Bytes of the snapshot's data brought in by the background loader, of `total_bytes`.
+    pub loaded_bytes: u64,
+    pub total_bytes: u64,
+    /// Every page is the VM's own: the snapshot may be changed or deleted.
+    pub independent: bool,
+    /// Pages load only on first touch (`resume --lazy`, or the loader stopped).
+    pub lazy: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, JobStatus, Reply, Request, Status};
+use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, JobStatus, MemoryStatus, Reply, Request, Status};
 use crate::control::{DirtyLogError, VmControl};
 use crate::exit::ExitReason;
 use crate::persist::{self, DirSink, Sink, SnapshotOptions, StreamSink};
@@ -241,6 +241,16 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 job: control.current_job().map(|job| {
                     let (done_bytes, total_bytes) = job.progress.get();
                     JobStatus { phase: job.phase().into(), done_bytes, total_bytes }
+                }),
+                memory: control.memory_load.get().map(|l| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    MemoryStatus {
+                        snapshot: l.snapshot.display().to_string(),
+                        loaded_bytes: l.loaded_bytes.load(Relaxed),
+                        total_bytes: l.total_bytes.load(Relaxed),
+                        independent: l.is_independent(),
+                        lazy: l.lazy.load(Relaxed),
+                    }
                 }),
             }),
             ..Reply::ok()

@@ -73,8 +73,14 @@ pub fn status(target: &VmTarget) -> CmdResult {
         Some(j) => format!(" snapshot={} {}/{}MiB", j.phase.replace(' ', "-"), j.done_bytes >> 20, j.total_bytes >> 20),
         None => String::new(),
     };
+    let memory = match &s.memory {
+        None => String::new(),
+        Some(m) if m.independent => " memory=own".into(),
+        Some(m) if m.lazy => format!(" memory=lazy-from:{}", m.snapshot),
+        Some(m) => format!(" memory=loading:{}/{}MiB-from:{}", m.loaded_bytes >> 20, m.total_bytes >> 20, m.snapshot),
+    };
     println!(
-        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}{job}",
+        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}{job}{memory}",
         s.name,
         s.state,
         s.vcpus,

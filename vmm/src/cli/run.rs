@@ -8,7 +8,9 @@ use vmm::api::{self, server};
 use vmm::config::NetArg;
 use vmm::console::RawTerminal;
 
+use std::sync::Arc;
 use vmm::persist::{self, ResumeOptions, ResumeSource};
+use vmm::vstate::load::MemoryLoad;
 use vmm::{ExitReason, Machine, VmConfig};
 
 use super::{CmdResult, Failure};
@@ -88,7 +90,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     }
     let launch = Launch {
         paused: false,
-        prefault: None,
+        lazy: false,
         memory_file: None,
         stdin_input: true,
         refresh_agent: None,
@@ -145,11 +147,11 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         })
     };
     let (restored, (listener, guard)) = persist::restore(source, &opts, claim).map_err(persist_failure)?;
-    let prefault = args.prefault.then(|| restored.machine.mem.clone());
+
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
         paused: args.paused,
-        prefault,
+        lazy: args.lazy,
         memory_file: restored.memory_file,
         stdin_input: !from_stream,
         refresh_agent,
@@ -189,8 +191,8 @@ const AGENT_REFRESH_WITHIN: std::time::Duration = std::time::Duration::from_secs
 struct Launch {
     /// Stay paused until `vmm continue`.
     paused: bool,
-    /// Memory mapped from a snapshot, to fault in the background once the vCPUs run.
-    prefault: Option<vmm::vstate::memory::GuestMemory>,
+    /// Memory mapped from a snapshot loads only on first touch (no background loading).
+    lazy: bool,
     /// The snapshot page file the memory is mapped from, watched while the VM runs.
     memory_file: Option<persist::MemoryFile>,
     /// stdin is the serial console's input.
@@ -206,12 +208,15 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let running = machine
         .start(launch.paused, launch.stdin_input, launch.diff_base)
         .map_err(|e| Failure::runtime(e.to_string()))?;
-    if let Some(mem) = launch.prefault {
-        vmm::vstate::memory::spawn_prefault(mem).map_err(|e| Failure::runtime(e.to_string()))?;
-    }
     if let Some(file) = &launch.memory_file {
-        persist::watch_memory_file(file, running.control.exit_sender())
-            .map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
+        let snapshot = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let load = Arc::new(MemoryLoad::new(snapshot, launch.lazy));
+        let _ = running.control.memory_load.set(load.clone());
+        let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
+        persist::watch_memory_file(file, running.control.exit_sender(), load.clone()).map_err(threads)?;
+        if !launch.lazy {
+            persist::spawn_memory_loader(running.control.clone(), load).map_err(threads)?;
+        }
     }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if launch.paused { "paused" } else { "running" };
@@ -224,7 +229,8 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let terminal = RawTerminal::enter();
     let mut reason = running.wait();
     // A guest whose memory file was overwritten dies of it: name that cause, not the crash.
-    if let (ExitReason::Fatal(_), Some(file)) = (&reason, &launch.memory_file) {
+    let detached = running.control.memory_detached();
+    if let (ExitReason::Fatal(_), Some(file), false) = (&reason, &launch.memory_file, detached) {
         if let Some(changed) = persist::memory_file_changed(file) {
             reason = ExitReason::Fatal(changed);
         }

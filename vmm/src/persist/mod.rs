@@ -33,8 +33,8 @@ use crate::vstate::vcpu::ControlError;
 use crate::vstate::vm::VmError;
 
 pub use restore::{
-    inspect_stream, load_dir, memory_file_changed, restore, watch_memory_file, MemoryFile, Restored, ResumeOptions,
-    ResumeSource,
+    inspect_stream, load_dir, memory_file_changed, restore, spawn_memory_loader, watch_memory_file, MemoryFile,
+    Restored, ResumeOptions, ResumeSource,
 };
 pub use sink::{DirSink, Sink, StreamSink};
 pub use state::MachineState;
@@ -499,7 +499,7 @@ pub fn snapshot(
             Some(_) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
             None => None,
         };
-        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem), limit)
+        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem, control.memory_detached()), limit)
             .and_then(StagedMemory::with_capacity)
     };
     // Files for the copies of the writable disks (a directory sink keeps them), made before the

@@ -11,12 +11,16 @@ use snapshot::streamed::{self, MemoryUpdate, StreamedSnapshot};
 use snapshot::{Chain, ExtentKind, FileIdentity, MachineSections, Manifest, Snapshot};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 
+use std::sync::Arc;
+
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
 use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
 use crate::control::DiffBase;
+use crate::control::VmControl;
 use crate::devices::virtio::block::BlockError;
 use crate::machine::{self, Backends, Machine, MachineError};
+use crate::vstate::load::MemoryLoad;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
 use crate::vstate::vm::VmError;
@@ -460,13 +464,45 @@ pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
 
 /// Watches a resumed VM's page file and ends the VM, naming the cause, as soon as the file is
 /// changed in place (truncated, overwritten): the guest would otherwise read garbage or fault.
-pub fn watch_memory_file(file: &MemoryFile, exit: crate::exit::ExitSender) -> std::io::Result<()> {
+/// Once the VM's memory is its own (`load`), it lets go of the file's lock and stops watching.
+pub fn watch_memory_file(
+    file: &MemoryFile,
+    exit: crate::exit::ExitSender,
+    load: Arc<MemoryLoad>,
+) -> std::io::Result<()> {
     let file = MemoryFile { path: file.path.clone(), identity: file.identity, lock: file.lock.try_clone()? };
     std::thread::Builder::new().name("memory-file".into()).spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(250));
+        if load.is_independent() {
+            // The lock is the open file's, shared by every descriptor of it: release it outright.
+            let _ = file.lock.unlock();
+            return;
+        }
         if let Some(why) = memory_file_changed(&file) {
             exit.send(crate::exit::ExitReason::Fatal(why));
             return;
+        }
+    })?;
+    Ok(())
+}
+
+/// Brings a resumed VM's memory in from its snapshot in the background (`VmControl::load_memory`);
+/// on failure the VM goes on loading pages on first touch.
+pub fn spawn_memory_loader(control: Arc<VmControl>, load: Arc<MemoryLoad>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("memory-load".into()).spawn(move || {
+        let start = std::time::Instant::now();
+        match control.load_memory(&load) {
+            Ok(true) => tracing::debug!(
+                "memory loaded ({} MiB) in {:?}: the VM no longer depends on {}",
+                load.loaded_bytes.load(std::sync::atomic::Ordering::Relaxed) >> 20,
+                start.elapsed(),
+                load.snapshot.display()
+            ),
+            Ok(false) => load.lazy.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!("memory is loaded on first touch: background loading stopped: {e}");
+                load.lazy.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     })?;
     Ok(())

@@ -71,15 +71,17 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
 /// touched, so it is zero (not when the host swaps: a swapped-out page is not resident either).
 /// Memory mapped privately from a snapshot: a page /proc/self/pagemap does not report present is
 /// still the file's, and zero where the file has a hole. None: unknown, read every page.
-pub fn page_kinds(mem: &GuestMemory) -> Vec<Option<Vec<PageKind>>> {
+/// `detached`: the regions mapped from a snapshot hold nothing of its file any more
+/// (`load::detach_from_file`): they are read as anonymous memory.
+pub fn page_kinds(mem: &GuestMemory, detached: bool) -> Vec<Option<Vec<PageKind>>> {
     let swap = host_swaps();
     mem.iter()
         .map(|region| {
             let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
             match region.file_offset() {
-                None if swap => None,
-                None => anonymous_page_kinds(addr, len),
-                Some(fo) => file_page_kinds(addr, len, fo.file(), fo.start()),
+                Some(fo) if !detached => file_page_kinds(addr, len, fo.file(), fo.start()),
+                _ if swap => None,
+                _ => anonymous_page_kinds(addr, len),
             }
         })
         .collect()
@@ -93,11 +95,11 @@ fn anonymous_page_kinds(addr: usize, len: usize) -> Option<Vec<PageKind>> {
     (rc == 0).then(|| map.iter().map(|b| if b & 1 != 0 { PageKind::Mapped } else { PageKind::Zero }).collect())
 }
 
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
 
-fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -> Option<Vec<PageKind>> {
+pub(crate) fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -> Option<Vec<PageKind>> {
     let pages = len.div_ceil(PAGE);
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
     let mut raw = vec![0u8; pages * 8];
@@ -121,7 +123,7 @@ fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -
 }
 
 /// For each of `pages` pages of `file` from `offset`, whether it holds data (not a hole).
-fn data_pages(file: &std::fs::File, offset: u64, pages: usize) -> Option<Vec<bool>> {
+pub(crate) fn data_pages(file: &std::fs::File, offset: u64, pages: usize) -> Option<Vec<bool>> {
     use rustix::fs::{seek, SeekFrom};
     let end = offset + (pages * PAGE) as u64;
     let mut map = vec![false; pages];
@@ -173,45 +175,4 @@ pub fn staging_size(mem: &GuestMemory, kinds: &[Option<Vec<PageKind>>], limit: O
     let size = bound + bound / 16 + (16 << 20);
     let available = meminfo_kib("MemAvailable:")? * 1024;
     (size <= available / 2).then_some(size as usize)
-}
-
-/// Prefault granularity: small enough to interleave with the guest's own faults.
-const PREFAULT_CHUNK: usize = 2 << 20;
-
-/// Copies the memory of regions mapped from a snapshot into the VM in the background, instead of
-/// page by page as the guest first touches it (each such touch is a fault, expensive in a VM):
-/// for a restored guest that goes back to work on its whole memory. Holes of the file are left
-/// alone (they stay unbacked zero pages until the guest writes them).
-pub fn spawn_prefault(mem: GuestMemory) -> std::io::Result<()> {
-    std::thread::Builder::new().name("prefault".into()).spawn(move || {
-        let start = std::time::Instant::now();
-        let mut bytes = 0usize;
-        for region in mem.iter() {
-            let Some(fo) = region.file_offset() else { continue };
-            let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
-            let Some(data) = data_pages(fo.file(), fo.start(), len / PAGE) else { continue };
-            for (i, chunk) in data.chunks(PREFAULT_CHUNK / PAGE).enumerate() {
-                if !chunk.contains(&true) {
-                    continue;
-                }
-                let off = i * PREFAULT_CHUNK;
-                let n = PREFAULT_CHUNK.min(len - off);
-                // SAFETY: [addr + off, + n) lies inside the region's mapping, which `mem` keeps
-                // alive. Populating (Linux 5.14+: fault pages in writable, as a write would;
-                // copy-on-write for private mappings) only faults pages in with the content they
-                // already have (the file's, or the guest's own if it wrote them): guest-visible
-                // memory does not change.
-                let advised = unsafe {
-                    rustix::mm::madvise((addr + off) as *mut libc::c_void, n, rustix::mm::Advice::LinuxPopulateWrite)
-                };
-                if let Err(e) = advised {
-                    tracing::debug!("prefault stopped: {e}");
-                    return;
-                }
-                bytes += n;
-            }
-        }
-        tracing::debug!("prefaulted {} MiB in {:?}", bytes >> 20, start.elapsed());
-    })?;
-    Ok(())
 }

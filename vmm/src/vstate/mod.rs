@@ -1,6 +1,7 @@
 //! KVM objects: guest memory and its dirty log, the VM (memory slots, irqchip, PIT) and the vCPUs.
 
 pub mod dirty;
+pub mod load;
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_state;
