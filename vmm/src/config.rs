@@ -58,6 +58,16 @@ pub enum ConfigError {
     SameTap(String),
     #[error("invalid vsock '{0}': expected cid=N,uds=PATH with N from 3 to 4294967294")]
     BadVsock(String),
+    #[error("invalid duration '{0}': expected a number with a unit, like 500ms, 30s, 5m or 6h")]
+    BadDuration(String),
+}
+
+/// Parses a duration with its unit (`500ms`, `30s`, `5m`, `6h`, `1h 30m`); zero is refused.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, ConfigError> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError::BadDuration(text.to_string()))
 }
 
 /// Parses a memory size: a plain number is MiB; K, M, G (and KiB/MiB/GiB, any case) are powers of 1024.

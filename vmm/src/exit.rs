@@ -65,11 +65,15 @@ impl vm_superio::Trigger for ExitTrigger {
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn termination_set() -> libc::sigset_t {
+    signal_set(&TERMINATION_SIGNALS)
+}
+
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigemptyset(&mut set) };
-    for sig in TERMINATION_SIGNALS {
+    for &sig in signals {
         // SAFETY: `set` is a valid sigset_t and `sig` a valid signal number.
         unsafe { libc::sigaddset(&mut set, sig) };
     }
@@ -79,7 +83,8 @@ fn termination_set() -> libc::sigset_t {
 /// Blocks the termination signals in this thread and every thread it starts later, so that only
 /// `spawn_signal_waiter` receives them. Call first thing in main.
 pub fn block_termination_signals() {
-    let set = termination_set();
+    // SIGUSR1 too: a VM takes a checkpoint on it (`spawn_signal_waiter`); elsewhere it waits, unseen.
+    let set = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1]);
     // SAFETY: valid set; the old mask is not needed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
@@ -92,14 +97,27 @@ pub fn wait_termination_signal() -> Option<libc::c_int> {
     (unsafe { libc::sigwait(&set, &mut sig) } == 0).then_some(sig)
 }
 
-/// Waits for a termination signal and ends the VM with it.
-pub fn spawn_signal_waiter(exit: ExitSender) -> std::io::Result<()> {
+/// Waits for a termination signal and ends the VM with it; on SIGUSR1, asks for a checkpoint
+/// through `checkpoint` (a VM without periodic checkpoints says it has none).
+pub fn spawn_signal_waiter(exit: ExitSender, checkpoint: Option<std::sync::mpsc::Sender<()>>) -> std::io::Result<()> {
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let set = termination_set();
-        let mut sig: libc::c_int = 0;
-        // SAFETY: valid set and output pointer; the signals are blocked in every thread.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            exit.send(ExitReason::Signal(sig));
+        let set = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1]);
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: valid set and output pointer; the signals are blocked in every thread.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            if sig != libc::SIGUSR1 {
+                exit.send(ExitReason::Signal(sig));
+                return;
+            }
+            match &checkpoint {
+                Some(tx) => {
+                    let _ = tx.send(());
+                }
+                None => eprintln!("vmm: SIGUSR1 takes a checkpoint, and this VM has no --checkpoint-dir"),
+            }
         }
     })?;
     Ok(())

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod arch;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod control;

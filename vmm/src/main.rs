@@ -148,6 +148,28 @@ pub struct RunArgs {
     /// to PATH and sending "CONNECT P\n"; the guest reaches host port P at the socket PATH_P.
     #[arg(long, value_parser = parse_vsock_arg)]
     pub vsock: Option<VsockConfig>,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+}
+
+/// Periodic checkpoints (`vmm run` and `vmm resume`).
+#[derive(clap::Args)]
+pub struct CheckpointArgs {
+    /// Save the VM into this directory periodically (and on SIGUSR1): a chain of diff
+    /// snapshots; DIR/latest always points at the newest complete one (`vmm resume DIR/latest`).
+    #[arg(long, requires = "checkpoint_every")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Interval between checkpoints (30s, 5m, ...), or `auto`: from the measured cost of a
+    /// checkpoint and --mtbf, by the Young/Daly rule √(2·cost·MTBF).
+    #[arg(long, requires = "checkpoint_dir")]
+    pub checkpoint_every: Option<String>,
+    /// Mean time between failures of the host, for --checkpoint-every auto (6h, 2d, ...).
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub mtbf: Option<std::time::Duration>,
+    /// Most layers a chain of checkpoints keeps (a full snapshot and diffs of it); when reached,
+    /// the next checkpoint is a full snapshot and the older chain is removed.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub keep: u64,
 }
 
 #[derive(clap::Args)]
@@ -186,6 +208,12 @@ pub struct ResumeArgs {
     /// of fresh working copies of the disks the snapshot holds (or the disks it refers to).
     #[arg(long = "disk", value_parser = parse_disk_arg)]
     pub disks: Vec<DiskConfig>,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    vmm::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_mem_arg(s: &str) -> Result<u64, String> {

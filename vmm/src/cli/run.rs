@@ -14,7 +14,8 @@ use vmm::vstate::load::MemoryLoad;
 use vmm::{ExitReason, Machine, VmConfig};
 
 use super::{CmdResult, Failure};
-use crate::{ResumeArgs, RunArgs};
+use crate::{CheckpointArgs, ResumeArgs, RunArgs};
+use vmm::checkpoint::{self, CheckpointConfig, Interval};
 
 /// Default command line for Linux kernels: console on COM1, reboot through the i8042 (which
 /// ends vmm), no reboot loop after a panic.
@@ -46,6 +47,7 @@ fn check_name(name: &str) -> Result<(), Failure> {
 }
 
 pub fn run(args: RunArgs) -> CmdResult {
+    let checkpoint = checkpoint_config(&args.checkpoint)?;
     let vcpus = u8::try_from(args.vcpus).map_err(|_| {
         Failure::bad_input(format!("--vcpus {} is more than this host allows (254: xAPIC limit)", args.vcpus))
     })?;
@@ -91,6 +93,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     let launch = Launch {
         paused: false,
         lazy: false,
+        checkpoint,
         memory_file: None,
         stdin_input: true,
         refresh_agent: None,
@@ -108,6 +111,7 @@ fn persist_failure(e: persist::PersistError) -> Failure {
 }
 
 pub fn resume(args: ResumeArgs) -> CmdResult {
+    let checkpoint = checkpoint_config(&args.checkpoint)?;
     if let Some(name) = &args.name {
         check_name(name)?;
     }
@@ -152,12 +156,39 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     let launch = Launch {
         paused: args.paused,
         lazy: args.lazy,
+        checkpoint,
         memory_file: restored.memory_file,
         stdin_input: !from_stream,
         refresh_agent,
         diff_base: restored.diff_base,
     };
     serve(restored.machine, listener, guard, launch)
+}
+
+/// The periodic checkpoints the arguments ask for.
+fn checkpoint_config(args: &CheckpointArgs) -> Result<Option<CheckpointConfig>, Failure> {
+    let (Some(dir), Some(every)) = (&args.checkpoint_dir, &args.checkpoint_every) else {
+        if args.mtbf.is_some() {
+            return Err(Failure::bad_input("--mtbf goes with --checkpoint-every auto"));
+        }
+        return Ok(None);
+    };
+    let interval = match (every.as_str(), args.mtbf) {
+        ("auto", Some(mtbf)) => Interval::Auto { mtbf },
+        ("auto", None) => {
+            return Err(Failure::bad_input("--checkpoint-every auto needs the host's --mtbf (6h, 2d, ...)"))
+        }
+        (_, Some(_)) => return Err(Failure::bad_input("--mtbf goes with --checkpoint-every auto")),
+        (text, None) => Interval::Every(
+            vmm::config::parse_duration(text)
+                .map_err(|e| Failure::bad_input(format!("--checkpoint-every: {e}, or auto")))?,
+        ),
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(Failure::bad_input(format!("--checkpoint-dir {} is not a directory", dir.display())));
+    }
+    let dir = std::path::absolute(dir).map_err(|e| Failure::bad_input(format!("--checkpoint-dir: {e}")))?;
+    Ok(Some(CheckpointConfig { dir, interval, keep: args.keep as usize }))
 }
 
 /// The vsock socket must not be the control socket.
@@ -193,6 +224,8 @@ struct Launch {
     paused: bool,
     /// Memory mapped from a snapshot loads only on first touch (no background loading).
     lazy: bool,
+    /// Periodic checkpoints.
+    checkpoint: Option<CheckpointConfig>,
     /// The snapshot page file the memory is mapped from, watched while the VM runs.
     memory_file: Option<persist::MemoryFile>,
     /// stdin is the serial console's input.
@@ -225,7 +258,15 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     if let Some(uds) = launch.refresh_agent {
         vmm::agent::refresh_after_resume(uds, AGENT_REFRESH_WITHIN);
     }
-    vmm::exit::spawn_signal_waiter(running.control.exit_sender()).map_err(|e| Failure::runtime(e.to_string()))?;
+    let checkpoint = match launch.checkpoint {
+        Some(config) => Some(
+            checkpoint::spawn(running.control.clone(), config)
+                .map_err(|e| Failure::runtime(format!("cannot start checkpoints: {e}")))?,
+        ),
+        None => None,
+    };
+    vmm::exit::spawn_signal_waiter(running.control.exit_sender(), checkpoint)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     let terminal = RawTerminal::enter();
     let mut reason = running.wait();
     // A guest whose memory file was overwritten dies of it: name that cause, not the crash.
