@@ -8,6 +8,7 @@
 pub mod chain;
 pub mod digest;
 pub mod dir;
+pub mod live;
 pub mod manifest;
 pub mod pages;
 pub mod progress;

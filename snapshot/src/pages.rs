@@ -193,7 +193,7 @@ impl MemoryLayout {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
     let (head, words, tail) = unsafe { page.align_to::<u64>() };
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
@@ -350,6 +350,11 @@ impl StagedMemory {
             self.regions.push(StagedRegion { guest_addr: src.guest_addr, size: src.bytes.len(), slots });
         }
         true
+    }
+
+    /// Bytes of pages copied.
+    pub fn bytes(&self) -> u64 {
+        self.data.len() as u64
     }
 
     /// Reads `count` pages of `file` at `offset` into the buffer, keeping only non-zero ones.

@@ -348,6 +348,22 @@ impl VmControl {
         Ok(())
     }
 
+    /// Takes the pages written since the VM's last snapshot, or since the previous take, from the
+    /// VM's record (starting the record if none is kept: nothing then). The caller gives them
+    /// back (`layer_failed`) unless the snapshot it takes them for is committed.
+    pub fn take_unsaved_pages(&self) -> Result<DirtyPages, VmError> {
+        let mut inner = lock(&self.inner);
+        if inner.tracking.is_none() {
+            if !inner.logging() {
+                self.vm.set_dirty_logging(&self.mem, true)?;
+            }
+            inner.tracking = Some(Tracking::default());
+            return Ok(DirtyPages::default());
+        }
+        self.collect_dirty(&mut inner)?;
+        Ok(std::mem::take(&mut inner.tracking.as_mut().expect("tracking").since))
+    }
+
     /// Pages written since the VM's last snapshot, as far as recorded (None: no record kept).
     pub fn unsaved_pages(&self) -> Result<Option<u64>, VmError> {
         let mut inner = lock(&self.inner);

@@ -112,6 +112,10 @@ pub struct SnapshotArgs {
     /// The snapshot the diff is of (checked: it must be the VM's last one, which is the default).
     #[arg(long, requires = "diff")]
     pub parent: Option<PathBuf>,
+    /// Copy memory while the guest runs, in rounds over what it dirties meanwhile, and pause it
+    /// only for the last few pages (a directory; full or --diff).
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(clap::Args)]

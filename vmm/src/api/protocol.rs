@@ -33,6 +33,9 @@ pub enum Request {
         /// Absolute path of the snapshot the diff is of (checked to be the VM's last one).
         #[serde(default)]
         parent: Option<String>,
+        /// Copy memory while the guest runs; pause it only for the last pages.
+        #[serde(default)]
+        live: bool,
     },
     /// Cancels the snapshot being taken: the guest runs on, nothing is left at its destination.
     Cancel,
@@ -160,7 +163,8 @@ mod tests {
                 quiesce: Quiesce::Auto,
                 quiesce_timeout_ms: None,
                 diff: false,
-                parent: None
+                parent: None,
+                live: false
             }
         );
         assert_eq!(serde_json::to_string(&Request::Continue).unwrap(), r#"{"verb":"continue"}"#);

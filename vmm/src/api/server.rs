@@ -126,13 +126,14 @@ fn send_reply(stream: &UnixStream, mut reply: Reply, end: bool) {
 fn serve(stream: UnixStream, control: &Arc<VmControl>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let (reply, end) = match read_request(&stream) {
-        Ok((Request::Snapshot { out, force, stop, compress, quiesce, quiesce_timeout_ms, diff, parent }, fd)) => {
+        Ok((Request::Snapshot { out, force, stop, compress, quiesce, quiesce_timeout_ms, diff, parent, live }, fd)) => {
             let opts = SnapshotOptions {
                 stop,
                 quiesce,
                 quiesce_timeout: quiesce_timeout_ms.map(Duration::from_millis),
                 diff,
                 parent: parent.map(PathBuf::from),
+                live,
             };
             match start_snapshot(control, &out, fd, force, compress) {
                 Ok(run) => {

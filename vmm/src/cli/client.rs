@@ -150,6 +150,14 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
     if args.diff && stream {
         return Err(Failure::bad_input("--diff writes a snapshot directory, not a stream: give --out DIR"));
     }
+    if args.live && stream {
+        return Err(Failure::bad_input("--live writes a snapshot directory, not a stream: give --out DIR"));
+    }
+    if args.live && args.stop {
+        return Err(Failure::bad_input(
+            "--live keeps the guest running while memory is copied; --stop ends it: use one",
+        ));
+    }
     if args.compress && !stream {
         return Err(Failure::bad_input("--compress applies to snapshot streams (--out -)"));
     }
@@ -175,6 +183,7 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         quiesce,
         quiesce_timeout_ms: Some(args.quiesce_timeout * 1000),
         diff: args.diff,
+        live: args.live,
         parent: match &args.parent {
             Some(p) => Some(
                 std::path::absolute(p)
@@ -208,8 +217,18 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         };
         let size = if stream { "bytes through the stream" } else { "bytes on disk" };
         // stdout is the stream itself with --out -: the report goes to stderr then.
+        let live = match &r.live {
+            Some(l) => format!(
+                "live ({} MiB copied running, {} round{} more, {} KiB while paused), ",
+                l.precopy_bytes >> 20,
+                l.rounds,
+                if l.rounds == 1 { "" } else { "s" },
+                l.paused_bytes >> 10
+            ),
+            None => String::new(),
+        };
         let line = format!(
-            "{what}{id}: {}paused {:.1} ms, {} after {:.1} ms, {} {size} ({} MiB memory, {} zero pages)",
+            "{what}{id}: {live}{}paused {:.1} ms, {} after {:.1} ms, {} {size} ({} MiB memory, {} zero pages)",
             if r.quiesced { "quiesced, " } else { "" },
             r.pause_ms,
             if stream { "complete" } else { "durable" },

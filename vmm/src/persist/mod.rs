@@ -5,6 +5,7 @@
 //! Restore rebuilds a machine from a directory (memory mapped from its page file) or a stream
 //! (memory filled from its frames).
 
+mod precopy;
 mod restore;
 pub mod sink;
 mod state;
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use snapshot::pages::Run;
 use snapshot::{
     DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, MemorySource, NetDescription,
     PageKind, Progress, StagedMemory, VsockDescription,
@@ -136,6 +138,8 @@ pub struct SnapshotOptions {
     pub diff: bool,
     /// The snapshot the diff is of, as the user named it: it must be the VM's last one.
     pub parent: Option<PathBuf>,
+    /// Copy memory while the guest runs (pre-copy rounds), and pause it only for the last pages.
+    pub live: bool,
 }
 
 /// Whether the guest agent flushes and freezes the guest's file systems for the snapshot.
@@ -178,6 +182,20 @@ pub struct SnapshotReport {
     /// What went wrong without failing the snapshot (an agent that did not answer, say).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// A live snapshot: its pre-copy rounds after the first, and the bytes copied while the
+    /// guest was paused.
+    #[serde(default)]
+    pub live: Option<LiveReport>,
+}
+
+/// How a live snapshot went.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveReport {
+    pub rounds: u32,
+    /// Bytes written while the guest ran.
+    pub precopy_bytes: u64,
+    /// Bytes copied while it was paused.
+    pub paused_bytes: u64,
 }
 
 /// A snapshot being taken: what it is doing and how far it got. `status` reads it while the
@@ -489,15 +507,29 @@ pub fn snapshot(
     job.progress.set_total(memory::total_bytes(&control.mem));
     let dest = sink.directory().map(Path::to_path_buf);
     let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
+    let mut layer: Option<Layer> = None;
+    // A live snapshot copies memory now, while the guest runs; the pause takes what is left.
+    let mut live = None;
+    if opts.live && !opts.stop {
+        let file = sink
+            .live_page_file(&memory::regions(&control.mem))?
+            .ok_or_else(|| PersistError::BadRequest("a live snapshot is written to a directory".into()))?;
+        job.set_phase("copying memory live");
+        let first = control.take_unsaved_pages()?;
+        // From here on, what is taken goes back to the record if the snapshot fails.
+        let guard = layer.insert(Layer { control, taken: first.clone(), disks: Vec::new(), committed: false });
+        live = Some(precopy::run(control, file, &first, parent.is_some(), job, &mut guard.taken)?);
+    }
     // Allocating and faulting in the staging buffer is the slow part: do it before pausing. A
     // diff needs room for the pages written so far, and for those written until the pause.
     let staging = if opts.stop {
         None
     } else {
         job.set_phase("preparing");
-        let limit = match parent {
-            Some(_) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
-            None => None,
+        let limit = match (&live, &parent) {
+            (Some(pre), _) => Some(pre.carry.count() * PAGE_SIZE * 5 / 4 + (64 << 20)),
+            (None, Some(_)) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
+            (None, None) => None,
         };
         memory::staging_size(&control.mem, &memory::page_kinds(&control.mem, control.memory_detached()), limit)
             .and_then(StagedMemory::with_capacity)
@@ -534,14 +566,27 @@ pub fn snapshot(
     };
     let paused_at = Instant::now();
     let resume_on_error = opts.stop && paused.was_running();
-    let mut layer = None;
+    let mut final_pages = None;
     let taken = (|| {
         // A snapshot directory starts a layer: the next diff holds what is written from now on.
         let dirty = match dest {
             Some(_) => {
                 let (base, taken) = paused.begin_layer()?;
                 let disks = Layer::take_disks(control);
-                let layer = layer.insert(Layer { control, taken, disks, committed: false });
+                if let Some(pre) = &live {
+                    // The pause copies what the rounds left and what was written since.
+                    let mut pages = pre.carry.clone();
+                    pages.add(&taken);
+                    final_pages = Some(pages);
+                }
+                let layer = match layer.as_mut() {
+                    Some(l) => {
+                        l.taken.add(&taken);
+                        l.disks = disks;
+                        l
+                    }
+                    None => layer.insert(Layer { control, taken, disks, committed: false }),
+                };
                 if parent.is_some() && base != parent {
                     return Err(PersistError::NoDiffBase(control.config.name.clone()));
                 }
@@ -594,15 +639,25 @@ pub fn snapshot(
         };
         sink.begin(&manifest, &state_bytes)?;
         let mut sources = paused.memory();
-        if let (Some(_), Some(layer)) = (&parent, dirty) {
-            keep_only_dirty(&mut sources, &layer.taken);
+        match (&final_pages, &parent, dirty) {
+            (Some(pages), _, _) => keep_only_dirty(&mut sources, pages),
+            (None, Some(_), Some(layer)) => keep_only_dirty(&mut sources, &layer.taken),
+            _ => {}
         }
         // Copy memory aside at memory speed; write it to the sink while paused only when the
         // copy does not fit, or when the guest is not to run again anyway.
         let staged = staging.and_then(|mut staged| staged.copy(&sources).then_some(staged));
-        let pending = match staged {
-            Some(staged) => Pending::Staged(staged),
-            None => {
+        let pending = match (staged, live.as_mut()) {
+            (Some(staged), _) => Pending::Staged(staged),
+            (None, Some(pre)) => {
+                job.set_phase("writing memory");
+                MemoryData::Sources(&sources).visit_runs(|run| match run {
+                    Run::Data { guest_addr, bytes } => pre.file.write(guest_addr, bytes),
+                    Run::Zero { guest_addr, len } => pre.file.write_zero(guest_addr, len),
+                })?;
+                Pending::Written
+            }
+            (None, None) => {
                 job.set_phase("writing memory");
                 sink.memory(MemoryData::Sources(&sources), &job.progress)?;
                 Pending::Written
@@ -621,13 +676,31 @@ pub fn snapshot(
         thaw(&mut agent, &mut warnings);
     }
     let (pending, copies) = taken?;
+    let mut live_report = None;
 
+    let paused_bytes = match &pending {
+        Pending::Staged(staged) => staged.bytes(),
+        Pending::Written => final_pages.as_ref().map_or(0, |p| p.count() * PAGE_SIZE),
+    };
     let result = (|| {
-        if let Pending::Staged(staged) = &pending {
-            job.set_phase("writing memory");
-            sink.memory(MemoryData::Staged(staged), &job.progress)?;
+        match (&pending, live.as_mut()) {
+            (Pending::Staged(staged), Some(pre)) => {
+                job.set_phase("writing memory");
+                pre.file.write_staged(staged)?;
+            }
+            (Pending::Staged(staged), None) => {
+                job.set_phase("writing memory");
+                sink.memory(MemoryData::Staged(staged), &job.progress)?;
+            }
+            (Pending::Written, _) => {}
         }
         drop(pending);
+        if let Some(pre) = live.take() {
+            job.set_phase("checksumming memory");
+            let report = LiveReport { rounds: pre.rounds, precopy_bytes: pre.bytes, paused_bytes };
+            sink.memory_layout(pre.file.finish(parent.is_some(), &job.progress)?);
+            live_report = Some(report);
+        }
         if !copies.copies.is_empty() {
             job.set_phase("copying disks");
             let bytes = copies.finish(job)?;
@@ -664,6 +737,7 @@ pub fn snapshot(
                 zero_pages: written.zero_pages,
                 quiesced: agent.is_some(),
                 warnings,
+                live: live_report,
             }
         }),
         Err(e) => {

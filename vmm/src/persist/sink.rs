@@ -6,9 +6,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use snapshot::live::LivePageFile;
 use snapshot::pages::Run;
 use snapshot::stream::StreamWriter;
-use snapshot::{Manifest, MemoryData, Progress, SnapshotWriter, StateDigest};
+use snapshot::{Manifest, MemoryData, MemoryLayout, Progress, SnapshotWriter, StateDigest};
 
 use super::PersistError;
 
@@ -27,6 +28,13 @@ pub trait Sink: Send {
     fn begin(&mut self, manifest: &Manifest, state: &[u8]) -> Result<(), PersistError>;
     /// Writes guest memory.
     fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError>;
+    /// A page file to write in place while the guest runs (a live snapshot), for memory regions
+    /// `(guest address, bytes)`, if this sink can have one (directories).
+    fn live_page_file(&mut self, _regions: &[(u64, u64)]) -> Result<Option<LivePageFile>, PersistError> {
+        Ok(None)
+    }
+    /// What the live page file ended as, instead of `memory`.
+    fn memory_layout(&mut self, _layout: MemoryLayout) {}
     /// The snapshot directory this sink makes, if it makes one (a diff can be taken of it).
     fn directory(&self) -> Option<&Path> {
         None
@@ -71,6 +79,15 @@ impl Sink for DirSink {
 
     fn directory(&self) -> Option<&Path> {
         Some(self.writer.dest())
+    }
+
+    fn live_page_file(&mut self, regions: &[(u64, u64)]) -> Result<Option<LivePageFile>, PersistError> {
+        let (file, path) = self.writer.create_memory_file()?;
+        Ok(Some(LivePageFile::new(file, &path, regions)?))
+    }
+
+    fn memory_layout(&mut self, layout: MemoryLayout) {
+        self.manifest.as_mut().expect("begin before memory").memory = layout;
     }
 
     fn disk_copy_file(&mut self, index: usize, size: u64) -> Result<Option<std::fs::File>, PersistError> {

@@ -21,6 +21,11 @@ pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
 pub type GuestMapping = vm_memory::MmapRegion<AtomicBitmap>;
 
 /// Bytes of guest memory, all regions together.
+/// Each region's guest address and size in bytes.
+pub fn regions(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
 pub fn total_bytes(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
