@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmm against QEMU on this host, with the project's test guest.
 
-    bench/run.py [boot|snapshot|pipe|growth|net|disk|all] [--runs N] [--write-docs]
+    bench/run.py [boot|snapshot|pipe|growth|net|disk|memory|all] [--runs N] [--write-docs]
 
 Every figure is measured for vmm and for QEMU in the same invocation, alternating runs (vmm, QEMU,
 vmm, QEMU, ...), and reported as median (min-max) with the ratio of the medians. It is a
@@ -1031,6 +1031,314 @@ def growth_benchmark(env, runs, invocation):
     ])
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory: diff snapshots, live snapshots, resume to full speed
+
+DIFF_SIZES = (("16M", 4096), ("32M", 8192), ("128M", 32768))  # dirtied between snapshots, pages
+LIVE_RATES = (16, 64, 256)  # MiB/s each of the 2 vCPUs dirties
+LIVE_CMDLINE = "workload=mem mem.size=128M mem.rate={rate} tick.ms=20"
+WARM_SIZES = (("256M", "128M"), ("512M", "256M"), ("1G", "512M"))  # touched in all, per vCPU
+WARM_CMDLINE = "workload=mem mem.size={per_vcpu} tick.ms=20"
+VMM_LIVE_RE = re.compile(r"copied running, (\d+) rounds? more")
+
+
+def diff_cmdline(pages):
+    """256 MiB written once, then `pages` 4 KiB pages (contiguous) rewritten every 20 ms."""
+    return f"workload=dirty dirty.fill=256M dirty.pages={pages} dirty.stride=4K tick.ms=20"
+
+
+def wait_ticks(vm, n):
+    for _ in range(n):
+        vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+
+
+def counters(match):
+    return [int(c) for c in re.findall(r"=(\d+)", match[2])]
+
+
+def diff_vmm(env, pages):
+    """1 GiB guest, 1 vCPU: a full snapshot, three ticks, then `vmm snapshot --diff`: its pause,
+    durable time, and the diff's page file bytes on disk ÷ the bytes the workload dirtied."""
+    full, diff = env.unique("vmm-full"), env.unique("vmm-diff")
+    try:
+        sock = env.unique("vmm-dirty")
+        with Proc(env.vmm_run(diff_cmdline(pages), "1G", 1, sock), "vmm run") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            wait_ticks(vm, 3)
+            run_command(env.vmm_snapshot(sock, full), SNAPSHOT_TIMEOUT)
+            wait_ticks(vm, 3)
+            out = run_command(env.vmm_snapshot(sock, diff) + ["--diff"], SNAPSHOT_TIMEOUT)
+            vm.close(signal.SIGKILL)
+        saved = VMM_SNAPSHOT_RE.search(out)
+        if not saved:
+            raise BenchError(f"vmm snapshot printed no figures: {out.strip()}")
+        data = disk_bytes(diff / "memory.pages")
+        return {"pause_ms": float(saved[1]), "durable_ms": float(saved[2]), "ratio": data / (pages * 4096)}
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+        shutil.rmtree(diff, ignore_errors=True)
+
+
+def save_qemu(env, cmdline, mem, vcpus, background, touched=None):
+    """QEMU saving the guest to a file: stop-and-copy (`stop`, migrate, the guest stopped
+    throughout: its pause is the whole save) or background-snapshot (userfaultfd write-protect:
+    QEMU's reported downtime). ms of pause and until completed (then fsync'd)."""
+    state = env.unique("qemu-save")
+    try:
+        qmp_path = env.unique("qemu-save")
+        with Proc(env.qemu_run(cmdline, mem, vcpus, qmp_path), "qemu") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            if touched is None:
+                wait_ticks(vm, 3)
+            else:
+                wait_touched(vm, vcpus)
+            with QMP(qmp_path) as qmp:
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+                if background:
+                    qmp.execute("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+                start = now()
+                if not background:
+                    qmp.execute("stop")
+                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+                info = qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+                done = now()
+                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
+                fd = os.open(state, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                durable = now()
+                qmp.execute("quit")
+            vm.wait_exit(EXIT_GRACE)
+        pause = float(info.get("downtime", 0)) if background else ms(done - start)
+        return {"pause_ms": pause, "durable_ms": ms(durable - start)}
+    finally:
+        state.unlink(missing_ok=True)
+
+
+def live_vmm(env, rate, live):
+    """1 GiB guest, 2 vCPUs rewriting 128 MiB each at `rate` MiB/s: `vmm snapshot [--live]`."""
+    snap = env.unique("vmm-live")
+    try:
+        sock = env.unique("vmm-live")
+        with Proc(env.vmm_run(LIVE_CMDLINE.format(rate=rate), "1G", 2, sock), "vmm run") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            wait_touched(vm, 2)
+            out = run_command(env.vmm_snapshot(sock, snap) + (["--live"] if live else []), SNAPSHOT_TIMEOUT)
+            vm.close(signal.SIGKILL)
+        saved = VMM_SNAPSHOT_RE.search(out)
+        if not saved:
+            raise BenchError(f"vmm snapshot printed no figures: {out.strip()}")
+        result = {"pause_ms": float(saved[1]), "durable_ms": float(saved[2])}
+        if live:
+            rounds = VMM_LIVE_RE.search(out)
+            result["rounds"] = float(rounds[1]) if rounds else float("nan")
+        return result
+    finally:
+        shutil.rmtree(snap, ignore_errors=True)
+
+
+def full_speed_after(vm, started, vcpus):
+    """ms from `started` to the tick line where every vCPU completed a whole pass after resuming:
+    its counter two above the first tick line's (the pass it was in when saved may be partial)."""
+    _, first = vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+    base = counters(first)
+    while True:
+        seen, match = vm.expect(TICK_RE, timeout=TICK_TIMEOUT)
+        now_counters = counters(match)
+        if len(now_counters) == vcpus and all(c >= b + 2 for c, b in zip(now_counters, base)):
+            return ms(seen - started)
+
+
+def warm_vmm(env, per_vcpu, lazy):
+    """2 GiB guest, 2 vCPUs each verifying `per_vcpu`: `vmm snapshot --stop`, then `vmm resume
+    [--lazy]`: ms to its running line, and to every vCPU's first whole pass."""
+    snap = env.unique("vmm-warm")
+    try:
+        sock = env.unique("vmm-warm")
+        with Proc(env.vmm_run(WARM_CMDLINE.format(per_vcpu=per_vcpu), "2G", 2, sock), "vmm run") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            wait_touched(vm, 2)
+            run_command(env.vmm_snapshot(sock, snap) + ["--stop"], SNAPSHOT_TIMEOUT)
+            vm.wait_exit(EXIT_GRACE)
+        argv = env.vmm_resume(snap, env.unique("vmm-warm-r")) + (["--lazy"] if lazy else [])
+        with Proc(argv, "vmm resume") as vm:
+            running, _ = vm.expect(VMM_RUNNING_RE, stream="err", timeout=BOOT_TIMEOUT)
+            full = full_speed_after(vm, vm.start, 2)
+        return {"running_ms": ms(running - vm.start), "full_ms": full}
+    finally:
+        shutil.rmtree(snap, ignore_errors=True)
+
+
+def warm_qemu(env, per_vcpu):
+    """The same with QEMU: stop + migrate to a file, then `-incoming` from it and `cont` (QEMU
+    loads all memory before it runs)."""
+    state = env.unique("qemu-warm")
+    cmdline = WARM_CMDLINE.format(per_vcpu=per_vcpu)
+    try:
+        qmp_path = env.unique("qemu-warm")
+        with Proc(env.qemu_run(cmdline, "2G", 2, qmp_path), "qemu") as vm:
+            vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
+            wait_touched(vm, 2)
+            with QMP(qmp_path) as qmp:
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+                qmp.execute("stop")
+                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+                qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
+                qmp.execute("quit")
+            vm.wait_exit(EXIT_GRACE)
+        qmp_path = env.unique("qemu-warm-r")
+        with Proc(env.qemu_run(cmdline, "2G", 2, qmp_path, incoming=state), "qemu -incoming") as vm:
+            with QMP(qmp_path) as qmp:
+                qmp.poll("query-status", lambda r: r["status"] != "inmigrate", SNAPSHOT_TIMEOUT)
+                qmp.execute("cont")
+                running = now()
+            full = full_speed_after(vm, vm.start, 2)
+        return {"running_ms": ms(running - vm.start), "full_ms": full}
+    finally:
+        state.unlink(missing_ok=True)
+
+
+def memory_benchmark(env, runs, invocation):
+    diffs = {label: Series(f"vmm diff {label}") for label, _ in DIFF_SIZES}
+    qemu_full = Series("QEMU stop-and-copy (diff guest)")
+    live = {rate: (Series(f"vmm stop-and-copy {rate}"), Series(f"vmm live {rate}"),
+                   Series(f"QEMU stop-and-copy {rate}"), Series(f"QEMU background {rate}")) for rate in LIVE_RATES}
+    warm = {touched: (Series(f"vmm resume {touched}"), Series(f"vmm resume --lazy {touched}"),
+                      Series(f"QEMU resume {touched}")) for touched, _ in WARM_SIZES}
+    for i in range(runs):
+        log(f"memory: round {i + 1}/{runs}")
+        for label, pages in DIFF_SIZES:
+            diffs[label].run(diff_vmm, env, pages)
+        qemu_full.run(save_qemu, env, diff_cmdline(4096), "1G", 1, False)
+        for rate, (stop, liv, qstop, qbg) in live.items():
+            cmdline = LIVE_CMDLINE.format(rate=rate)
+            stop.run(live_vmm, env, rate, False)
+            liv.run(live_vmm, env, rate, True)
+            qstop.run(save_qemu, env, cmdline, "1G", 2, False, True)
+            qbg.run(save_qemu, env, cmdline, "1G", 2, True, True)
+        for touched, per_vcpu in WARM_SIZES:
+            default, lazy, qemu = warm[touched]
+            default.run(warm_vmm, env, per_vcpu, False)
+            lazy.run(warm_vmm, env, per_vcpu, True)
+            qemu.run(warm_qemu, env, per_vcpu)
+
+    diff_rows = [(label, s.cell("ratio", 3), s.cell("pause_ms"), s.cell("durable_ms"), qemu_full.cell("pause_ms"),
+                  ratio(s, qemu_full, "pause_ms")) for label, s in diffs.items()]
+    live_rows = []
+    for rate, (stop, liv, qstop, qbg) in live.items():
+        live_rows.append((f"{2 * rate} MiB/s", stop.cell("pause_ms"), liv.cell("pause_ms"), liv.cell("rounds", 0),
+                          stop.cell("durable_ms"), liv.cell("durable_ms"), ratio(liv, stop, "durable_ms"),
+                          qstop.cell("pause_ms"), qbg.cell("pause_ms"), qbg.cell("durable_ms"),
+                          ratio(qbg, qstop, "durable_ms")))
+    warm_rows = [(touched, d.cell("running_ms"), d.cell("full_ms"), l.cell("full_ms"), q.cell("running_ms"),
+                  q.cell("full_ms"), ratio(d, q, "full_ms")) for touched, (d, l, q) in warm.items()]
+    plot = plot_memory(diffs, qemu_full, live, warm)
+    every = [*diffs.values(), qemu_full, *[s for group in live.values() for s in group],
+             *[s for group in warm.values() for s in group]]
+    failures = [n for s in every if (n := s.failure_note(runs))]
+    sock, snap = env.tmp / "vm.sock", env.tmp / "snapshot"
+    argvs = [env.show(env.vmm_run(diff_cmdline(4096), "1G", 1, sock)) + "   # and 8192, 32768 pages",
+             env.show(env.vmm_snapshot(sock, snap)) + "; three ticks; " +
+             env.show(env.vmm_snapshot(sock, env.tmp / "diff")) + " --diff",
+             env.show(env.vmm_run(LIVE_CMDLINE.format(rate=16), "1G", 2, sock)) + "   # and rates 64, 256",
+             env.show(env.vmm_snapshot(sock, snap)) + " [--live]",
+             "# QEMU: stop; migrate exec:cat > FILE (stop-and-copy), or migrate-set-capabilities "
+             "background-snapshot=on; migrate exec:cat > FILE (background); fsync",
+             env.show(env.vmm_run(WARM_CMDLINE.format(per_vcpu="128M"), "2G", 2, sock)) +
+             "   # and 256M, 512M; snapshot --stop",
+             env.show(env.vmm_resume(snap, sock)) + " [--lazy]",
+             "# QEMU: stop; migrate exec:cat > FILE; quit; -incoming 'exec:cat FILE'; cont"]
+    return "\n\n".join([
+        "## Memory: diffs, live snapshots, resume to full speed (`bench/run.py memory`)",
+        host_line(env, runs),
+        "**Diff snapshots.** Guest: 1 GiB, 1 vCPU, the `dirty` workload: 256 MiB written once, then "
+        "the first N 4 KiB pages of it rewritten every 20 ms. A full snapshot, three ticks, then "
+        "`vmm snapshot --diff`. *bytes ÷ dirtied*: the diff's page file on disk ÷ N × 4 KiB (the "
+        "guest's own stack and counters are a few pages more). QEMU has no diff: its figure is a "
+        "stop-and-copy save of the same guest (N = 4096), what it pays for every snapshot.",
+        table(("dirtied", "bytes ÷ dirtied", "diff pause (ms)", "diff durable (ms)",
+               "QEMU stop-and-copy pause (ms)", "vmm/QEMU pause"), diff_rows),
+        "Targets: bytes ÷ dirtied ≤ 1.05; diff pause < 10 ms (Firecracker, measured earlier on "
+        "this kind of host: 145 ms for a 32 MiB diff, the guest paused throughout).",
+        "**Live snapshots.** Guest: 1 GiB, 2 vCPUs, `workload=mem mem.size=128M` (256 MiB touched) "
+        "rewriting its memory at the rate shown (both vCPUs together). vmm stop-and-copy (the "
+        "default: memory copied aside while paused) against `--live` (pre-copy rounds while the "
+        "guest runs, the pause copies only what is left); QEMU stop-and-copy against its "
+        "background-snapshot (userfaultfd write-protect; pause = its reported downtime). Total = "
+        "until durable (fsync'd).",
+        table(("dirty rate", "vmm pause", "vmm live pause", "live rounds", "vmm total",
+               "vmm live total", "live/stop total", "QEMU pause", "QEMU bg pause", "QEMU bg total",
+               "QEMU bg/stop total"), live_rows),
+        "Targets: live pause < 5 ms; live total ≤ 2× vmm's stop-and-copy total. All times ms.",
+        "**Resume to full speed.** Guest: 2 GiB, 2 vCPUs each verifying its region "
+        "(`workload=mem`), saved with `--stop` (QEMU: stop + migrate to a file) and resumed from "
+        "the page cache. *full speed*: from spawning the resume to the tick line where both "
+        "vCPUs completed a whole pass after resuming (each counter two above the first tick "
+        "line's). vmm loads memory in the background by default; `--lazy` only on touch; QEMU "
+        "loads everything before it runs.",
+        table(("touched", "vmm → running (ms)", "vmm → full speed (ms)", "vmm --lazy → full speed (ms)",
+               "QEMU → running (ms)", "QEMU → full speed (ms)", "vmm/QEMU full speed"), warm_rows),
+        "Targets: → full speed ≤ 0.5× QEMU, with → running < 5 ms.",
+        f"![memory benchmarks]({plot})" if plot else "(no plot: matplotlib missing)",
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+    ])
+
+
+def plot_memory(diffs, qemu_full, live, warm):
+    """docs/memory.png: diff pause against dirtied memory, snapshot pause against dirty rate,
+    time to full speed against touched memory; vmm and QEMU on the same axes."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+
+    def line(ax, xs, series, key, label):
+        points = [(x, s.values(key)) for x, s in zip(xs, series) if s.values(key)]
+        if not points:
+            return
+        med = [statistics.median(v) for _, v in points]
+        ax.errorbar([x for x, _ in points], med,
+                    yerr=[[m - min(v) for m, (_, v) in zip(med, points)],
+                          [max(v) - m for m, (_, v) in zip(med, points)]],
+                    marker="o", capsize=3, label=label)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    sizes = [int(label[:-1]) for label, _ in DIFF_SIZES]
+    line(axes[0], sizes, list(diffs.values()), "pause_ms", "vmm --diff")
+    line(axes[0], sizes, [qemu_full] * len(sizes), "pause_ms", "QEMU stop-and-copy (whole)")
+    axes[0].set_xlabel("memory dirtied since the last snapshot (MiB), 1 GiB guest")
+    axes[0].set_ylabel("guest paused (ms)")
+    rates = [2 * r for r in LIVE_RATES]
+    labels = ("vmm stop-and-copy", "vmm --live", "QEMU stop-and-copy", "QEMU background")
+    for index, label in enumerate(labels):
+        line(axes[1], rates, [group[index] for group in live.values()], "pause_ms", label)
+    axes[1].set_xlabel("guest dirty rate (MiB/s), 256 MiB touched")
+    axes[1].set_ylabel("guest paused (ms)")
+    axes[1].set_yscale("log")
+    touched = [256, 512, 1024]
+    for index, label in enumerate(("vmm", "vmm --lazy", "QEMU")):
+        line(axes[2], touched, [group[index] for group in warm.values()], "full_ms", label)
+    axes[2].set_xlabel("touched guest memory (MiB), 2 GiB guest")
+    axes[2].set_ylabel("resume → full speed (ms)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_xlim(left=0)
+    axes[0].set_ylim(bottom=0)
+    axes[2].set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(REPO / "docs/memory.png", dpi=100)
+    plt.close(fig)
+    return "memory.png"
+
+
 def plot_disk(series):
     """docs/disk.png: pause and durable against disk size (vmm only: QEMU has no comparable
     figure). Returns its path relative to docs/, or None without matplotlib."""
@@ -1170,7 +1478,7 @@ def raise_interrupt(signum, _frame):
 def main():
     parser = argparse.ArgumentParser(description="Benchmark vmm against QEMU (see bench/README.md).")
     parser.add_argument("benchmark", nargs="?", default="all",
-                        choices=("boot", "snapshot", "pipe", "growth", "net", "disk", "all"))
+                        choices=("boot", "snapshot", "pipe", "growth", "net", "disk", "memory", "all"))
     parser.add_argument("--runs", type=int, default=10, help="runs of each figure per VMM (default 10)")
     parser.add_argument("--write-docs", action="store_true",
                         help="also replace this benchmark's section of docs/BENCHMARKS.md")
@@ -1208,6 +1516,8 @@ def main():
                     sections["net"] = net_benchmark(env, args.runs, invocation)
                 if args.benchmark in ("disk", "all"):
                     sections["disk"] = disk_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("memory", "all"):
+                    sections["memory"] = memory_benchmark(env, args.runs, invocation)
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish

@@ -29,8 +29,11 @@ pub struct Config {
     pub ticks: u64,
     /// Milliseconds of guest time between tick lines.
     pub tick_ms: u64,
-    /// Pages the dirty workload writes each tick (one every 64 KiB).
+    /// Pages the dirty workload writes each tick, one every `dirty_stride` bytes.
     pub dirty_pages: u64,
+    pub dirty_stride: u64,
+    /// Bytes the dirty workload fills with data once, at start (its pages lie in them).
+    pub dirty_fill: u64,
     /// The net workload's IPv4 address.
     pub net_ip: [u8; 4],
     /// The vsock workload connects to this host port at start (0: it does not).
@@ -48,6 +51,8 @@ impl Default for Config {
             ticks: 0,
             tick_ms: 1000,
             dirty_pages: 16,
+            dirty_stride: 64 << 10,
+            dirty_fill: 0,
             net_ip: [10, 0, 0, 2],
             vsock_connect: 0,
         }
@@ -84,6 +89,12 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
             b"dirty.pages" => number(value).map(|v| cfg.dirty_pages = v).is_some() && cfg.dirty_pages > 0,
+            b"dirty.stride" => {
+                size(value).map(|v| cfg.dirty_stride = v).is_some()
+                    && cfg.dirty_stride >= 4096
+                    && cfg.dirty_stride.is_multiple_of(4096)
+            }
+            b"dirty.fill" => size(value).map(|v| cfg.dirty_fill = v).is_some(),
             b"vsock.connect" => number(value).and_then(|v| u32::try_from(v).ok()).map(|v| cfg.vsock_connect = v).is_some(),
             b"net.ip" => ipv4(value).map(|v| cfg.net_ip = v).is_some(),
             b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,

@@ -46,9 +46,8 @@ struct NetSetup {
 }
 static NET: Once<NetSetup> = Once::new();
 static VSOCK: Once<NetSetup> = Once::new();
-/// The dirty workload's pages: one every DIRTY_STRIDE bytes from here.
+/// The dirty workload's pages: one every `dirty.stride` bytes from here.
 static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
-const DIRTY_STRIDE: u64 = 64 << 10;
 
 /// Sizes and allocates what the workload needs, before the APs start. Fails clearly if RAM is short.
 pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
@@ -100,10 +99,13 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(area as *mut u8, 0, vsock::AREA_BYTES as usize) };
             VSOCK.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
         }
-        Workload::Dirty => match alloc.alloc(cfg.dirty_pages.saturating_mul(DIRTY_STRIDE), DIRTY_STRIDE, MAP_LIMIT) {
-            Some(addr) => DIRTY_BASE.store(addr, Relaxed),
-            None => fail("dirty", "reason=ram-too-small"),
-        },
+        Workload::Dirty => {
+            let span = cfg.dirty_pages.saturating_mul(cfg.dirty_stride).max(cfg.dirty_fill);
+            match alloc.alloc(span, 2 << 20, MAP_LIMIT) {
+                Some(addr) => DIRTY_BASE.store(addr, Relaxed),
+                None => fail("dirty", "reason=ram-too-small"),
+            }
+        }
         Workload::Idle | Workload::Poweroff | Workload::TripleFault | Workload::AcpiReset | Workload::KeyboardReset => {
         }
     }
@@ -268,13 +270,18 @@ fn mem(cpu: usize, cfg: &Config, ticking: bool) -> ! {
 /// nothing else of its own, so the host can check its dirty log against a known set.
 fn dirty(cfg: &Config) -> ! {
     let base = DIRTY_BASE.load(Relaxed);
-    Line::new().s("dirty pages=").u(cfg.dirty_pages).s(" base=").x(base).s(" stride=").x(DIRTY_STRIDE).print();
+    // Touched once: pages of data the snapshots hold, which the ticks do not dirty again.
+    for word in 0..cfg.dirty_fill / 8 {
+        // SAFETY: inside the region allocated for this workload alone (prepare).
+        unsafe { core::ptr::write_volatile((base + word * 8) as *mut u64, mix(word) | 1) };
+    }
+    Line::new().s("dirty pages=").u(cfg.dirty_pages).s(" base=").x(base).s(" stride=").x(cfg.dirty_stride).print();
     let mut round = 0u64;
     loop {
         round += 1;
         for i in 0..cfg.dirty_pages {
             // SAFETY: the page lies in the region allocated for this workload alone (prepare).
-            unsafe { core::ptr::write_volatile((base + i * DIRTY_STRIDE) as *mut u64, round) };
+            unsafe { core::ptr::write_volatile((base + i * cfg.dirty_stride) as *mut u64, round) };
         }
         TICKS[0].store(round, Relaxed);
         sys::sleep_ms(cfg.tick_ms);
