@@ -1072,8 +1072,10 @@ def diff_vmm(env, pages):
         saved = VMM_SNAPSHOT_RE.search(out)
         if not saved:
             raise BenchError(f"vmm snapshot printed no figures: {out.strip()}")
-        data = disk_bytes(diff / "memory.pages")
-        return {"pause_ms": float(saved[1]), "durable_ms": float(saved[2]), "ratio": data / (pages * 4096)}
+        shown = json.loads(run_command([str(env.vmm), "inspect", "--json", str(diff)], SNAPSHOT_TIMEOUT))
+        data = sum(e["len"] for e in shown["manifest"]["memory"]["extents"] if e["kind"] == "data")
+        return {"pause_ms": float(saved[1]), "durable_ms": float(saved[2]), "ratio": data / (pages * 4096),
+                "disk_mib": disk_bytes(diff) / MiB}
     finally:
         shutil.rmtree(full, ignore_errors=True)
         shutil.rmtree(diff, ignore_errors=True)
@@ -1257,8 +1259,8 @@ def memory_benchmark(env, runs, invocation):
         host_line(env, runs),
         "**Diff snapshots.** Guest: 1 GiB, 1 vCPU, the `dirty` workload: 256 MiB written once, then "
         "the first N 4 KiB pages of it rewritten every 20 ms. A full snapshot, three ticks, then "
-        "`vmm snapshot --diff`. *bytes ÷ dirtied*: the diff's page file on disk ÷ N × 4 KiB (the "
-        "guest's own stack and counters are a few pages more). QEMU has no diff: its figure is a "
+        "`vmm snapshot --diff`. *bytes ÷ dirtied*: the guest memory the diff holds as data ÷ N × 4 "
+        "KiB (the guest's own stack and counters are a few pages more). QEMU has no diff: its figure is a "
         "stop-and-copy save of the same guest (N = 4096), what it pays for every snapshot.",
         table(("dirtied", "bytes ÷ dirtied", "diff pause (ms)", "diff durable (ms)",
                "QEMU stop-and-copy pause (ms)", "vmm/QEMU pause"), diff_rows),
