@@ -149,6 +149,9 @@ impl Chain {
     /// kind) runs of data or zero pages: what must be laid over the oldest layer's memory to get
     /// the newest one's. Pages a later layer overwrites are left out.
     pub fn overlays(&self) -> Vec<Overlay> {
+        if self.layers.len() == 1 {
+            return Vec::new();
+        }
         let layout = &self.top().manifest.memory;
         let mut out: Vec<Overlay> = Vec::new();
         let owners = self.owners();

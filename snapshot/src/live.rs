@@ -150,6 +150,7 @@ impl LivePageFile {
             regions: self.regions,
             extents,
             chunk_checksums,
+            hot: Vec::new(),
         })
     }
 }

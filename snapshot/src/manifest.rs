@@ -319,6 +319,7 @@ pub(crate) mod tests {
                     Extent { guest_addr: 1 << 20, len: 1 << 20, kind: ExtentKind::Zero },
                 ],
                 chunk_checksums: vec![1, 2],
+                hot: Vec::new(),
             },
         }
     }

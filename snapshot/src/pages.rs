@@ -54,6 +54,10 @@ pub struct MemoryLayout {
     /// Checksum of each `chunk_size` piece of each region of the page file, region after region
     /// (a region's last chunk may be shorter; holes count as zeros).
     pub chunk_checksums: Vec<u64>,
+    /// Guest memory the guest wrote shortly before the snapshot (since the one before), as
+    /// `[guest address, bytes]` runs of 2 MiB: what a resume loads first. Empty: not known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot: Vec<(u64, u64)>,
 }
 
 /// Adds `len` bytes of `kind` at `guest_addr` to `extents`, merging with the last one.
@@ -551,7 +555,14 @@ fn write_regions(
         regions.push(RegionLayout { guest_addr: src.guest_addr(), size: src.size() as u64, file_offset });
         file_offset += src.size() as u64;
     }
-    Ok(MemoryLayout { page_size: PAGE_SIZE, chunk_size: CHUNK_SIZE, regions, extents, chunk_checksums })
+    Ok(MemoryLayout {
+        page_size: PAGE_SIZE,
+        chunk_size: CHUNK_SIZE,
+        regions,
+        extents,
+        chunk_checksums,
+        hot: Vec::new(),
+    })
 }
 
 /// Starts the disk writing what was written to the page file, every `WRITEBACK_STEP` bytes,
@@ -784,6 +795,7 @@ mod tests {
             regions: vec![RegionLayout { guest_addr: 0, size: CHUNK_SIZE * 2, file_offset: 0 }],
             extents: vec![Extent { guest_addr: 0, len: CHUNK_SIZE * 2, kind: ExtentKind::Data }],
             chunk_checksums: vec![0, 0],
+            hot: Vec::new(),
         };
         good.validate().unwrap();
         let mut bad = good.clone();

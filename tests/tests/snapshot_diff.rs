@@ -98,6 +98,16 @@ fn a_diff_holds_the_pages_written_since_the_last_snapshot_and_no_more() {
             base + i * stride
         );
     }
+    // The diff records where the guest wrote (2 MiB pieces): a resume loads that first.
+    let hot = m1["manifest"]["memory"]["hot"].as_array().unwrap_or_else(|| panic!("no hot memory: {m1}")).clone();
+    for i in 0..32 {
+        let gpa = base + i * stride;
+        let covered = hot.iter().any(|r| {
+            let (a, len) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+            gpa >= a && gpa < a + len
+        });
+        assert!(covered, "page {gpa:#x} is not in the hot memory {hot:?}");
+    }
     // The guest wrote its 32 pages, its stack and counters: nothing like the whole memory.
     let data = pages(&m1["manifest"], "data") + pages(&m1["manifest"], "zero");
     assert!((32..128).contains(&data), "{data} pages in the diff");
@@ -125,6 +135,15 @@ fn a_diff_holds_the_pages_written_since_the_last_snapshot_and_no_more() {
         assert_eq!(status.code(), Some(2), "{cmd}: {stderr}");
         assert!(stderr.contains("is missing") && stderr.contains("/s1"), "{cmd}: {stderr}");
     }
+    // A parent replaced by another snapshot is refused too, naming both.
+    std::fs::rename(dir.path().join("moved"), dir.path().join("s1-real")).unwrap();
+    let other = dir.path().join("s1");
+    snapshot(&s, &other, &[]);
+    let (status, _, stderr) = vmm_cmd(&["verify", s2.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("replaced since"), "{stderr}");
+    std::fs::remove_dir_all(&other).unwrap();
+    std::fs::rename(dir.path().join("s1-real"), dir.path().join("moved")).unwrap();
     // The VM's last snapshot moved away: a diff of it is refused (a full snapshot is fine).
     std::fs::rename(dir.path().join("moved"), &s1).unwrap();
     std::fs::rename(&s2, dir.path().join("s2-moved")).unwrap();

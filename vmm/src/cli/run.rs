@@ -93,6 +93,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     let launch = Launch {
         paused: false,
         lazy: false,
+        hot: Vec::new(),
         checkpoint,
         memory_file: None,
         stdin_input: true,
@@ -156,6 +157,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     let launch = Launch {
         paused: args.paused,
         lazy: args.lazy,
+        hot: restored.hot,
         checkpoint,
         memory_file: restored.memory_file,
         stdin_input: !from_stream,
@@ -224,6 +226,8 @@ struct Launch {
     paused: bool,
     /// Memory mapped from a snapshot loads only on first touch (no background loading).
     lazy: bool,
+    /// Guest memory to load first.
+    hot: Vec<(u64, u64)>,
     /// Periodic checkpoints.
     checkpoint: Option<CheckpointConfig>,
     /// The snapshot page file the memory is mapped from, watched while the VM runs.
@@ -243,7 +247,7 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
         .map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(file) = &launch.memory_file {
         let snapshot = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let load = Arc::new(MemoryLoad::new(snapshot, launch.lazy));
+        let load = Arc::new(MemoryLoad::new(snapshot, launch.lazy, launch.hot));
         let _ = running.control.memory_load.set(load.clone());
         let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
         persist::watch_memory_file(file, running.control.exit_sender(), load.clone()).map_err(threads)?;

@@ -228,6 +228,9 @@ impl Job {
     }
 }
 
+/// Granularity of the record of recently written memory (`MemoryLayout::hot`).
+const HOT_CHUNK: u64 = 2 << 20;
+
 /// Nice value of the thread that takes a snapshot, when vmm may raise priorities.
 const SNAPSHOT_NICE: i32 = -10;
 
@@ -635,7 +638,11 @@ pub fn snapshot(
                 checksum: snapshot::digest::checksum(&state_bytes),
                 sections: sections.summary(),
             },
-            memory: memory::layout_of(&control.mem),
+            memory: snapshot::MemoryLayout {
+                // What the guest wrote since its previous snapshot: a resume loads that first.
+                hot: dirty.map(|l| l.taken.chunks(HOT_CHUNK)).unwrap_or_default(),
+                ..memory::layout_of(&control.mem)
+            },
         };
         sink.begin(&manifest, &state_bytes)?;
         let mut sources = paused.memory();

@@ -60,6 +60,8 @@ pub struct Restored {
     pub machine: Machine,
     /// The snapshot directory the guest's memory now equals: a diff taken later is of it.
     pub diff_base: Option<DiffBase>,
+    /// Guest memory the guest wrote shortly before the snapshot: loaded first.
+    pub hot: Vec<(u64, u64)>,
     /// The page file the guest's memory is mapped from (directories), which must not change
     /// while the VM runs: vmm holds a shared lock on it, and watches it.
     pub memory_file: Option<MemoryFile>,
@@ -399,6 +401,7 @@ pub fn restore<T>(
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
 ) -> Result<(Restored, T), PersistError> {
     let streamed = matches!(source, ResumeSource::Stream(_));
+    let mut hot = Vec::new();
     let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
             let (chain, state) = load_dir(&dir, opts.verify)?;
@@ -407,6 +410,7 @@ pub fn restore<T>(
             make_working_copies(&chain, &admitted.0, opts)?;
             let (mem, file) = chain_memory(&chain)?;
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
+            hot = top.manifest.memory.hot.clone();
             (state, mem, Some(file), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
@@ -441,7 +445,7 @@ pub fn restore<T>(
     // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
     // the devices raise the interrupts they had pending.
     machine.devices.replay_interrupts();
-    Ok((Restored { machine, diff_base, memory_file }, claimed))
+    Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
 }
 
 /// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.

@@ -71,8 +71,9 @@ impl Sink for DirSink {
     }
 
     fn memory(&mut self, memory: MemoryData<'_>, progress: &Progress) -> Result<(), PersistError> {
-        let layout = self.writer.write_memory(memory, progress)?;
+        let mut layout = self.writer.write_memory(memory, progress)?;
         let manifest = self.manifest.as_mut().expect("begin before memory");
+        layout.hot = std::mem::take(&mut manifest.memory.hot);
         manifest.memory = layout;
         Ok(())
     }
@@ -86,8 +87,10 @@ impl Sink for DirSink {
         Ok(Some(LivePageFile::new(file, &path, regions)?))
     }
 
-    fn memory_layout(&mut self, layout: MemoryLayout) {
-        self.manifest.as_mut().expect("begin before memory").memory = layout;
+    fn memory_layout(&mut self, mut layout: MemoryLayout) {
+        let manifest = self.manifest.as_mut().expect("begin before memory");
+        layout.hot = std::mem::take(&mut manifest.memory.hot);
+        manifest.memory = layout;
     }
 
     fn disk_copy_file(&mut self, index: usize, size: u64) -> Result<Option<std::fs::File>, PersistError> {

@@ -81,6 +81,25 @@ impl DirtyPages {
         })
     }
 
+    /// The `chunk`-byte pieces of guest memory (aligned within each region) holding a dirty page,
+    /// as maximal runs: (guest physical address, length in bytes).
+    pub fn chunks(&self, chunk: u64) -> Vec<(u64, u64)> {
+        let per = (chunk / PAGE_SIZE).max(1);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for r in &self.regions {
+            for c in 0..r.pages.div_ceil(per) {
+                if (c * per..((c + 1) * per).min(r.pages)).any(|p| r.is_dirty(p)) {
+                    let (addr, len) = (r.guest_addr + c * chunk, chunk.min((r.pages - c * per) * PAGE_SIZE));
+                    match out.last_mut() {
+                        Some(last) if last.0 + last.1 == addr => last.1 += len,
+                        _ => out.push((addr, len)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The dirty pages as maximal runs: (guest physical address, length in bytes).
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();

@@ -30,12 +30,15 @@ pub struct MemoryLoad {
     pub independent: AtomicBool,
     /// No loader runs (`vmm resume --lazy`, or it stopped on an error): pages load on first touch.
     pub lazy: AtomicBool,
+    /// Guest memory to load first, `(guest address, bytes)` runs (`MemoryLayout::hot`).
+    pub hot: Vec<(u64, u64)>,
 }
 
 impl MemoryLoad {
-    pub fn new(snapshot: PathBuf, lazy: bool) -> Self {
+    pub fn new(snapshot: PathBuf, lazy: bool, hot: Vec<(u64, u64)>) -> Self {
         Self {
             snapshot,
+            hot,
             total_bytes: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
             independent: AtomicBool::new(false),
@@ -48,22 +51,29 @@ impl MemoryLoad {
     }
 }
 
-/// Copies the data of every region mapped from a file into the VM (see the module doc), counting
-/// progress in `load`. Returns the bytes brought in, or the first error (the rest then loads on
-/// first touch).
+/// Copies the data of every region mapped from a file into the VM (see the module doc), the
+/// guest's recently written memory (`load.hot`) first, counting progress in `load`. Returns the
+/// bytes brought in, or the first error (the rest then loads on first touch).
 pub fn populate(mem: &GuestMemory, load: &MemoryLoad) -> std::io::Result<u64> {
     let mut plan = Vec::new();
     for region in mem.iter() {
         let Some(fo) = region.file_offset() else { continue };
         let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
+        let guest = region.start_addr().0;
         let data = data_pages(fo.file(), fo.start(), len / PAGE).ok_or_else(std::io::Error::last_os_error)?;
         for (i, chunk) in data.chunks(CHUNK / PAGE).enumerate() {
             if chunk.contains(&true) {
                 let off = i * CHUNK;
-                plan.push((addr + off, CHUNK.min(len - off)));
+                let n = CHUNK.min(len - off);
+                let at = guest + off as u64;
+                let hot = load.hot.iter().any(|&(a, l)| a < at + n as u64 && at < a + l);
+                plan.push((!hot, addr + off, n));
             }
         }
     }
+    // Hot chunks first, each group in address order (a stable sort on the flag alone).
+    plan.sort_by_key(|&(cold, _, _)| cold);
+    let plan: Vec<(usize, usize)> = plan.into_iter().map(|(_, start, n)| (start, n)).collect();
     load.total_bytes.store(plan.iter().map(|(_, n)| *n as u64).sum(), Ordering::Relaxed);
     let mut bytes = 0;
     for (start, n) in plan {

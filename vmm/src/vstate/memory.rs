@@ -48,6 +48,7 @@ pub fn layout_of(mem: &GuestMemory) -> snapshot::MemoryLayout {
         regions,
         extents: Vec::new(),
         chunk_checksums: Vec::new(),
+        hot: Vec::new(),
     }
 }
 
