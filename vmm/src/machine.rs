@@ -280,7 +280,7 @@ impl Machine {
         let backends = Backends::open(&config)?;
         let vm = create_vm(&config)?;
         let mem = create_guest_memory(config.mem_bytes)?;
-        let (machine, virtio_devices) = Self::assemble(config, vm, mem, backends, None)?;
+        let (machine, virtio_devices) = Self::assemble(config, vm, mem, backends, None, false)?;
         let config = &machine.config;
         let mem = &machine.mem;
 
@@ -317,8 +317,9 @@ impl Machine {
         mem: GuestMemory,
         backends: Backends,
         saved_vm: Option<&VmState>,
+        log_dirty: bool,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
-        vm.register_memory(&mem)?;
+        vm.register_memory(&mem, log_dirty)?;
         vm.create_irqchip()?;
         if let Some(vm_state) = saved_vm {
             vm.restore_irqchips(vm_state)?;
@@ -390,17 +391,15 @@ impl Machine {
 
     /// Starts every vCPU (paused first, if asked) and the console; `stdin_input`: the host's
     /// stdin is the serial port's input (not when stdin carried a snapshot stream). `diff_base`:
-    /// the snapshot the memory equals (a resumed VM), which later diffs are diffs of: what is
-    /// written from the first instruction on is recorded.
+    /// the snapshot the memory equals (a resumed VM), which later diffs are diffs of: its memory
+    /// was registered with KVM's dirty log on (`assemble`), so what is written from the first
+    /// instruction on is recorded.
     pub fn start(
         self,
         paused: bool,
         stdin_input: bool,
         diff_base: Option<DiffBase>,
     ) -> Result<RunningVm, MachineError> {
-        if diff_base.is_some() {
-            self.vm.set_dirty_logging(&self.mem, true)?;
-        }
         if paused {
             self.devices.pause_workers();
         }

@@ -245,19 +245,22 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let running = machine
         .start(launch.paused, launch.stdin_input, launch.diff_base)
         .map_err(|e| Failure::runtime(e.to_string()))?;
+    let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
+    let mut loader = None;
     if let Some(file) = &launch.memory_file {
         let snapshot = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
         let load = Arc::new(MemoryLoad::new(snapshot, launch.lazy, launch.hot));
         let _ = running.control.memory_load.set(load.clone());
-        let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
         persist::watch_memory_file(file, running.control.exit_sender(), load.clone()).map_err(threads)?;
-        if !launch.lazy {
-            persist::spawn_memory_loader(running.control.clone(), load).map_err(threads)?;
-        }
+        loader = (!launch.lazy).then_some(load);
     }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
+    // Started after: its first steps (finding the file's data) compete for the CPU.
+    if let Some(load) = loader {
+        persist::spawn_memory_loader(running.control.clone(), load).map_err(threads)?;
+    }
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(uds) = launch.refresh_agent {
         vmm::agent::refresh_after_resume(uds, AGENT_REFRESH_WITHIN);

@@ -511,6 +511,9 @@ pub fn snapshot(
     let dest = sink.directory().map(Path::to_path_buf);
     let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
     let mut layer: Option<Layer> = None;
+    if dest.is_some() && !opts.stop {
+        control.start_tracking()?;
+    }
     // A live snapshot copies memory now, while the guest runs; the pause takes what is left.
     let mut live = None;
     if opts.live && !opts.stop {

@@ -434,7 +434,9 @@ pub fn restore<T>(
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
-    let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm))?;
+    // A VM resumed from a directory records what it writes from the start (later diffs are
+    // diffs of that snapshot).
+    let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm), diff_base.is_some())?;
     machine.devices.restore(&state.devices)?;
     // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
     machine.vm.restore_clock(&state.vm)?;
