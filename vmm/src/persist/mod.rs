@@ -516,7 +516,9 @@ pub fn snapshot(
     }
     // A live snapshot copies memory now, while the guest runs; the pause takes what is left.
     let mut live = None;
+    let mut live_staging = None;
     if opts.live && !opts.stop {
+        live_staging = StagedMemory::with_capacity(precopy::STAGING_BYTES);
         let file = sink
             .live_page_file(&memory::regions(&control.mem))?
             .ok_or_else(|| PersistError::BadRequest("a live snapshot is written to a directory".into()))?;
@@ -530,12 +532,13 @@ pub fn snapshot(
     // diff needs room for the pages written so far, and for those written until the pause.
     let staging = if opts.stop {
         None
+    } else if live.is_some() {
+        live_staging
     } else {
         job.set_phase("preparing");
-        let limit = match (&live, &parent) {
-            (Some(pre), _) => Some(pre.carry.count() * PAGE_SIZE * 5 / 4 + (64 << 20)),
-            (None, Some(_)) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
-            (None, None) => None,
+        let limit = match parent {
+            Some(_) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
+            None => None,
         };
         memory::staging_size(&control.mem, &memory::page_kinds(&control.mem, control.memory_detached()), limit)
             .and_then(StagedMemory::with_capacity)

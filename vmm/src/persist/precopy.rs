@@ -19,10 +19,16 @@ use crate::control::VmControl;
 use crate::vstate::dirty::{DirtyPages, PAGE_SIZE};
 use crate::vstate::memory;
 
-/// Stop the rounds once the pages left would take this long to copy while paused (at memory speed).
-pub const FINAL_BYTES: u64 = 8 << 20;
+/// Stop the rounds once no more than this is left to copy while paused (at memory speed, well
+/// under a millisecond).
+pub const FINAL_BYTES: u64 = 2 << 20;
 /// At most this many rounds after the first.
-pub const MAX_ROUNDS: u32 = 8;
+pub const MAX_ROUNDS: u32 = 12;
+/// The buffer the pause copies the last pages into, allocated before the rounds (allocating it
+/// after would give the guest time to dirty more). Pages beyond it are written to the page file
+/// while paused: a guest that never lets the rounds converge gets a longer pause, not a wrong
+/// snapshot.
+pub const STAGING_BYTES: usize = 64 << 20;
 /// Read in pieces of this size.
 const PIECE: usize = 1 << 20;
 
