@@ -284,6 +284,8 @@ pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Re
     let mut disks = top.manifest.vm.disks.clone();
     for (index, disk) in disks.iter_mut().enumerate() {
         let Some(copy) = disk.copy.as_mut() else { continue };
+        // Checked before it names a file of the new snapshot.
+        top.check_disk_copy(copy)?;
         let file = writer.create_disk_copy(&copy.file, 0)?;
         copy.ranges = build_disk(&chain.layers, index, &file, &dest.join(&copy.file))?;
     }
