@@ -278,6 +278,17 @@ pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Re
             dest.display()
         )));
     }
+    // Nor one the layers depend on.
+    if chain.base().manifest.parent.is_some() {
+        if let Ok(below) = Chain::open(&chain.base().dir) {
+            if below.layers.iter().any(|l| same_dir(&l.dir, dest)) {
+                return Err(Error::ChainMismatch(format!(
+                    "{} is a parent of the layers being merged: replacing it would break them; write the result elsewhere",
+                    dest.display()
+                )));
+            }
+        }
+    }
     let top = chain.top();
     let layout = &top.manifest.memory;
     let mut writer = SnapshotWriter::create(dest, force)?;
@@ -348,5 +359,95 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+    use crate::pages::{MemoryData, MemorySource, PageKind};
+
+    const MEM: usize = 2 << 20;
+
+    /// Writes a snapshot of `mem` at `dest`: a diff of `parent` (pages outside `dirty`, page
+    /// indices, left to it) or a full one.
+    fn write(dest: &Path, mem: &[u8], parent: Option<&Snapshot>, dirty: &[usize]) -> Snapshot {
+        let w = SnapshotWriter::create(dest, false).unwrap();
+        let mut m = sample();
+        m.state = w.write_state(b"state").unwrap();
+        let kinds = parent.map(|_| {
+            (0..MEM / 4096).map(|p| if dirty.contains(&p) { PageKind::Mapped } else { PageKind::Parent }).collect()
+        });
+        let sources = [MemorySource { guest_addr: 0, bytes: mem, kinds, backing: None }];
+        m.memory = w.write_memory(MemoryData::Sources(&sources), &Progress::default()).unwrap();
+        if let Some(p) = parent {
+            m.parent = Some(p.id.clone());
+            m.parent_dir = Some(p.dir.display().to_string());
+        }
+        w.commit(&m).unwrap();
+        Snapshot::open(dest).unwrap()
+    }
+
+    fn memory_of(snap: &Snapshot) -> Vec<u8> {
+        std::fs::read(snap.memory_path()).unwrap()
+    }
+
+    #[test]
+    fn a_chain_merges_to_its_newest_memory_and_finds_moved_parents() {
+        let dir = tempfile::Builder::new().prefix("snapshot-chain-").tempdir().unwrap();
+        let mut mem = vec![0u8; MEM];
+        mem[..4096 * 3].fill(1);
+        let base = write(&dir.path().join("base"), &mem, None, &[]);
+        // Layer 1 rewrites page 1 and zeroes page 2; layer 2 rewrites page 1 again and page 5.
+        mem[4096..8192].fill(2);
+        mem[8192..12288].fill(0);
+        let d1 = write(&dir.path().join("d1"), &mem, Some(&base), &[1, 2]);
+        mem[4096..8192].fill(3);
+        mem[5 * 4096..6 * 4096].fill(5);
+        let d2 = write(&dir.path().join("d2"), &mem, Some(&d1), &[1, 5]);
+        assert_eq!(d2.manifest.memory.parent_pages(), (MEM / 4096 - 2) as u64);
+
+        let chain = Chain::open(&d2.dir).unwrap();
+        assert_eq!(chain.layers.len(), 3);
+        let overlays = chain.overlays();
+        let page = |addr: u64, layer: usize, kind| Overlay { guest_addr: addr, len: 4096, layer, kind };
+        assert_eq!(
+            overlays,
+            vec![page(4096, 2, ExtentKind::Data), page(8192, 1, ExtentKind::Zero), page(5 * 4096, 2, ExtentKind::Data)]
+        );
+        let full = dir.path().join("full");
+        merge(&chain, &full, false, &Progress::default()).unwrap();
+        let merged = Snapshot::open(&full).unwrap();
+        merged.verify().unwrap();
+        assert!(merged.manifest.parent.is_none());
+        assert!(memory_of(&merged) == mem, "the merge is not the newest layer's memory");
+        // Two layers merged into one diff of the base.
+        let one = dir.path().join("one");
+        merge(&Chain::open_layers(&[d1.dir.clone(), d2.dir.clone()]).unwrap(), &one, false, &Progress::default())
+            .unwrap();
+        let one = Chain::open(&one).unwrap();
+        assert_eq!(one.layers.len(), 2);
+        assert_eq!(one.top().manifest.parent.as_ref(), Some(&base.id));
+        // Layers out of order are refused; so is writing over a layer.
+        assert!(matches!(Chain::open_layers(&[d2.dir.clone(), d1.dir.clone()]), Err(Error::ChainMismatch(_))));
+        assert!(matches!(merge(&chain, &d1.dir, true, &Progress::default()), Err(Error::ChainMismatch(_))));
+        // Nor over a parent the layers merged depend on.
+        let upper = Chain::open_layers(std::slice::from_ref(&d2.dir)).unwrap();
+        assert!(matches!(merge(&upper, &base.dir, true, &Progress::default()), Err(Error::ChainMismatch(_))));
+        Snapshot::open(&base.dir).unwrap().verify().unwrap();
+
+        // The whole tree moved: parents are found beside their children.
+        let moved = dir.path().join("moved");
+        std::fs::create_dir(&moved).unwrap();
+        for name in ["base", "d1", "d2"] {
+            std::fs::rename(dir.path().join(name), moved.join(name)).unwrap();
+        }
+        assert_eq!(Chain::open(&moved.join("d2")).unwrap().layers.len(), 3);
+        // A missing parent is named; a replaced one too.
+        std::fs::rename(moved.join("d1"), moved.join("gone")).unwrap();
+        assert!(matches!(Chain::open(&moved.join("d2")), Err(Error::ParentMissing { .. })));
+        write(&moved.join("d1"), &mem, None, &[]);
+        assert!(matches!(Chain::open(&moved.join("d2")), Err(Error::ParentMismatch { .. })));
     }
 }

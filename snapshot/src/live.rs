@@ -154,3 +154,38 @@ impl LivePageFile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_written_again_and_zeroed_end_as_the_last_write_says() {
+        let dir = tempfile::Builder::new().prefix("snapshot-live-").tempdir().unwrap();
+        let path = dir.path().join("pages");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let mut live =
+            LivePageFile::new(file.try_clone().unwrap(), &path, &[(0, 1 << 20), (1 << 32, 1 << 20)]).unwrap();
+        live.write(0, &[7u8; 3 * PAGE]).unwrap();
+        live.write(4096, &[9u8; PAGE]).unwrap(); // written again
+        live.write(2 * 4096, &[0u8; PAGE]).unwrap(); // became zero: punched
+        live.write((1 << 32) + 4096, &[1u8; PAGE]).unwrap();
+        let layout = live.finish(false, &Progress::default()).unwrap();
+        layout.validate().unwrap();
+        assert_eq!(layout.data_pages(), 3);
+        let mut page = [0u8; PAGE];
+        file.read_exact_at(&mut page, 4096).unwrap();
+        assert!(page.iter().all(|&b| b == 9));
+        file.read_exact_at(&mut page, 2 * 4096).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        pages::verify_pages(&file, &path, &layout).unwrap();
+        // A diff leaves what no round wrote to its parent.
+        let path2 = dir.path().join("diff");
+        let file2 =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path2).unwrap();
+        let mut live = LivePageFile::new(file2, &path2, &[(0, 1 << 20)]).unwrap();
+        live.write_zero(4096, 4096).unwrap();
+        let layout = live.finish(true, &Progress::default()).unwrap();
+        assert_eq!((layout.zero_pages(), layout.parent_pages()), (1, 255));
+    }
+}

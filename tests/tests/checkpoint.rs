@@ -96,6 +96,49 @@ fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
     resumed.kill();
 }
 
+/// One VM's checkpoints per directory: a second is refused before it starts. And a chain
+/// broken under the checkpointer (its newest layer deleted) is replaced by a full checkpoint.
+#[test]
+fn a_checkpoint_directory_has_one_vm_and_survives_a_deleted_layer() {
+    let dir = TempDir::new("ckpt-lock");
+    let ck = dir.path().join("ck");
+    let ck_s = ck.to_str().unwrap();
+    let mut vm = Vmm::testguest(
+        "workload=idle",
+        &["--mem", "64M", "--checkpoint-dir", ck_s, "--checkpoint-every", "200ms", "--keep", "100"],
+    );
+    let first = wait_checkpoints(&ck, 2, &mut vm);
+    let (status, _, stderr) = vmm_cmd(&[
+        "run",
+        "--mem",
+        "64M",
+        "--checkpoint-dir",
+        ck_s,
+        "--checkpoint-every",
+        "1s",
+        "--name",
+        "ckpt-second",
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("in use by another VM's checkpoints"), "{stderr}");
+    let (status, _, stderr) = vmm_cmd(&["resume", ck_s]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is a checkpoint directory"), "{stderr}");
+    // The newest layer goes: the next checkpoints start a new, whole chain.
+    std::fs::remove_dir_all(&first).unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(l) = latest(&ck) {
+            if l != first && vmm_cmd(&["verify", ck.join("latest").to_str().unwrap()]).0.success() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no complete checkpoint after a layer was deleted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.kill();
+}
+
 #[test]
 fn sigusr1_takes_a_checkpoint_now_and_auto_says_its_interval() {
     let dir = TempDir::new("ckpt-usr1");

@@ -128,6 +128,11 @@ fn a_diff_holds_the_pages_written_since_the_last_snapshot_and_no_more() {
     assert!(stderr.contains("is not the VM's last snapshot"), "{stderr}");
     assert!(!s2.exists());
     snapshot(&s, &s2, &["--diff", "--parent", s1.to_str().unwrap()]);
+    // Replacing a parent of the VM's chain would break it: refused.
+    let (status, _, stderr) = vmm_cmd(&["snapshot", "--api-sock", &s, "--out", s0.to_str().unwrap(), "--force"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is a parent of the VM's last snapshot"), "{stderr}");
+    vmm_ok(&["verify", s2.to_str().unwrap()]);
     // A chain whose middle layer is gone is refused, naming it.
     std::fs::rename(&s1, dir.path().join("moved")).unwrap();
     for cmd in ["verify", "resume"] {

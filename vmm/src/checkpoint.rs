@@ -34,12 +34,33 @@ pub enum Interval {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct CheckpointConfig {
     pub dir: PathBuf,
     pub interval: Interval,
     /// Layers a chain may have, the full snapshot at its base included (≥ 1).
     pub keep: usize,
+    /// The directory's exclusive lock (`lock_dir`), held as long as the VM checkpoints into it.
+    pub lock: std::fs::File,
+}
+
+/// Creates `dir` (private: checkpoints hold guest memory) if needed and takes its exclusive lock:
+/// one VM's checkpoints per directory, or each would remove the other's.
+pub fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create --checkpoint-dir {}: {e}", dir.display()))?;
+    let lock = std::fs::File::open(dir).map_err(|e| format!("cannot open --checkpoint-dir {}: {e}", dir.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(format!("--checkpoint-dir {} is in use by another VM's checkpoints", dir.display()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock --checkpoint-dir {}: {e}", dir.display())),
+    }
 }
 
 /// The interval Young's and Daly's first-order rule gives for a checkpoint costing `cost` on a
@@ -49,11 +70,8 @@ pub fn young_daly(cost: Duration, mtbf: Duration) -> Duration {
     Duration::from_secs_f64(secs.clamp(1.0, mtbf.as_secs_f64().max(1.0)))
 }
 
-/// Creates the directory (private: checkpoints hold guest memory) and starts the checkpointer;
-/// a message on the returned sender takes a checkpoint now.
+/// Starts the checkpointer; a message on the returned sender takes a checkpoint now.
 pub fn spawn(control: Arc<VmControl>, config: CheckpointConfig) -> std::io::Result<Sender<()>> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.dir)?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("checkpoint".into()).spawn(move || Checkpointer::new(control, config).run(rx))?;
     Ok(tx)
@@ -114,6 +132,7 @@ impl Checkpointer {
         // elsewhere, which a chain here must not depend on.
         let diff = !self.chain.is_empty()
             && self.chain.len() < self.config.keep
+            && self.chain.iter().all(|layer| layer.is_dir())
             && self.last.is_some()
             && self.control.diff_base() == self.last;
         let name = format!("{PREFIX}{:06}", self.next_seq);
@@ -126,9 +145,11 @@ impl Checkpointer {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
-                // Nothing was consumed: the next checkpoint holds what this one would have.
+                // Nothing was consumed: the next checkpoint holds what this one would have. It
+                // is a full one: whatever broke this diff's chain does not break it.
                 eprintln!("vmm: checkpoint {name} failed: {e}");
                 self.next_seq += 1;
+                self.chain.clear();
                 return;
             }
         };

@@ -58,7 +58,7 @@ pub enum ConfigError {
     SameTap(String),
     #[error("invalid vsock '{0}': expected cid=N,uds=PATH with N from 3 to 4294967294")]
     BadVsock(String),
-    #[error("invalid duration '{0}': expected a number with a unit, like 500ms, 30s, 5m or 6h")]
+    #[error("invalid duration '{0}': expected a positive number with a unit, like 500ms, 30s, 5m or 6h")]
     BadDuration(String),
 }
 

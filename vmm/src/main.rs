@@ -172,7 +172,7 @@ pub struct CheckpointArgs {
     pub mtbf: Option<std::time::Duration>,
     /// Most layers a chain of checkpoints keeps (a full snapshot and diffs of it); when reached,
     /// the next checkpoint is a full snapshot and the older chain is removed.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000), requires = "checkpoint_dir")]
     pub keep: u64,
 }
 

@@ -159,7 +159,11 @@ pub fn merge(dirs: &[std::path::PathBuf], out: &Path, force: bool) -> CmdResult 
         Some(parent) => format!("a diff of {parent}"),
         None => "a full snapshot".into(),
     };
-    println!("snapshot {} id {id}: {} layers merged, {kind}", out.display(), chain.layers.len());
+    let layers = match chain.layers.len() {
+        1 => "1 layer (nothing to merge: a copy)".to_string(),
+        n => format!("{n} layers merged"),
+    };
+    println!("snapshot {} id {id}: {layers}, {kind}", out.display());
     Ok(0)
 }
 

@@ -138,6 +138,13 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
                 args.dir.display()
             )));
         }
+        if !args.dir.join("manifest").exists() && args.dir.join(checkpoint::LATEST).exists() {
+            return Err(Failure::bad_input(format!(
+                "{} is a checkpoint directory: resume its newest checkpoint, {}",
+                args.dir.display(),
+                args.dir.join(checkpoint::LATEST).display()
+            )));
+        }
         ResumeSource::Dir(args.dir.clone())
     };
     // The VM's name (and so its socket) may come from the snapshot: it is claimed as soon as the
@@ -190,7 +197,9 @@ fn checkpoint_config(args: &CheckpointArgs) -> Result<Option<CheckpointConfig>, 
         return Err(Failure::bad_input(format!("--checkpoint-dir {} is not a directory", dir.display())));
     }
     let dir = std::path::absolute(dir).map_err(|e| Failure::bad_input(format!("--checkpoint-dir: {e}")))?;
-    Ok(Some(CheckpointConfig { dir, interval, keep: args.keep as usize }))
+    // Before anything runs: a VM that cannot checkpoint there is refused, not started.
+    let lock = checkpoint::lock_dir(&dir).map_err(Failure::bad_input)?;
+    Ok(Some(CheckpointConfig { dir, interval, keep: args.keep as usize, lock }))
 }
 
 /// The vsock socket must not be the control socket.

@@ -381,6 +381,22 @@ fn diff_parent(control: &VmControl, opts: &SnapshotOptions, dest: Option<&Path>)
     Ok(base)
 }
 
+/// Refuses to replace (`--force`) a snapshot the VM's last one is a diff of: every later layer
+/// would lose its parent. Replacing the last one itself is fine: the new snapshot takes its place.
+fn check_not_an_ancestor(control: &VmControl, dest: &Path) -> Result<(), PersistError> {
+    let (Some(base), Ok(dest)) = (control.diff_base(), dest.canonicalize()) else { return Ok(()) };
+    let Ok(chain) = snapshot::Chain::open(&base.dir) else { return Ok(()) };
+    let below = &chain.layers[..chain.layers.len() - 1];
+    if below.iter().any(|l| l.dir.canonicalize().ok().as_ref() == Some(&dest)) {
+        return Err(PersistError::BadRequest(format!(
+            "--out {} is a parent of the VM's last snapshot {}: replacing it would break that chain; write elsewhere",
+            dest.display(),
+            base.dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Leaves only the pages in `dirty` to be saved: the others are the parent snapshot's.
 fn keep_only_dirty(sources: &mut [MemorySource<'_>], dirty: &DirtyPages) {
     for src in sources {
@@ -509,6 +525,9 @@ pub fn snapshot(
     let mem_bytes: u64 = control.config.mem_bytes;
     job.progress.set_total(memory::total_bytes(&control.mem));
     let dest = sink.directory().map(Path::to_path_buf);
+    if let Some(dest) = &dest {
+        check_not_an_ancestor(control, dest)?;
+    }
     let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
     let mut layer: Option<Layer> = None;
     if dest.is_some() && !opts.stop {
