@@ -52,6 +52,7 @@ fn checkpoints_in(dir: &Path) -> Vec<String> {
 fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
     let dir = TempDir::new("ckpt");
     let ck = dir.path().join("ck");
+    let sock = dir.path().join("c.sock").display().to_string();
     let mut vm = Vmm::testguest(
         "workload=mem mem.size=8M tick.ms=100",
         &[
@@ -59,6 +60,8 @@ fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
             "2",
             "--mem",
             "128M",
+            "--api-sock",
+            &sock,
             "--checkpoint-dir",
             ck.to_str().unwrap(),
             "--checkpoint-every",
@@ -69,6 +72,10 @@ fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
     );
     vm.wait_for("testguest: tick", T);
     wait_checkpoints(&ck, 7, &mut vm);
+    // `vmm status` says how the checkpoints go.
+    let status = vmm_ok(&["status", "--api-sock", &sock]);
+    assert!(status.contains(" checkpoint=ckpt-") && status.contains(",every=0.1s"), "{status}");
+    assert!(!status.contains("failing"), "{status}");
     // At most three layers at any time, a full snapshot at the base of the newest chain.
     assert!(checkpoints_in(&ck).len() <= 3 + 1, "{:?}", checkpoints_in(&ck));
     let before = vm.wait_for("testguest: tick", T);

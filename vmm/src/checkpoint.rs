@@ -70,6 +70,17 @@ pub fn young_daly(cost: Duration, mtbf: Duration) -> Duration {
     Duration::from_secs_f64(secs.clamp(1.0, mtbf.as_secs_f64().max(1.0)))
 }
 
+/// How a VM's checkpoints go, for `vmm status`.
+#[derive(Debug, Default)]
+pub struct CheckpointHealth {
+    /// The newest complete checkpoint (its directory name) and when it was taken.
+    pub latest: std::sync::Mutex<Option<(String, Instant)>>,
+    /// Why the checkpoints since the last good one failed (None: the last one succeeded).
+    pub failing: std::sync::Mutex<Option<String>>,
+    /// The interval now, in ms.
+    pub interval_ms: std::sync::atomic::AtomicU64,
+}
+
 /// Starts the checkpointer; a message on the returned sender takes a checkpoint now.
 pub fn spawn(control: Arc<VmControl>, config: CheckpointConfig) -> std::io::Result<Sender<()>> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -103,7 +114,13 @@ impl Checkpointer {
             // A first checkpoint soon, to measure what one costs.
             Interval::Auto { .. } => Duration::from_secs(1),
         };
+        let health = control.checkpoints.get_or_init(Default::default);
+        health.interval_ms.store(interval.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         Self { control, config, chain: Vec::new(), last: None, next_seq, interval }
+    }
+
+    fn health(&self) -> &CheckpointHealth {
+        self.control.checkpoints.get_or_init(Default::default)
     }
 
     fn run(mut self, wake: Receiver<()>) {
@@ -148,6 +165,7 @@ impl Checkpointer {
                 // Nothing was consumed: the next checkpoint holds what this one would have. It
                 // is a full one: whatever broke this diff's chain does not break it.
                 eprintln!("vmm: checkpoint {name} failed: {e}");
+                *crate::devices::bus::lock(&self.health().failing) = Some(e.to_string());
                 self.next_seq += 1;
                 self.chain.clear();
                 return;
@@ -156,8 +174,11 @@ impl Checkpointer {
         self.next_seq += 1;
         if let Err(e) = point_latest(&self.config.dir, &name) {
             eprintln!("vmm: checkpoint {name} written, but {LATEST} not updated: {e}");
+            *crate::devices::bus::lock(&self.health().failing) = Some(format!("{LATEST} not updated: {e}"));
             return;
         }
+        *crate::devices::bus::lock(&self.health().latest) = Some((name.clone(), Instant::now()));
+        *crate::devices::bus::lock(&self.health().failing) = None;
         if !diff {
             remove_other_checkpoints(&self.config.dir, &name);
             self.chain.clear();
@@ -189,6 +210,7 @@ impl Checkpointer {
                 );
             }
             self.interval = interval;
+            self.health().interval_ms.store(interval.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct VmControl {
     paused: AtomicBool,
     /// A VM resumed from a snapshot directory: how far its memory is from being its own.
     pub memory_load: std::sync::OnceLock<Arc<MemoryLoad>>,
+    /// A VM with periodic checkpoints: how they go.
+    pub checkpoints: std::sync::OnceLock<crate::checkpoint::CheckpointHealth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +265,7 @@ impl VmControl {
             job: Mutex::new(None),
             paused,
             memory_load: std::sync::OnceLock::new(),
+            checkpoints: std::sync::OnceLock::new(),
         }
     }
 

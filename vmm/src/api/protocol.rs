@@ -101,6 +101,22 @@ pub struct Status {
     /// A VM resumed from a snapshot directory: where its memory is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryStatus>,
+    /// A VM with periodic checkpoints: how they go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointStatus>,
+}
+
+/// Periodic checkpoints of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointStatus {
+    /// The newest complete checkpoint (a directory name in the checkpoint directory), if any.
+    pub latest: Option<String>,
+    /// Its age, in ms.
+    pub age_ms: Option<u64>,
+    /// The interval, in ms.
+    pub interval_ms: u64,
+    /// Why the checkpoints since the newest good one failed; None when the last one succeeded.
+    pub failing: Option<String>,
 }
 
 /// The memory of a VM resumed from a snapshot directory.

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::protocol::{DirtyLogOp, DirtyReport, ErrorKind, JobStatus, MemoryStatus, Reply, Request, Status};
+use super::protocol::{
+    CheckpointStatus, DirtyLogOp, DirtyReport, ErrorKind, JobStatus, MemoryStatus, Reply, Request, Status,
+};
 use crate::control::{DirtyLogError, VmControl};
 use crate::exit::ExitReason;
 use crate::persist::{self, DirSink, Sink, SnapshotOptions, StreamSink};
@@ -242,6 +244,15 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 job: control.current_job().map(|job| {
                     let (done_bytes, total_bytes) = job.progress.get();
                     JobStatus { phase: job.phase().into(), done_bytes, total_bytes }
+                }),
+                checkpoints: control.checkpoints.get().map(|h| {
+                    let latest = crate::devices::bus::lock(&h.latest).clone();
+                    CheckpointStatus {
+                        age_ms: latest.as_ref().map(|(_, at)| at.elapsed().as_millis() as u64),
+                        latest: latest.map(|(name, _)| name),
+                        interval_ms: h.interval_ms.load(std::sync::atomic::Ordering::Relaxed),
+                        failing: crate::devices::bus::lock(&h.failing).clone(),
+                    }
                 }),
                 memory: control.memory_load.get().map(|l| {
                     use std::sync::atomic::Ordering::Relaxed;

@@ -79,8 +79,19 @@ pub fn status(target: &VmTarget) -> CmdResult {
         Some(m) if m.lazy => format!(" memory=lazy-from:{}", m.snapshot),
         Some(m) => format!(" memory=loading:{}/{}MiB-from:{}", m.loaded_bytes >> 20, m.total_bytes >> 20, m.snapshot),
     };
+    let checkpoints = match &s.checkpoints {
+        None => String::new(),
+        Some(c) => {
+            let latest = match (&c.latest, c.age_ms) {
+                (Some(name), Some(age)) => format!("{name},age={:.1}s", age as f64 / 1000.0),
+                _ => "none-yet".into(),
+            };
+            let failing = c.failing.as_ref().map(|e| format!(",failing:{}", e.replace(' ', "-"))).unwrap_or_default();
+            format!(" checkpoint={latest},every={:.1}s{failing}", c.interval_ms as f64 / 1000.0)
+        }
+    };
     println!(
-        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}{job}{memory}",
+        "{} {} vcpus={} mem={}MiB pid={} console_dropped_bytes={}{job}{memory}{checkpoints}",
         s.name,
         s.state,
         s.vcpus,
