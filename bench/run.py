@@ -434,6 +434,32 @@ def snapshot_vmm(env, cmdline, mem, vcpus):
         shutil.rmtree(snapshot, ignore_errors=True)
 
 
+def qemu_save(qmp, vm, state, background=False):
+    """Saves a running QEMU to the file `state` through QMP, bandwidth cap lifted: stop-and-copy
+    (`stop`, then `migrate` to `exec:cat > FILE`) or background-snapshot; waits for its `cat`
+    and fsyncs the file, then quits QEMU. Returns the moments the save started, completed and was
+    durable, and the final query-migrate reply."""
+    qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+    if background:
+        qmp.execute("migrate-set-capabilities",
+                    {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+    start = now()
+    if not background:
+        qmp.execute("stop")
+    qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+    info = qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+    done = now()
+    wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
+    fd = os.open(state, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    durable = now()
+    qmp.execute("quit")
+    return start, done, durable, info
+
+
 def snapshot_qemu(env, cmdline, mem, vcpus):
     """Boots, waits until the workload touched its memory, QMP stop + migrate to `exec:cat > FILE`
     + fsync, quit; then -incoming from the file and cont: the same figures as snapshot_vmm."""
@@ -444,20 +470,7 @@ def snapshot_qemu(env, cmdline, mem, vcpus):
             vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
             intervals = wait_touched(vm, vcpus)
             with QMP(qmp_path) as qmp:
-                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
-                start = now()
-                qmp.execute("stop")
-                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
-                qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
-                saved = now()
-                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
-                fd = os.open(state, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                durable = now()
-                qmp.execute("quit")
+                start, saved, durable, _ = qemu_save(qmp, vm, state)
             vm.wait_exit(EXIT_GRACE)
         result = {"pause_ms": ms(saved - start), "durable_ms": ms(durable - start),
                   "disk_mib": disk_bytes(state) / MiB, "tick_ms": intervals}
@@ -1095,24 +1108,7 @@ def save_qemu(env, cmdline, mem, vcpus, background, touched=None):
             else:
                 wait_touched(vm, vcpus)
             with QMP(qmp_path) as qmp:
-                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
-                if background:
-                    qmp.execute("migrate-set-capabilities",
-                                {"capabilities": [{"capability": "background-snapshot", "state": True}]})
-                start = now()
-                if not background:
-                    qmp.execute("stop")
-                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
-                info = qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
-                done = now()
-                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
-                fd = os.open(state, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                durable = now()
-                qmp.execute("quit")
+                start, done, durable, info = qemu_save(qmp, vm, state, background)
             vm.wait_exit(EXIT_GRACE)
         pause = float(info.get("downtime", 0)) if background else ms(done - start)
         return {"pause_ms": pause, "durable_ms": ms(durable - start)}
@@ -1185,12 +1181,7 @@ def warm_qemu(env, per_vcpu):
             vm.expect(READY_RE, timeout=BOOT_TIMEOUT)
             wait_touched(vm, 2)
             with QMP(qmp_path) as qmp:
-                qmp.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30})
-                qmp.execute("stop")
-                qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
-                qmp.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
-                wait_until(lambda: not live_children(vm.pid), EXIT_GRACE, "QEMU's cat to finish")
-                qmp.execute("quit")
+                qemu_save(qmp, vm, state)
             vm.wait_exit(EXIT_GRACE)
         qmp_path = env.unique("qemu-warm-r")
         with Proc(env.qemu_run(cmdline, "2G", 2, qmp_path, incoming=state), "qemu -incoming") as vm:

@@ -114,6 +114,9 @@ impl LivePageFile {
         let mut extents = Vec::new();
         let mut buf = vec![0u8; pages::CHUNK_SIZE as usize];
         let mut chunk_checksums = Vec::new();
+        // Most chunks of a large guest are holes: their (full-size) checksum is computed once.
+        let zeros = vec![0u8; pages::CHUNK_SIZE as usize];
+        let zero_chunk = crate::digest::checksum(&zeros);
         for r in &self.regions {
             let mut done = 0;
             while done < r.size {
@@ -126,14 +129,17 @@ impl LivePageFile {
                     Err(e) => e == rustix::io::Errno::NXIO,
                 };
                 if hole {
-                    piece.fill(0);
+                    let full = n as u64 == pages::CHUNK_SIZE;
+                    let sum = if full { zero_chunk } else { crate::digest::checksum(&zeros[..n]) };
+                    chunk_checksums.push(sum);
                 } else {
                     self.file.read_exact_at(piece, at).map_err(io_err(&self.path))?;
+                    chunk_checksums.push(crate::digest::checksum(piece));
                 }
-                chunk_checksums.push(crate::digest::checksum(piece));
                 for (i, page) in piece.chunks(PAGE).enumerate() {
                     let index = ((r.file_offset + done) / PAGE_SIZE) as usize + i;
-                    let kind = match (self.written[index], is_zero(page)) {
+                    // A hole's pages are zero: not scanned.
+                    let kind = match (self.written[index], hole || is_zero(page)) {
                         (false, _) if diff => ExtentKind::Parent,
                         (_, true) => ExtentKind::Zero,
                         (_, false) => ExtentKind::Data,

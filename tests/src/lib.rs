@@ -577,3 +577,38 @@ pub fn wait_for_vm(sock: &str, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `key=0x...` word of a guest line, as a number.
+pub fn hex_field(line: &str, key: &str) -> u64 {
+    let word = line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).unwrap();
+    u64::from_str_radix(word.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{key} in {line}"))
+}
+
+/// `vmm snapshot --api-sock SOCK --out OUT EXTRA...`, which must succeed; its stdout.
+pub fn snapshot(sock: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["snapshot", "--api-sock", sock, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    vmm_ok(&args)
+}
+
+/// A tmpfs of `size` mounted at `at` (an empty directory) until dropped: a small file system to
+/// fill up.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Self {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
+            .status()
+            .expect("mount runs")
+            .success();
+        assert!(ok, "mount a tmpfs at {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{field, vmm_ok, TempDir, Vmm};
+use tests::{field, hex_field, vmm_ok, TempDir, Vmm};
 
 const T: Duration = Duration::from_secs(30);
 const PAGES: u64 = 32;
@@ -37,11 +37,6 @@ fn fetch(sock: &str) -> (u64, Vec<(u64, u64)>) {
 
 fn contains(ranges: &[(u64, u64)], gpa: u64) -> bool {
     ranges.iter().any(|&(a, len)| gpa >= a && gpa < a + len)
-}
-
-fn hex_field(line: &str, key: &str) -> u64 {
-    let word = line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).unwrap();
-    u64::from_str_radix(word.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{key} in {line}"))
 }
 
 #[test]

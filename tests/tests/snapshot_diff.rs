@@ -9,18 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{field, vmm_cmd, vmm_ok, TempDir, Vmm};
+use tests::{field, hex_field, snapshot, vmm_cmd, vmm_ok, TempDir, Tmpfs, Vmm};
 
 const T: Duration = Duration::from_secs(60);
 
 fn sock(dir: &TempDir, name: &str) -> String {
     dir.path().join(format!("{name}.sock")).display().to_string()
-}
-
-fn snapshot(sock: &str, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["snapshot", "--api-sock", sock, "--out", out.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    vmm_ok(&args)
 }
 
 fn inspect(dir: &Path) -> Value {
@@ -39,11 +33,6 @@ fn holds(manifest: &Value, gpa: u64) -> bool {
         let (a, len) = (e["guest_addr"].as_u64().unwrap(), e["len"].as_u64().unwrap());
         e["kind"] == "data" && gpa >= a && gpa < a + len
     })
-}
-
-fn hex_field(line: &str, key: &str) -> u64 {
-    let word = line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).unwrap();
-    u64::from_str_radix(word.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{key} in {line}"))
 }
 
 /// Merges the chain ending at `top` into a full snapshot at `out`, and checks its memory is the
@@ -246,7 +235,7 @@ fn a_failed_diff_gives_its_pages_back_and_a_resumed_vm_diffs_against_its_snapsho
     // A file system too small for the diff.
     let small = dir.path().join("small");
     std::fs::create_dir(&small).unwrap();
-    let mount = Mount::tmpfs(&small, "256k");
+    let mount = Tmpfs::mount(&small, "256k");
     let (status, _, stderr) =
         vmm_cmd(&["snapshot", "--api-sock", &s, "--out", small.join("d").to_str().unwrap(), "--diff"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -273,25 +262,4 @@ fn a_failed_diff_gives_its_pages_back_and_a_resumed_vm_diffs_against_its_snapsho
     snapshot(&s2, &full2, &[]);
     resumed.kill();
     assert_same_memory(&d, &full2, &dir.path().join("m2"));
-}
-
-/// A tmpfs mounted for the test's life.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, size: &str) -> Self {
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a tmpfs at {}", at.display());
-        Self(at.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }

@@ -8,15 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::{field, vmm_cmd, vmm_ok, TempDir, Vmm};
+use tests::{field, snapshot, vmm_cmd, vmm_ok, TempDir, Tmpfs, Vmm};
 
 const T: Duration = Duration::from_secs(60);
-
-fn snapshot(sock: &str, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["snapshot", "--api-sock", sock, "--out", out.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    vmm_ok(&args)
-}
 
 fn same_file(a: &Path, b: &Path) {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
@@ -82,15 +76,10 @@ fn a_live_snapshot_is_the_stop_and_copy_one_and_a_failed_live_diff_gives_its_pag
     // A live diff onto a file system too small for it fails, and takes nothing away.
     let small = p("small");
     std::fs::create_dir(&small).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs", small.to_str().unwrap()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mount a tmpfs");
+    let mount = Tmpfs::mount(&small, "128k");
     let (status, _, stderr) =
         vmm_cmd(&["snapshot", "--api-sock", &s, "--out", small.join("d").to_str().unwrap(), "--diff", "--live"]);
-    let _ = std::process::Command::new("umount").arg(&small).status();
+    drop(mount);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("No space left"), "{stderr}");
     // Of one paused guest: a live diff, a live full snapshot and a stop-and-copy one.

@@ -145,11 +145,7 @@ impl PausedVm<'_> {
     /// The caller then reports `layer_committed` or gives the pages back (`layer_failed`).
     pub fn begin_layer(&mut self) -> Result<(Option<DiffBase>, DirtyPages), VmError> {
         let control = self.control;
-        if self.inner.tracking.is_none() {
-            if !self.inner.logging() {
-                control.vm.set_dirty_logging(&control.mem, true)?;
-            }
-            self.inner.tracking = Some(Tracking::default());
+        if control.ensure_tracking(&mut self.inner)? {
             return Ok((None, DirtyPages::default()));
         }
         control.collect_dirty(&mut self.inner)?;
@@ -355,14 +351,19 @@ impl VmControl {
     /// switching KVM's dirty log on takes milliseconds, better spent before a snapshot's pause
     /// than in it. What is written until the pause is the snapshot's anyway.
     pub fn start_tracking(&self) -> Result<(), VmError> {
-        let mut inner = lock(&self.inner);
-        if inner.tracking.is_none() {
-            if !inner.logging() {
-                self.vm.set_dirty_logging(&self.mem, true)?;
-            }
-            inner.tracking = Some(Tracking::default());
+        self.ensure_tracking(&mut lock(&self.inner)).map(|_| ())
+    }
+
+    /// Starts the record if none is kept; true if it starts now (it holds nothing yet).
+    fn ensure_tracking(&self, inner: &mut Inner) -> Result<bool, VmError> {
+        if inner.tracking.is_some() {
+            return Ok(false);
         }
-        Ok(())
+        if !inner.logging() {
+            self.vm.set_dirty_logging(&self.mem, true)?;
+        }
+        inner.tracking = Some(Tracking::default());
+        Ok(true)
     }
 
     /// Takes the pages written since the VM's last snapshot, or since the previous take, from the
