@@ -10,6 +10,7 @@ pub mod digest;
 pub mod dir;
 pub mod live;
 pub mod manifest;
+pub mod migration;
 pub mod pages;
 pub mod progress;
 pub mod state;

@@ -156,7 +156,7 @@ pub struct DeviceSummary {
 }
 
 /// Size and checksum of the state file, and what it holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateDigest {
     /// Bytes.
     pub size: u64,

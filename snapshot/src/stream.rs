@@ -24,6 +24,11 @@
 //!   - 4 Zero: guest_addr u64 | len u64. `len` bytes of zeros, same rules as Memory.
 //!   - 5 End: frames u64 | memory_bytes u64 | zero_bytes u64: the number of frames before End and
 //!     the sums of Memory data lengths and of Zero lengths, which the reader checks.
+//!   - 6 Abandon: a UTF-8 reason (at most [`MAX_ABANDON_REASON`] bytes): the writer gave up (a
+//!     cancelled snapshot, a failed migration); the reader reports it and reads nothing more.
+//!
+//! A State frame may also come after memory frames (a migration sends memory while the guest
+//! runs, and its state only once it paused); which order a reader accepts is its caller's choice.
 //!
 //! Nothing after End is read. The manifest and the state are opaque here: the caller checks that
 //! what it needs (a State frame, memory matching the manifest) arrived.
@@ -42,6 +47,8 @@ pub const STREAM_VERSION: u32 = 1;
 pub const MAX_FRAME_PAYLOAD: usize = 4 << 20;
 /// Guest memory data per Memory frame the writer produces at most (a multiple of 4096).
 pub const MEMORY_FRAME_BYTES: usize = 1 << 20;
+/// Longest reason an Abandon frame carries, in bytes.
+pub const MAX_ABANDON_REASON: usize = 1024;
 
 /// Alignment and granularity of guest addresses and lengths in the stream.
 const PAGE: u64 = 4096;
@@ -57,6 +64,7 @@ const KIND_STATE: u8 = 2;
 const KIND_MEMORY: u8 = 3;
 const KIND_ZERO: u8 = 4;
 const KIND_END: u8 = 5;
+const KIND_ABANDON: u8 = 6;
 
 /// The fixed fields that start a raw payload: a Memory frame's address, Zero's and End's fields.
 const MEMORY_FIXED: usize = 8;
@@ -123,6 +131,9 @@ pub enum StreamError {
     /// order...). Nothing was written for that call.
     #[error("cannot write snapshot stream: {0}")]
     Invalid(String),
+    /// The writer abandoned the stream (an Abandon frame), saying why.
+    #[error("the sender abandoned the snapshot stream: {reason}")]
+    Abandoned { reason: String },
     /// An earlier error left the stream at an unknown point: nothing more can be read or written.
     #[error("snapshot stream is unusable after an earlier error (at byte {offset})")]
     Broken { offset: u64 },
@@ -142,6 +153,7 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_MEMORY => "memory",
         KIND_ZERO => "zero",
         KIND_END => "end",
+        KIND_ABANDON => "abandon",
         _ => "unknown",
     }
 }
@@ -318,6 +330,35 @@ impl<W: Write> StreamWriter<W> {
             zero_bytes: self.zero_bytes,
         };
         Ok((self.out, stats))
+    }
+
+    /// Ends the stream with an Abandon frame saying why (cut to [`MAX_ABANDON_REASON`] bytes at a
+    /// character boundary), flushes, and returns the inner writer: the reader learns the stream
+    /// was given up on purpose rather than cut.
+    pub fn abandon(mut self, reason: &str) -> Result<W, StreamError> {
+        self.check_usable()?;
+        let mut end = reason.len().min(MAX_ABANDON_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.write_frame(KIND_ABANDON, &[], &reason.as_bytes()[..end])?;
+        self.out.flush().map_err(StreamError::Io)?;
+        Ok(self.out)
+    }
+
+    /// Flushes what was written so far (a migration waits for its peer's answer between frames).
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.check_usable()?;
+        if let Err(e) = self.out.flush() {
+            self.broken = true;
+            return Err(StreamError::Io(e));
+        }
+        Ok(())
+    }
+
+    /// The inner writer, e.g. to set a socket option; writing to it directly breaks the stream.
+    pub fn get_ref(&self) -> &W {
+        &self.out
     }
 
     /// Bytes written so far (stream header + frames, as stored), for progress reports.
@@ -571,12 +612,13 @@ impl<R: Read> StreamReader<R> {
             KIND_MANIFEST | KIND_STATE => true,
             KIND_MEMORY => raw_len > MEMORY_FIXED && ((raw_len - MEMORY_FIXED) as u64).is_multiple_of(PAGE),
             KIND_ZERO | KIND_END => raw_len == fixed_len(kind),
+            KIND_ABANDON => raw_len <= MAX_ABANDON_REASON,
             _ => return Err(bad(format!("unknown frame kind {kind}"))),
         };
         if !len_ok {
             return Err(bad(format!("{name} frame with a payload of {raw_len} bytes")));
         }
-        if self.frames == 0 && kind != KIND_MANIFEST {
+        if self.frames == 0 && kind != KIND_MANIFEST && kind != KIND_ABANDON {
             return Err(bad(format!("the first frame is {name}, not the manifest")));
         }
         if self.frames != 0 && kind == KIND_MANIFEST {
@@ -613,6 +655,10 @@ impl<R: Read> StreamReader<R> {
         }
 
         let frame = match kind {
+            KIND_ABANDON => {
+                let reason = String::from_utf8_lossy(&body).into_owned();
+                return Err(StreamError::Abandoned { reason });
+            }
             KIND_MANIFEST => Frame::Manifest(body),
             KIND_STATE => {
                 self.state_seen = true;

@@ -39,12 +39,45 @@ const UNSENT: u8 = 0;
 const DATA: u8 = 1;
 const ZERO: u8 = 2;
 
+/// Where a stream carries the machine state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateOrder {
+    /// Right after the manifest, which gives its size and checksum (a snapshot stream).
+    First,
+    /// Once, anywhere after the manifest, which leaves its digest empty (a migration: memory is
+    /// sent while the guest runs, the state once it paused). The frame's checksum covers it.
+    Anywhere,
+}
+
 /// Reads a whole snapshot stream from `input`; `what` names it in errors. Once the manifest is
 /// read, `prepare` makes the target memory goes to (e.g. guest memory of the size it gives);
 /// `memory` then receives every memory update, already checked to lie inside guest memory.
 pub fn read_snapshot<R: Read, T, E: From<Error>>(
     input: R,
     what: &str,
+    prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
+    memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
+) -> std::result::Result<(StreamedSnapshot, T), E> {
+    read_stream(input, what, StateOrder::First, prepare, memory)
+}
+
+/// Reads the stream of a live migration: like [`read_snapshot`], except that the manifest comes
+/// without a state digest (its `state.size` is 0) and the State frame may come anywhere before
+/// End: after the pre-copy rounds' memory, before the memory of the last, paused round. The
+/// returned manifest's state digest is that of the state received.
+pub fn read_migration<R: Read, T, E: From<Error>>(
+    input: R,
+    what: &str,
+    prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
+    memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
+) -> std::result::Result<(StreamedSnapshot, T), E> {
+    read_stream(input, what, StateOrder::Anywhere, prepare, memory)
+}
+
+fn read_stream<R: Read, T, E: From<Error>>(
+    input: R,
+    what: &str,
+    order: StateOrder,
     prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
     mut memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(StreamedSnapshot, T), E> {
@@ -58,13 +91,20 @@ pub fn read_snapshot<R: Read, T, E: From<Error>>(
         _ => return Err(bad(&reader, "the stream does not start with a manifest".into())),
     };
     let mut manifest = decoded.manifest;
+    if order == StateOrder::Anywhere && (manifest.state.size != 0 || manifest.state.checksum != 0) {
+        return Err(bad(&reader, "a migration's manifest cannot know its state yet, but gives a digest".into()));
+    }
     let mut target = prepare(&manifest)?;
-    let state = match reader.next_frame().map_err(stream_err)? {
-        Some(Frame::State(bytes)) => bytes,
-        _ => return Err(bad(&reader, "no machine state after the manifest".into())),
-    };
-    if state.len() as u64 != manifest.state.size || checksum(&state) != manifest.state.checksum {
-        return Err(bad(&reader, "the machine state does not match the manifest's checksum".into()));
+    let mut state = None;
+    if order == StateOrder::First {
+        let bytes = match reader.next_frame().map_err(stream_err)? {
+            Some(Frame::State(bytes)) => bytes,
+            _ => return Err(bad(&reader, "no machine state after the manifest".into())),
+        };
+        if bytes.len() as u64 != manifest.state.size || checksum(&bytes) != manifest.state.checksum {
+            return Err(bad(&reader, "the machine state does not match the manifest's checksum".into()));
+        }
+        state = Some(bytes);
     }
     let regions = manifest.memory.regions.clone();
     let total_pages: u64 = regions.iter().map(|r| r.size / PAGE_SIZE).sum();
@@ -77,12 +117,18 @@ pub fn read_snapshot<R: Read, T, E: From<Error>>(
         (end <= r.guest_addr + r.size).then(|| ((r.file_offset + guest_addr - r.guest_addr) / PAGE_SIZE) as usize)
     };
     loop {
-        let frame = reader.next_frame().map_err(stream_err)?;
-        let (guest_addr, len, kind) = match &frame {
+        let mut frame = reader.next_frame().map_err(stream_err)?;
+        let (guest_addr, len, kind) = match &mut frame {
             None => break,
             Some(Frame::Memory { guest_addr, data }) => (*guest_addr, data.len() as u64, DATA),
             Some(Frame::Zero { guest_addr, len }) => (*guest_addr, *len, ZERO),
             Some(Frame::End { .. }) => continue,
+            Some(Frame::State(bytes)) if state.is_none() => {
+                manifest.state.size = bytes.len() as u64;
+                manifest.state.checksum = checksum(bytes);
+                state = Some(std::mem::take(bytes));
+                continue;
+            }
             Some(_) => return Err(bad(&reader, "a second manifest or state".into())),
         };
         let first = locate(guest_addr, len)
@@ -112,6 +158,7 @@ pub fn read_snapshot<R: Read, T, E: From<Error>>(
         }
     }
     manifest.memory.extents = extents;
+    let state = state.ok_or_else(|| bad(&reader, "the stream ended without the machine state".into()))?;
     Ok((StreamedSnapshot { id: decoded.id, manifest, state, bytes: reader.bytes_read() }, target))
 }
 
@@ -199,8 +246,94 @@ mod tests {
         assert!(err.contains("outside guest memory"), "{err}");
     }
 
+    /// A migration stream: memory sent twice (pre-copy), the state between, then the last pages.
+    fn migration_stream(state: Option<&[u8]>, digest: bool) -> Vec<u8> {
+        let mut m = sample();
+        m.memory.extents.clear();
+        m.memory.chunk_checksums.clear();
+        m.state = crate::StateDigest::default();
+        if digest {
+            m.state.size = 1;
+        }
+        let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+        w.manifest(&m.encode()).unwrap();
+        w.memory(0, &vec![1u8; 2 << 20]).unwrap();
+        w.memory(4096, &vec![2u8; 4096]).unwrap();
+        if let Some(state) = state {
+            w.state(state).unwrap();
+        }
+        w.zero(0, 4096).unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn read_migrating(bytes: &[u8]) -> Result<(StreamedSnapshot, Vec<u8>), Error> {
+        read_migration(
+            bytes,
+            "test",
+            |_| Ok::<_, Error>(vec![0u8; 2 << 20]),
+            |mem, update| {
+                match update {
+                    MemoryUpdate::Data { guest_addr, bytes } => {
+                        mem[guest_addr as usize..guest_addr as usize + bytes.len()].copy_from_slice(bytes)
+                    }
+                    MemoryUpdate::Zero { guest_addr, len, .. } => {
+                        mem[guest_addr as usize..(guest_addr + len) as usize].fill(0)
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
+    #[test]
+    fn a_migration_stream_takes_its_state_after_memory_and_later_pages_win() {
+        let (s, mem) = read_migrating(&migration_stream(Some(b"late state"), false)).unwrap();
+        assert_eq!(s.state, b"late state");
+        assert_eq!(s.manifest.state.size, 10);
+        assert_eq!(s.manifest.state.checksum, checksum(b"late state"));
+        assert!(mem[..4096].iter().all(|b| *b == 0));
+        assert!(mem[4096..8192].iter().all(|b| *b == 2));
+        assert!(mem[8192..].iter().all(|b| *b == 1));
+        // A snapshot stream must carry its state first.
+        assert!(read(&migration_stream(Some(b"late state"), false)).is_err());
+    }
+
+    #[test]
+    fn a_migration_stream_without_state_or_with_a_digest_is_refused() {
+        let err = read_migrating(&migration_stream(None, false)).err().unwrap().to_string();
+        assert!(err.contains("without the machine state"), "{err}");
+        let err = read_migrating(&migration_stream(Some(b"s"), true)).err().unwrap().to_string();
+        assert!(err.contains("gives a digest"), "{err}");
+    }
+
+    #[test]
+    fn an_abandoned_stream_says_why() {
+        let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+        let mut m = sample();
+        m.memory.extents.clear();
+        m.memory.chunk_checksums.clear();
+        m.state = crate::StateDigest::default();
+        w.manifest(&m.encode()).unwrap();
+        w.memory(0, &[3u8; 4096]).unwrap();
+        let bytes = w.abandon("the guest was cancelled").unwrap();
+        let err = read_migrating(&bytes).err().unwrap().to_string();
+        assert!(err.contains("abandoned") && err.contains("the guest was cancelled"), "{err}");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The migration reader with damaged input: an error, never a panic.
+        #[test]
+        fn damaged_migration_streams_are_refused(edits in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4)) {
+            let mut bytes = migration_stream(Some(b"state"), false);
+            for (at, xor) in edits {
+                let at = at % bytes.len();
+                bytes[at] ^= xor;
+            }
+            prop_assert!(read_migrating(&bytes).is_err());
+        }
+
 
         /// Arbitrary bytes, or a good stream with arbitrary bytes changed: an error, never a panic.
         #[test]

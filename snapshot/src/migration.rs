@@ -1,0 +1,198 @@
+//! The handshake and hand-over messages of a live migration (`docs/migration-protocol.md`).
+//! The VM itself travels as a snapshot stream (`stream`, read with `streamed::read_migration`);
+//! these few messages go between its frames, mostly from the destination back to the source.
+//!
+//! Encoding (integers little-endian):
+//!
+//! ```text
+//! message = magic "VMMMIG" (6) | kind u8 | reserved u8 (= 0) | len u32 | payload (len) | checksum u64
+//! ```
+//!
+//! `checksum` is xxh3-64 of everything before it. `len` is at most [`MAX_MESSAGE_PAYLOAD`];
+//! only Refuse has a payload (a UTF-8 reason).
+
+use std::io::{self, Read, Write};
+
+use crate::digest::Hasher;
+
+const MAGIC: [u8; 6] = *b"VMMMIG";
+const HEADER_LEN: usize = 12;
+/// Largest payload a message carries, in bytes (a reader refuses more before allocating).
+pub const MAX_MESSAGE_PAYLOAD: usize = 4096;
+
+const KIND_ACCEPT: u8 = 1;
+const KIND_REFUSE: u8 = 2;
+const KIND_READY: u8 = 3;
+const KIND_COMMIT: u8 = 4;
+const KIND_COMMITTED: u8 = 5;
+
+/// One message. In the order a migration uses them: destination → source `Accept` (or
+/// `Refuse`) once it checked the manifest; `Ready` (or `Refuse`) once it holds the whole VM and
+/// can run it; source → destination `Commit`: the source has stopped the guest for good, run it;
+/// destination → source `Committed`: it took over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Accept,
+    Refuse(String),
+    Ready,
+    Commit,
+    Committed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("corrupt migration message: {0}")]
+    Corrupt(String),
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Accept => KIND_ACCEPT,
+            Message::Refuse(_) => KIND_REFUSE,
+            Message::Ready => KIND_READY,
+            Message::Commit => KIND_COMMIT,
+            Message::Committed => KIND_COMMITTED,
+        }
+    }
+
+    /// The message's bytes; a Refuse reason is cut to [`MAX_MESSAGE_PAYLOAD`] bytes at a
+    /// character boundary.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = match self {
+            Message::Refuse(reason) => {
+                let mut end = reason.len().min(MAX_MESSAGE_PAYLOAD);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &reason.as_bytes()[..end]
+            }
+            _ => &[][..],
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + 8);
+        out.extend_from_slice(&MAGIC);
+        out.push(self.kind());
+        out.push(0);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(payload);
+        let mut hasher = Hasher::default();
+        hasher.update(&out);
+        out.extend_from_slice(&hasher.finish().to_le_bytes());
+        out
+    }
+
+    /// Writes the message and flushes.
+    pub fn send(&self, out: &mut impl Write) -> io::Result<()> {
+        out.write_all(&self.encode())?;
+        out.flush()
+    }
+
+    /// Reads one message, checking everything; EOF before its first byte is `Closed`.
+    pub fn receive(input: &mut impl Read) -> Result<Message, MessageError> {
+        let mut header = [0u8; HEADER_LEN];
+        let got = read_full(input, &mut header)?;
+        if got == 0 {
+            return Err(MessageError::Closed);
+        }
+        if got < HEADER_LEN {
+            return Err(MessageError::Corrupt("cut short".into()));
+        }
+        if header[..6] != MAGIC {
+            return Err(MessageError::Corrupt("bad magic".into()));
+        }
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        if len > MAX_MESSAGE_PAYLOAD {
+            return Err(MessageError::Corrupt(format!("a payload of {len} bytes")));
+        }
+        let mut rest = vec![0u8; len + 8];
+        if read_full(input, &mut rest)? < rest.len() {
+            return Err(MessageError::Corrupt("cut short".into()));
+        }
+        let mut hasher = Hasher::default();
+        hasher.update(&header);
+        hasher.update(&rest[..len]);
+        let mut sum = [0u8; 8];
+        sum.copy_from_slice(&rest[len..]);
+        if u64::from_le_bytes(sum) != hasher.finish() {
+            return Err(MessageError::Corrupt("checksum mismatch".into()));
+        }
+        if header[7] != 0 {
+            return Err(MessageError::Corrupt("reserved byte is not 0".into()));
+        }
+        let empty = |m: Message| if len == 0 { Ok(m) } else { Err(MessageError::Corrupt("unexpected payload".into())) };
+        match header[6] {
+            KIND_ACCEPT => empty(Message::Accept),
+            KIND_READY => empty(Message::Ready),
+            KIND_COMMIT => empty(Message::Commit),
+            KIND_COMMITTED => empty(Message::Committed),
+            KIND_REFUSE => Ok(Message::Refuse(String::from_utf8_lossy(&rest[..len]).into_owned())),
+            kind => Err(MessageError::Corrupt(format!("unknown kind {kind}"))),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns how much was read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match input.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all() -> Vec<Message> {
+        vec![Message::Accept, Message::Refuse("no room".into()), Message::Ready, Message::Commit, Message::Committed]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all() {
+            assert_eq!(Message::receive(&mut &m.encode()[..]).unwrap(), m);
+        }
+        let long = "é".repeat(3000);
+        let Message::Refuse(cut) = Message::receive(&mut &Message::Refuse(long).encode()[..]).unwrap() else {
+            panic!("not a refusal")
+        };
+        assert!(cut.len() <= MAX_MESSAGE_PAYLOAD && !cut.is_empty());
+    }
+
+    #[test]
+    fn an_empty_input_is_a_closed_peer_and_a_cut_one_is_corrupt() {
+        assert!(matches!(Message::receive(&mut &[][..]), Err(MessageError::Closed)));
+        let bytes = Message::Ready.encode();
+        for cut in 1..bytes.len() {
+            assert!(matches!(Message::receive(&mut &bytes[..cut]), Err(MessageError::Corrupt(_))), "cut {cut}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Message::receive(&mut &bytes[..]);
+        }
+
+        #[test]
+        fn any_damaged_message_is_refused(which in 0usize..5, at in any::<usize>(), xor in 1u8..=255) {
+            let mut bytes = all()[which].encode();
+            let at = at % bytes.len();
+            bytes[at] ^= xor;
+            prop_assert!(Message::receive(&mut &bytes[..]).is_err());
+        }
+    }
+}
