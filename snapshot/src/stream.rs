@@ -315,6 +315,14 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes End, flushes, returns the inner writer and stats.
     pub fn finish(mut self) -> Result<(W, StreamStats), StreamError> {
+        let stats = self.end()?;
+        Ok((self.out, stats))
+    }
+
+    /// Writes End and flushes, keeping the writer (its inner writer stays reachable through
+    /// [`get_mut`](Self::get_mut), e.g. to read the peer's answer on a socket); nothing more can
+    /// be written.
+    pub fn end(&mut self) -> Result<StreamStats, StreamError> {
         self.check_usable()?;
         self.check_started("the end of the stream")?;
         let mut fixed = [0u8; END_FIXED];
@@ -322,28 +330,30 @@ impl<W: Write> StreamWriter<W> {
         fixed[8..16].copy_from_slice(&self.memory_bytes.to_le_bytes());
         fixed[16..].copy_from_slice(&self.zero_bytes.to_le_bytes());
         self.write_frame(KIND_END, &fixed, &[])?;
-        self.out.flush().map_err(StreamError::Io)?;
-        let stats = StreamStats {
+        self.flush()?;
+        // Anything written after End would never be read.
+        self.broken = true;
+        Ok(StreamStats {
             frames: self.frames,
             bytes: self.bytes,
             memory_bytes: self.memory_bytes,
             zero_bytes: self.zero_bytes,
-        };
-        Ok((self.out, stats))
+        })
     }
 
     /// Ends the stream with an Abandon frame saying why (cut to [`MAX_ABANDON_REASON`] bytes at a
-    /// character boundary), flushes, and returns the inner writer: the reader learns the stream
-    /// was given up on purpose rather than cut.
-    pub fn abandon(mut self, reason: &str) -> Result<W, StreamError> {
+    /// character boundary) and flushes: the reader learns the stream was given up on purpose
+    /// rather than cut. Nothing more can be written.
+    pub fn abandon(&mut self, reason: &str) -> Result<(), StreamError> {
         self.check_usable()?;
         let mut end = reason.len().min(MAX_ABANDON_REASON);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
         self.write_frame(KIND_ABANDON, &[], &reason.as_bytes()[..end])?;
-        self.out.flush().map_err(StreamError::Io)?;
-        Ok(self.out)
+        self.flush()?;
+        self.broken = true;
+        Ok(())
     }
 
     /// Flushes what was written so far (a migration waits for its peer's answer between frames).
@@ -356,9 +366,10 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// The inner writer, e.g. to set a socket option; writing to it directly breaks the stream.
-    pub fn get_ref(&self) -> &W {
-        &self.out
+    /// The inner writer, e.g. to read a socket's answer after a flush; writing to it directly
+    /// breaks the stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     /// Bytes written so far (stream header + frames, as stored), for progress reports.

@@ -315,7 +315,8 @@ mod tests {
         m.state = crate::StateDigest::default();
         w.manifest(&m.encode()).unwrap();
         w.memory(0, &[3u8; 4096]).unwrap();
-        let bytes = w.abandon("the guest was cancelled").unwrap();
+        w.abandon("the guest was cancelled").unwrap();
+        let bytes = w.get_mut().clone();
         let err = read_migrating(&bytes).err().unwrap().to_string();
         assert!(err.contains("abandoned") && err.contains("the guest was cancelled"), "{err}");
     }

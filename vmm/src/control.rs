@@ -96,8 +96,8 @@ pub struct VmControl {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("busy: a snapshot of this VM is already being taken")]
-pub struct Busy;
+#[error("busy: a {0} of this VM is under way")]
+pub struct Busy(&'static str);
 
 /// A guard holding every vCPU paused; dropping it lets the guest run again if it was running.
 /// What can only be read from a paused machine is read through it.
@@ -313,11 +313,20 @@ impl VmControl {
 
     /// Registers a new snapshot job, or fails if one runs.
     pub fn start_job(&self) -> Result<Arc<Job>, Busy> {
+        self.start(Job::default())
+    }
+
+    /// Registers a migration, or fails if a snapshot or a migration runs.
+    pub fn start_migration(&self) -> Result<Arc<Job>, Busy> {
+        self.start(Job::migration())
+    }
+
+    fn start(&self, new: Job) -> Result<Arc<Job>, Busy> {
         let mut job = lock(&self.job);
-        if job.is_some() {
-            return Err(Busy);
+        if let Some(running) = job.as_ref() {
+            return Err(Busy(running.kind));
         }
-        let new = Arc::new(Job::default());
+        let new = Arc::new(new);
         *job = Some(new.clone());
         Ok(new)
     }

@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod machine;
+pub mod migration;
 pub mod persist;
 pub mod vstate;
 

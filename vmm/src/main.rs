@@ -36,6 +36,10 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Continue a saved VM where it stopped.
     Resume(ResumeArgs),
+    /// Move a running VM live to a `vmm receive` on this or another host.
+    Migrate(MigrateArgs),
+    /// Wait for one VM migrated here (`vmm migrate`), then run it.
+    Receive(ReceiveArgs),
     /// Pause a running VM.
     Pause(VmTarget),
     /// Continue a paused VM.
@@ -116,6 +120,92 @@ pub struct SnapshotArgs {
     /// only for the last few pages (a directory; full or --diff).
     #[arg(long)]
     pub live: bool,
+}
+
+/// TLS files of one side of a migration (PEM); or plain TCP.
+#[derive(clap::Args)]
+pub struct TlsArgs {
+    /// This side's certificate (PEM), signed by the CA --tls-ca names.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"], conflicts_with = "insecure")]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) the peer's certificate must be signed by.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Plain TCP: no encryption, no authentication (a trusted, private link only).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub target: VmTarget,
+    /// Where the VM goes: tcp:HOST:PORT (TLS unless --insecure) or unix:PATH.
+    #[arg(long, required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Abandon the migration under way (the guest runs on here).
+    #[arg(long, conflicts_with = "to")]
+    pub cancel: bool,
+    /// The pause the guest may see (e.g. 10ms): pre-copy rounds go on until what is left can
+    /// be sent within it.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration_arg)]
+    pub max_downtime: std::time::Duration,
+    /// Most bytes a second on the link (e.g. 100M, 1G); default: as fast as it goes.
+    #[arg(long, value_parser = parse_rate_arg)]
+    pub bandwidth: Option<u64>,
+    /// Pre-copy rounds after the first full pass before --over-budget decides.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_rounds: u32,
+    /// When the rounds run out: complete (pause longer than --max-downtime) or abandon (the
+    /// guest runs on here).
+    #[arg(long, default_value = "complete", value_parser = ["complete", "abandon"])]
+    pub over_budget: String,
+    /// zstd-compress the stream.
+    #[arg(long)]
+    pub compress: bool,
+    /// Longest wait for the destination at any step.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    pub timeout: std::time::Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ReceiveArgs {
+    /// Where to wait: tcp:ADDR:PORT (TLS unless --insecure) or unix:PATH (created).
+    #[arg(long)]
+    pub listen: String,
+    /// Name of the VM here (default: its name on the source).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Control socket path.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Longest silence from the source once it connected; then the partial VM is discarded.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    pub timeout: std::time::Duration,
+    /// Stay paused once received, until `vmm continue`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Attach the VM's network interfaces, in order, to these TAP devices of this host instead
+    /// of the names they had: tap=NAME[,mac=MAC].
+    #[arg(long = "net", value_parser = parse_net_arg)]
+    pub nets: Vec<NetArg>,
+    /// The vsock device's cid=N,uds=PATH here instead of the source's.
+    #[arg(long, value_parser = parse_vsock_arg)]
+    pub vsock: Option<VsockConfig>,
+    /// Run the VM's disks, in order, on these files (PATH or PATH,ro) instead of the source's
+    /// paths (by default the same paths: shared storage).
+    #[arg(long = "disk", value_parser = parse_disk_arg)]
+    pub disks: Vec<DiskConfig>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -224,6 +314,14 @@ fn parse_mem_arg(s: &str) -> Result<u64, String> {
     parse_mem(s).map_err(|e| e.to_string())
 }
 
+fn parse_rate_arg(s: &str) -> Result<u64, String> {
+    match vmm::config::parse_size(s) {
+        Ok(0) => Err("a bandwidth of 0 would never finish".into()),
+        Ok(bytes) => Ok(bytes),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_disk_arg(s: &str) -> Result<DiskConfig, String> {
     parse_disk(s).map_err(|e| e.to_string())
 }
@@ -264,7 +362,7 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_BAD_INPUT);
         }
     };
-    if !matches!(cli.command, Command::Run(_) | Command::Resume(_)) {
+    if !matches!(cli.command, Command::Run(_) | Command::Resume(_) | Command::Receive(_)) {
         // Commands that print end quietly when their reader goes away (`vmm inspect s | head`),
         // as shell tools do. A VM's process keeps ignoring SIGPIPE: it may write a snapshot
         // stream into a pipe whose reader dies, and must survive that.
@@ -275,6 +373,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::run(args),
         Command::Resume(args) => cli::run::resume(args),
         Command::Snapshot(args) => cli::client::snapshot(&args),
+        Command::Migrate(args) => cli::client::migrate(&args),
+        Command::Receive(args) => cli::run::receive(args),
         Command::Pause(target) => cli::client::simple(&target, vmm::api::protocol::Request::Pause),
         Command::Continue(target) => cli::client::simple(&target, vmm::api::protocol::Request::Continue),
         Command::Shutdown(target) => cli::client::simple(&target, vmm::api::protocol::Request::Shutdown),

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{MigrationReport, OverBudget};
 use crate::persist::{Quiesce, SnapshotReport};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +38,34 @@ pub enum Request {
         #[serde(default)]
         live: bool,
     },
-    /// Cancels the snapshot being taken: the guest runs on, nothing is left at its destination.
+    /// Migrates the VM live to a `vmm receive` (`docs/migration-protocol.md`); the reply comes
+    /// once the destination took over (this VM then ends) or the migration failed (the guest
+    /// runs on here).
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        to: String,
+        /// Absolute paths of this side's certificate, key and CA (PEM), for tcp:.
+        #[serde(default)]
+        tls: Option<TlsPaths>,
+        /// Plain TCP.
+        #[serde(default)]
+        insecure: bool,
+        /// The pause the guest may see, in ms.
+        max_downtime_ms: u64,
+        /// Bytes a second at most on the link.
+        #[serde(default)]
+        bandwidth: Option<u64>,
+        /// Pre-copy rounds after the first pass before `over_budget` decides.
+        max_rounds: u32,
+        #[serde(default)]
+        over_budget: OverBudget,
+        #[serde(default)]
+        compress: bool,
+        /// Longest wait for the destination at any step, in ms.
+        timeout_ms: u64,
+    },
+    /// Cancels the snapshot or migration under way: the guest runs on, nothing is left at its
+    /// destination.
     Cancel,
     Shutdown,
     /// Dirty page tracking (`vstate::dirty`): start, fetch-and-clear, stop.
@@ -45,6 +73,14 @@ pub enum Request {
     DirtyLog {
         op: DirtyLogOp,
     },
+}
+
+/// A side's TLS files (PEM), absolute paths.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsPaths {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,15 +110,22 @@ pub enum ErrorKind {
     Cancelled,
 }
 
-/// A snapshot being taken.
+/// A snapshot being taken, or a migration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStatus {
+    /// "snapshot" or "migration".
+    #[serde(default = "snapshot_kind")]
+    pub kind: String,
     /// preparing, pausing, saving state, writing memory, syncing disks, committing.
     pub phase: String,
     /// Guest memory bytes written (or found zero) so far.
     pub done_bytes: u64,
     /// Guest memory bytes in all.
     pub total_bytes: u64,
+}
+
+fn snapshot_kind() -> String {
+    "snapshot".into()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +189,8 @@ pub struct Reply {
     pub snapshot: Option<SnapshotReport>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dirty: Option<DirtyReport>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub migration: Option<MigrationReport>,
     /// The VM's process, when the request ends the VM: the client can wait for it to be gone
     /// (and its disks and name free again).
     #[serde(skip_serializing_if = "Option::is_none", default)]

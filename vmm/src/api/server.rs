@@ -15,6 +15,8 @@ use super::protocol::{
 };
 use crate::control::{DirtyLogError, VmControl};
 use crate::exit::ExitReason;
+use crate::migration::transport::{self, Endpoint, Security, TlsFiles};
+use crate::migration::MigrateOptions;
 use crate::persist::{self, DirSink, Sink, SnapshotOptions, StreamSink};
 
 /// Largest request accepted (requests are small JSON objects).
@@ -152,6 +154,19 @@ fn serve(stream: UnixStream, control: &Arc<VmControl>) {
                 Err((kind, message)) => (Reply::error(kind, message), false),
             }
         }
+        Ok((request @ Request::Migrate { .. }, _)) => match start_migration(control, request) {
+            Ok((job, opts)) => {
+                let control = control.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("migrate".into())
+                    .spawn(move || finish_migration(&control, stream, &job, &opts));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start the migration thread: {e}");
+                }
+                return;
+            }
+            Err((kind, message)) => (Reply::error(kind, message), false),
+        },
         Ok((request, _)) => handle(request, control),
         Err(e) => (Reply::error(ErrorKind::Input, e), false),
     };
@@ -230,6 +245,72 @@ fn finish_snapshot(control: &VmControl, stream: UnixStream, run: SnapshotRun, ou
     }
 }
 
+/// Checks a migration request and registers its job.
+fn start_migration(
+    control: &VmControl,
+    request: Request,
+) -> Result<(Arc<persist::Job>, MigrateOptions), (ErrorKind, String)> {
+    let Request::Migrate {
+        to,
+        tls,
+        insecure,
+        max_downtime_ms,
+        bandwidth,
+        max_rounds,
+        over_budget,
+        compress,
+        timeout_ms,
+    } = request
+    else {
+        return Err((ErrorKind::Runtime, "not a migration".into()));
+    };
+    let input = |m: String| (ErrorKind::Input, m);
+    let to: Endpoint = to.parse().map_err(input)?;
+    let security = match (tls, insecure) {
+        (Some(_), true) => return Err(input("--insecure and --tls-* exclude each other".into())),
+        (Some(t), false) => Some(Security::Tls(TlsFiles { cert: t.cert.into(), key: t.key.into(), ca: t.ca.into() })),
+        (None, true) => Some(Security::Insecure),
+        (None, false) => None,
+    };
+    transport::check_security(&to, security.as_ref()).map_err(|e| input(e.to_string()))?;
+    if timeout_ms == 0 {
+        return Err(input("the timeout must be above 0".into()));
+    }
+    let opts = MigrateOptions {
+        to,
+        security,
+        max_downtime: Duration::from_millis(max_downtime_ms),
+        bandwidth,
+        max_rounds,
+        over_budget,
+        compress,
+        timeout: Duration::from_millis(timeout_ms),
+    };
+    let job = control.start_migration().map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
+    Ok((job, opts))
+}
+
+fn finish_migration(control: &VmControl, stream: UnixStream, job: &Arc<persist::Job>, opts: &MigrateOptions) {
+    // No control request lasts for ever: but a migration does as long as it takes.
+    let _ = stream.set_read_timeout(None);
+    let result = crate::migration::migrate(control, opts, job);
+    control.end_job();
+    let (reply, end) = match result {
+        Ok(report) => (Reply { migration: Some(report), ..Reply::ok() }, true),
+        Err(e) if e.is_cancelled() => {
+            (Reply::error(ErrorKind::Cancelled, "migration cancelled; the guest runs on here".to_string()), false)
+        }
+        Err(e) => {
+            let kind = if e.is_bad_input() { ErrorKind::Input } else { ErrorKind::Runtime };
+            (Reply::error(kind, e.to_string()), false)
+        }
+    };
+    send_reply(&stream, reply, end);
+    if end {
+        control.end(ExitReason::Stopped);
+    }
+}
+
 /// Serves one request; the flag says whether the VM must end once the reply is sent.
 fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
     let reply = match request {
@@ -243,7 +324,7 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 console_dropped_bytes: control.devices.console.dropped_bytes(),
                 job: control.current_job().map(|job| {
                     let (done_bytes, total_bytes) = job.progress.get();
-                    JobStatus { phase: job.phase().into(), done_bytes, total_bytes }
+                    JobStatus { kind: job.kind.into(), phase: job.phase().into(), done_bytes, total_bytes }
                 }),
                 checkpoints: control.checkpoints.get().map(|h| {
                     let latest = crate::devices::bus::lock(&h.latest).clone();
@@ -275,7 +356,7 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
                 job.progress.cancel();
                 Reply::ok()
             }
-            None => Reply::error(ErrorKind::Input, "no snapshot is being taken"),
+            None => Reply::error(ErrorKind::Input, "no snapshot or migration is under way"),
         },
         Request::DirtyLog { op } => {
             let done = match op {
@@ -292,7 +373,9 @@ fn handle(request: Request, control: &VmControl) -> (Reply, bool) {
             }
         }
         // Started by `serve`, which never hands them here.
-        Request::Snapshot { .. } => Reply::error(ErrorKind::Runtime, "snapshot requests are not served here"),
+        Request::Snapshot { .. } | Request::Migrate { .. } => {
+            Reply::error(ErrorKind::Runtime, "snapshot requests are not served here")
+        }
     };
     (reply, false)
 }

@@ -9,7 +9,7 @@ use vmm::api::{self, client, protocol::ErrorKind, protocol::Reply, protocol::Req
 use vmm::persist::Quiesce;
 
 use super::{CmdResult, Failure};
-use crate::{SnapshotArgs, VmTarget};
+use crate::{MigrateArgs, SnapshotArgs, TlsArgs, VmTarget};
 
 fn socket(target: &VmTarget) -> Result<PathBuf, Failure> {
     match (&target.api_sock, &target.name) {
@@ -70,7 +70,9 @@ pub fn status(target: &VmTarget) -> CmdResult {
     let reply = call(target, &Request::Status)?;
     let s = reply.status.ok_or_else(|| Failure::runtime("reply has no status"))?;
     let job = match &s.job {
-        Some(j) => format!(" snapshot={} {}/{}MiB", j.phase.replace(' ', "-"), j.done_bytes >> 20, j.total_bytes >> 20),
+        Some(j) => {
+            format!(" {}={} {}/{}MiB", j.kind, j.phase.replace(' ', "-"), j.done_bytes >> 20, j.total_bytes >> 20)
+        }
         None => String::new(),
     };
     let memory = match &s.memory {
@@ -124,15 +126,83 @@ fn show_progress(target: &VmTarget, done: &AtomicBool) {
 }
 
 /// On SIGINT (or SIGTERM, SIGHUP), asks the VM to cancel the snapshot.
-fn cancel_on_signal(target: &VmTarget) -> std::io::Result<()> {
+fn cancel_on_signal(target: &VmTarget, what: &'static str) -> std::io::Result<()> {
     let target = VmTarget { name: target.name.clone(), api_sock: target.api_sock.clone() };
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if vmm::exit::wait_termination_signal().is_some() {
-            eprintln!("vmm: cancelling the snapshot");
+            eprintln!("vmm: cancelling the {what}");
             let _ = call(&target, &Request::Cancel);
         }
     })?;
     Ok(())
+}
+
+/// The TLS files as absolute paths (the VM resolves paths from its own working directory).
+pub fn tls_paths(tls: &TlsArgs) -> Result<Option<vmm::api::protocol::TlsPaths>, Failure> {
+    let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) else { return Ok(None) };
+    let absolute = |p: &PathBuf| -> Result<String, Failure> {
+        if !p.is_file() {
+            return Err(Failure::bad_input(format!("{} is not a readable file", p.display())));
+        }
+        std::path::absolute(p)
+            .map(|p| p.display().to_string())
+            .map_err(|e| Failure::bad_input(format!("bad path {}: {e}", p.display())))
+    };
+    Ok(Some(vmm::api::protocol::TlsPaths { cert: absolute(cert)?, key: absolute(key)?, ca: absolute(ca)? }))
+}
+
+pub fn migrate(args: &MigrateArgs) -> CmdResult {
+    if args.cancel {
+        return simple(&args.target, Request::Cancel);
+    }
+    let to = args.to.clone().unwrap_or_default();
+    let endpoint: vmm::migration::transport::Endpoint = to.parse().map_err(|e: String| Failure::bad_input(e))?;
+    let tls = tls_paths(&args.tls)?;
+    // The VM checks the rest (TLS or --insecure for tcp:, nothing for unix:).
+    drop(endpoint);
+    let request = Request::Migrate {
+        to,
+        tls,
+        insecure: args.tls.insecure,
+        max_downtime_ms: args.max_downtime.as_millis() as u64,
+        bandwidth: args.bandwidth,
+        max_rounds: args.max_rounds,
+        over_budget: if args.over_budget == "abandon" {
+            vmm::migration::OverBudget::Abandon
+        } else {
+            vmm::migration::OverBudget::Complete
+        },
+        compress: args.compress,
+        timeout_ms: (args.timeout.as_millis() as u64).max(1),
+    };
+    cancel_on_signal(&args.target, "migration").map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
+    let done = AtomicBool::new(false);
+    let reply = std::thread::scope(|scope| {
+        if !args.quiet && std::io::stderr().is_terminal() {
+            scope.spawn(|| show_progress(&args.target, &done));
+        }
+        let reply = call(&args.target, &request);
+        done.store(true, Ordering::Relaxed);
+        reply
+    })?;
+    if let Some(r) = reply.migration {
+        let throttle =
+            if r.throttle_percent > 0 { format!(", throttled up to {}%", r.throttle_percent) } else { String::new() };
+        let over = if r.over_budget { " (over the downtime budget: the rounds ran out)" } else { "" };
+        println!(
+            "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {} KiB while paused), {} round{} after the first pass{throttle}{}",
+            r.to,
+            r.total_ms,
+            r.downtime_ms,
+            r.bytes,
+            r.memory_bytes >> 20,
+            r.paused_bytes >> 10,
+            r.rounds,
+            if r.rounds == 1 { "" } else { "s" },
+            if r.tls { ", TLS" } else { "" }
+        );
+    }
+    Ok(0)
 }
 
 /// Whether stdout is /dev/null (Rust's runtime also opens it there when the shell closed it).
@@ -205,7 +275,7 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
             None => None,
         },
     };
-    cancel_on_signal(&args.target).map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
+    cancel_on_signal(&args.target, "snapshot").map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     let done = AtomicBool::new(false);
     let reply = std::thread::scope(|scope| {
         if !args.quiet && std::io::stderr().is_terminal() {

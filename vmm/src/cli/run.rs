@@ -14,8 +14,10 @@ use vmm::vstate::load::MemoryLoad;
 use vmm::{ExitReason, Machine, VmConfig};
 
 use super::{CmdResult, Failure};
-use crate::{CheckpointArgs, ResumeArgs, RunArgs};
+use crate::{CheckpointArgs, ReceiveArgs, ResumeArgs, RunArgs};
+use snapshot::migration::Message;
 use vmm::checkpoint::{self, CheckpointConfig, Interval};
+use vmm::migration::transport::{Connection, Endpoint, Listener, Security, TlsFiles, TransportError};
 
 /// Default command line for Linux kernels: console on COM1, reboot through the i8042 (which
 /// ends vmm), no reboot loop after a panic.
@@ -158,7 +160,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
             bad_input: f.code == super::EXIT_BAD_INPUT,
         })
     };
-    let (restored, (listener, guard)) = persist::restore(source, &opts, claim).map_err(persist_failure)?;
+    let (restored, (listener, guard)) = persist::restore(source, &opts, claim, || Ok(())).map_err(persist_failure)?;
 
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
@@ -170,6 +172,148 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         stdin_input: !from_stream,
         refresh_agent,
         diff_base: restored.diff_base,
+    };
+    serve(restored.machine, listener, guard, launch)
+}
+
+/// A migration connection shared by the restore path, which reads the stream from it, and the
+/// hand-over, which answers the source on it between reads.
+#[derive(Clone)]
+struct SharedConnection(Arc<std::sync::Mutex<Connection>>, std::time::Duration);
+
+impl SharedConnection {
+    fn send(&self, message: &Message) -> std::io::Result<()> {
+        message.send(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn receive(&self) -> Result<Message, snapshot::migration::MessageError> {
+        Message::receive(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl std::io::Read for SharedConnection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).read(buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the source sent nothing for {}", humantime::format_duration(self.1)),
+                ))
+            }
+            other => other,
+        }
+    }
+}
+
+/// The security of a listening or connecting side, from its arguments.
+fn security_of(tls: &crate::TlsArgs) -> Option<Security> {
+    match (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(Security::Tls(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }))
+        }
+        _ if tls.insecure => Some(Security::Insecure),
+        _ => None,
+    }
+}
+
+/// `vmm receive`: waits for one migrated VM, takes it over from its source, and runs it.
+pub fn receive(args: ReceiveArgs) -> CmdResult {
+    if let Some(name) = &args.name {
+        check_name(name)?;
+    }
+    let endpoint: Endpoint = args.listen.parse().map_err(|e: String| Failure::bad_input(format!("--listen: {e}")))?;
+    let security = security_of(&args.tls);
+    let transport_failure = |e: TransportError| {
+        if e.is_bad_input() {
+            Failure::bad_input(e.to_string())
+        } else {
+            Failure::runtime(e.to_string())
+        }
+    };
+    let listener = Listener::bind(&endpoint, security.as_ref()).map_err(transport_failure)?;
+    let shown = match listener.local_port() {
+        Some(port) if matches!(endpoint, Endpoint::Tcp { port: 0, .. }) => format!("{endpoint} (port {port})"),
+        _ => endpoint.to_string(),
+    };
+    eprintln!("vmm: waiting for a VM on {shown}");
+    // A peer that fails the TLS handshake (no certificate of the CA) is turned away and the
+    // next one awaited: it never got to send anything.
+    let (conn, peer) = loop {
+        match listener.accept(args.timeout) {
+            Ok(accepted) => break accepted,
+            Err(e @ TransportError::Handshake { .. }) => eprintln!("vmm: refused a connection: {e}"),
+            Err(e) => return Err(transport_failure(e)),
+        }
+    };
+    drop(listener);
+    conn.set_timeout(Some(args.timeout)).map_err(|e| Failure::runtime(format!("connection from {peer}: {e}")))?;
+    let conn = SharedConnection(Arc::new(std::sync::Mutex::new(conn)), args.timeout);
+    let opts = ResumeOptions {
+        name: args.name.clone(),
+        verify: false,
+        disk_changed_ok: true,
+        nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
+        disks: args.disks.clone(),
+    };
+    let claim = |name: &str| {
+        let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(name));
+        check_vsock_path(args.vsock.as_ref(), &socket)
+            .map_err(|f| persist::PersistError::Claim { message: f.message, bad_input: true })?;
+        let claimed = bind(&socket, name).map_err(|f| persist::PersistError::Claim {
+            message: f.message,
+            bad_input: f.code == super::EXIT_BAD_INPUT,
+        })?;
+        conn.send(&Message::Accept).map_err(|e| persist::PersistError::Claim {
+            message: format!("the source went away during the handshake: {e}"),
+            bad_input: false,
+        })?;
+        Ok(claimed)
+    };
+    let committed = std::cell::Cell::new(false);
+    let handover = || {
+        let lost =
+            |e: String| persist::PersistError::Claim { message: format!("hand-over failed: {e}"), bad_input: false };
+        conn.send(&Message::Ready).map_err(|e| lost(e.to_string()))?;
+        match conn.receive() {
+            Ok(Message::Commit) => {}
+            Ok(other) => return Err(lost(format!("the source answered {other:?}"))),
+            Err(e) => return Err(lost(format!("no commit from the source ({e}): it keeps the guest"))),
+        }
+        // The guest is ours from here: the source stopped it for good.
+        committed.set(true);
+        let _ = conn.send(&Message::Committed);
+        Ok(())
+    };
+    let restored = persist::restore(ResumeSource::Migration(Box::new(conn.clone())), &opts, claim, handover);
+    let (restored, (listener, guard)) = match restored {
+        Ok(r) => r,
+        Err(e) if committed.get() => {
+            return Err(Failure::runtime(format!(
+                "the VM from {peer} was handed over but cannot run here: {e}; the source stopped it"
+            )))
+        }
+        Err(e) => {
+            // Tell the source why (it keeps the guest); it may have gone already.
+            let _ = conn.send(&Message::Refuse(e.to_string()));
+            // The VM's name taken here is the user's to fix; anything else is a failed migration.
+            return Err(match e {
+                persist::PersistError::Claim { bad_input: true, .. } => Failure::bad_input(e.to_string()),
+                e => Failure::runtime(format!("migration from {peer} failed: {e}")),
+            });
+        }
+    };
+    drop(conn);
+    let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
+    let launch = Launch {
+        paused: args.paused,
+        lazy: false,
+        hot: Vec::new(),
+        checkpoint: None,
+        memory_file: None,
+        stdin_input: true,
+        refresh_agent,
+        diff_base: None,
     };
     serve(restored.machine, listener, guard, launch)
 }

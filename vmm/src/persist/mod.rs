@@ -202,6 +202,8 @@ pub struct LiveReport {
 /// snapshot runs; `cancel` stops it.
 #[derive(Debug)]
 pub struct Job {
+    /// "snapshot" or "migration".
+    pub kind: &'static str,
     /// The current phase and when it began.
     phase: Mutex<(&'static str, Option<Instant>)>,
     pub progress: Progress,
@@ -209,20 +211,24 @@ pub struct Job {
 
 impl Default for Job {
     fn default() -> Self {
-        Self { phase: Mutex::new(("starting", Some(Instant::now()))), progress: Progress::default() }
+        Self { kind: "snapshot", phase: Mutex::new(("starting", Some(Instant::now()))), progress: Progress::default() }
     }
 }
 
 impl Job {
+    pub fn migration() -> Self {
+        Self { kind: "migration", ..Self::default() }
+    }
+
     pub fn phase(&self) -> &'static str {
         lock(&self.phase).0
     }
 
     /// Enters `phase`; the time the previous one took goes to the debug log (`VMM_LOG=debug`).
-    fn set_phase(&self, phase: &'static str) {
+    pub fn set_phase(&self, phase: &'static str) {
         let mut current = lock(&self.phase);
         if let (previous, Some(since)) = *current {
-            tracing::debug!("snapshot: {previous} took {:.1} ms", ms(since.elapsed()));
+            tracing::debug!("{}: {previous} took {:.1} ms", self.kind, ms(since.elapsed()));
         }
         *current = (phase, Some(Instant::now()));
     }
@@ -395,6 +401,37 @@ fn check_not_an_ancestor(control: &VmControl, dest: &Path) -> Result<(), Persist
         )));
     }
     Ok(())
+}
+
+/// The manifest a live migration starts with: the VM as configured and the memory layout, sent
+/// before the guest pauses, so without vCPU summaries or a state digest (the state comes later
+/// in the stream, `snapshot::streamed::read_migration`).
+pub fn migration_manifest(control: &VmControl) -> Manifest {
+    Manifest {
+        format_version: snapshot::FORMAT_VERSION,
+        parent: None,
+        parent_dir: None,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        vmm_version: env!("CARGO_PKG_VERSION").into(),
+        vm: describe_vm(&control.config, &[], None),
+        host_cpu: cpuid::host_cpu(),
+        vcpus: Vec::new(),
+        devices: Vec::new(),
+        state: StateDigest::default(),
+        memory: memory::layout_of(&control.mem),
+    }
+}
+
+/// The encoded machine state of a paused VM: VM-wide state first (interrupts the PIT delivers
+/// meanwhile then show in the LAPICs), then the vCPUs and the devices.
+pub fn encode_state(control: &VmControl, paused: &crate::control::PausedVm<'_>) -> Result<Vec<u8>, PersistError> {
+    let vm = paused.vm_state()?;
+    let vcpus = paused.vcpu_states()?;
+    let devices = control.devices.save();
+    Ok(MachineState { vm, vcpus, devices }.to_sections().encode())
 }
 
 /// Leaves only the pages in `dirty` to be saved: the others are the parent snapshot's.

@@ -27,6 +27,7 @@ use crate::vstate::vm::VmError;
 
 /// How a stream is named in errors.
 const STREAM: &str = "the snapshot stream";
+const MIGRATION: &str = "the migration stream";
 
 /// How long a resume from a stream waits for its disks and TAPs to be let go by the VM it came from.
 const BACKEND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -36,6 +37,9 @@ pub enum ResumeSource {
     Dir(PathBuf),
     /// A snapshot stream (`vmm snapshot --out -`), e.g. stdin.
     Stream(Box<dyn Read + Send>),
+    /// The stream of a live migration (`snapshot::streamed::read_migration`): the machine state
+    /// comes after the pre-copy memory.
+    Migration(Box<dyn Read + Send>),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -174,9 +178,10 @@ fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError
 /// refuse the VM here must do so then, while its source (with `--stop`) can still keep it.
 fn read_stream<T>(
     input: impl Read,
+    migration: bool,
     before_memory: impl FnOnce(&Manifest) -> Result<T, PersistError>,
 ) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
-    let what = "stdin";
+    let what = if migration { "the migration stream" } else { "stdin" };
     let prepare = |m: &Manifest| -> Result<(GuestMemory, T), PersistError> {
         check_layout(m)?;
         let claimed = before_memory(m)?;
@@ -200,7 +205,11 @@ fn read_stream<T>(
         }
         Ok(())
     };
-    let (streamed, (mem, claimed)) = streamed::read_snapshot(input, what, prepare, fill)?;
+    let (streamed, (mem, claimed)) = if migration {
+        streamed::read_migration(input, what, prepare, fill)?
+    } else {
+        streamed::read_snapshot(input, what, prepare, fill)?
+    };
     Ok((streamed, mem, claimed))
 }
 
@@ -380,7 +389,7 @@ fn admit<T>(
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
 ) -> Result<(VmConfig, T), PersistError> {
     // A diff's parents are found beside it on disk; a stream has nowhere to look.
-    if manifest.parent.is_some() && what == STREAM {
+    if manifest.parent.is_some() && (what == STREAM || what == MIGRATION) {
         return Err(PersistError::HasParent(what.to_string()));
     }
     if manifest.vm.vcpus == 0 {
@@ -394,13 +403,17 @@ fn admit<T>(
 
 /// Rebuilds the machine of a snapshot, ready to start where it stopped. `claim` is called with
 /// the VM's name as soon as it is known and the snapshot passed the checks that need no KVM:
-/// before a stream's memory is read, before a directory's memory is mapped.
+/// before a stream's memory is read, before a directory's memory is mapped. `handover` is
+/// called once everything that can refuse the VM was checked (its CPU features, its backends
+/// unless another VM of this host still holds them), before the machine is built: a migration
+/// asks its source there to stop for good.
 pub fn restore<T>(
     source: ResumeSource,
     opts: &ResumeOptions,
     claim: impl FnOnce(&str) -> Result<T, PersistError>,
+    handover: impl FnOnce() -> Result<(), PersistError>,
 ) -> Result<(Restored, T), PersistError> {
-    let streamed = matches!(source, ResumeSource::Stream(_));
+    let streamed = !matches!(source, ResumeSource::Dir(_));
     let mut hot = Vec::new();
     let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
@@ -414,25 +427,41 @@ pub fn restore<T>(
             (state, mem, Some(file), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem, admitted) = read_stream(&mut input, |m| admit(m, STREAM, opts, claim))?;
+            let (streamed, mem, admitted) = read_stream(&mut input, false, |m| admit(m, STREAM, opts, claim))?;
+            let state = decode_state(&streamed.manifest, &streamed.state)?;
+            (state, mem, None, None, admitted)
+        }
+        ResumeSource::Migration(mut input) => {
+            let (streamed, mem, admitted) = read_stream(&mut input, true, |m| {
+                check_vendor(m)?;
+                admit(m, MIGRATION, opts, claim)
+            })?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
             (state, mem, None, None, admitted)
         }
     };
-    // A VM moved through a pipe: its source ends (and lets go of its disks) only once its
-    // stream is complete, so give it a moment.
-    let mut waited = std::time::Duration::ZERO;
-    let backends = loop {
-        match Backends::open(&config) {
-            Err(e) if streamed && Backends::in_use(&e) && waited < BACKEND_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                waited += std::time::Duration::from_millis(20);
-            }
-            other => break other?,
-        }
-    };
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
+    // Backends another VM of this host holds (the source of a stream or of a migration, which
+    // lets go of them once it stopped) are waited for after the hand-over.
+    let backends = match Backends::open(&config) {
+        Err(e) if streamed && Backends::in_use(&e) => None,
+        other => Some(other?),
+    };
+    handover()?;
+    let mut waited = std::time::Duration::ZERO;
+    let backends = match backends {
+        Some(b) => b,
+        None => loop {
+            match Backends::open(&config) {
+                Err(e) if Backends::in_use(&e) && waited < BACKEND_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    waited += std::time::Duration::from_millis(20);
+                }
+                other => break other?,
+            }
+        },
+    };
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
     // A VM resumed from a directory records what it writes from the start (later diffs are
     // diffs of that snapshot).
@@ -448,6 +477,19 @@ pub fn restore<T>(
     // the devices raise the interrupts they had pending.
     machine.devices.replay_interrupts();
     Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
+}
+
+/// A guest cannot move to a CPU of another vendor (its CPUID, MSRs and microcode-visible
+/// behaviour differ): refused from the manifest, before any memory is sent.
+fn check_vendor(manifest: &Manifest) -> Result<(), PersistError> {
+    let here = cpuid::host_cpu();
+    if manifest.host_cpu.vendor != here.vendor {
+        return Err(PersistError::HostCpu(format!(
+            "the guest runs on a {} CPU, this host's is {}",
+            manifest.host_cpu.vendor, here.vendor
+        )));
+    }
+    Ok(())
 }
 
 /// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.

@@ -1,0 +1,544 @@
+//! Live migration (`vmm migrate` → `vmm receive`) of the test guest verifying its memory as it
+//! runs: back and forth, over TLS with certificates on both sides, and when things go wrong —
+//! a cut link, a corrupted frame, a dead or refusing destination, a stopped source, a guest that
+//! dirties faster than the link — exactly one side runs the guest afterwards, and it verifies.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tests::{field, vmm_cmd, vmm_ok, TempDir, Vmm};
+
+const T: Duration = Duration::from_secs(60);
+const WORKLOAD: &str = "workload=mem mem.size=32M tick.ms=250";
+
+fn sock(dir: &TempDir, name: &str) -> String {
+    dir.path().join(format!("{name}.sock")).display().to_string()
+}
+
+fn boot(dir: &TempDir, name: &str, cmdline: &str) -> Vmm {
+    let s = sock(dir, name);
+    let mut vm = Vmm::testguest(cmdline, &["--vcpus", "2", "--mem", "256M", "--name", name, "--api-sock", &s]);
+    vm.wait_for("testguest: ready", T);
+    vm.wait_for("testguest: tick", T);
+    vm
+}
+
+/// Per-CPU tick counters of a tick line.
+fn counters(line: &str) -> Vec<u64> {
+    (0..2).map(|c| field(line, &format!("cpu{c}")).unwrap_or_else(|| panic!("no cpu{c} in {line}"))).collect()
+}
+
+/// Every vCPU of the guest makes progress (verified passes over its memory) on `vm`.
+fn assert_progress(vm: &mut Vmm, what: &str) {
+    let first = vm.wait_for("testguest: tick", T);
+    let deadline = Instant::now() + T;
+    loop {
+        let line = vm.wait_for("testguest: tick", T);
+        if counters(&line).iter().zip(counters(&first)).all(|(a, b)| *a > b) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: no progress from {first} to {line}");
+    }
+}
+
+fn state_of(sock: &str) -> String {
+    let (status, out, err) = vmm_cmd(&["status", "--api-sock", sock]);
+    assert!(status.success(), "status of {sock}: {err}");
+    out
+}
+
+/// `vmm receive` on `listen`, as VM `name` with control socket `sock`.
+fn receive(listen: &str, name: &str, sock: &str, extra: &[&str]) -> Vmm {
+    let mut args = vec!["receive", "--listen", listen, "--name", name, "--api-sock", sock];
+    args.extend_from_slice(extra);
+    Vmm::spawn(&args)
+}
+
+/// Waits until `path` exists (a receiver's listening socket).
+fn wait_path(path: &Path) {
+    let deadline = Instant::now() + T;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the VM on `sock` is sending memory (8 MiB or more) to its destination.
+fn wait_copying(sock: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let out = state_of(sock);
+        let copied = out
+            .split_whitespace()
+            .skip_while(|w| !w.starts_with("migration=copying-memory"))
+            .nth(1)
+            .and_then(|w| w.split('/').next()?.parse::<u64>().ok());
+        if copied.is_some_and(|mib| mib >= 8) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the migration never got to copying memory: {out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(src_sock: &str, to: &str, extra: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut args = vec!["migrate", "--api-sock", src_sock, "--to", to];
+    args.extend_from_slice(extra);
+    vmm_cmd(&args)
+}
+
+/// The guest moves from one vmm to another and back, ten times, over Unix sockets; it keeps
+/// verifying its memory throughout and never reboots; each source ends once it handed over.
+#[test]
+fn a_vm_migrates_back_and_forth_ten_times_and_keeps_verifying() {
+    let dir = TempDir::new("mig-10");
+    let mut vm = boot(&dir, "m0", WORKLOAD);
+    let mut name = "m0".to_string();
+    for i in 1..=10 {
+        let next = format!("m{i}");
+        let listen = dir.path().join(format!("in{i}.sock"));
+        let mut dst = receive(&format!("unix:{}", listen.display()), &next, &sock(&dir, &next), &[]);
+        wait_path(&listen);
+        let (status, out, err) = migrate(&sock(&dir, &name), &format!("unix:{}", listen.display()), &[]);
+        assert!(status.success(), "migration {i} failed: {err}");
+        assert!(out.contains("migrated to") && out.contains("downtime"), "{out}");
+        let (status, _, stderr) = vm.wait_exit(T);
+        assert_eq!(status.code(), Some(0), "the source of migration {i} did not end cleanly: {stderr}");
+        assert_progress(&mut dst, &format!("after migration {i}"));
+        assert!(dst.lines_with("testguest: ready").is_empty(), "the guest rebooted: {:?}", dst.seen);
+        assert!(!listen.exists(), "the receiver left its listening socket");
+        vm = dst;
+        name = next;
+    }
+    vm.kill();
+}
+
+/// A CA with certificates for both sides (`openssl`, as docs/migration.md shows), valid for
+/// 127.0.0.1.
+fn make_certs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"]]
+        .concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for side in ["src", "dst"] {
+        let (key, csr, pem) = (format!("{side}.key"), format!("{side}.csr"), format!("{side}.pem"));
+        run(&[&["req"][..], &ec, &["-subj", &format!("/CN={side}"), "-keyout", &key, "-out", &csr]].concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &pem,
+        ]);
+    }
+}
+
+fn tls_args(dir: &Path, side: &str) -> Vec<String> {
+    let p = |f: String| dir.join(f).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        p(format!("{side}.pem")),
+        "--tls-key".into(),
+        p(format!("{side}.key")),
+        "--tls-ca".into(),
+        p("ca.pem".into()),
+    ]
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Over TCP, both sides prove themselves with a certificate of the CA: a source with another
+/// CA's certificate, or none (`--insecure`), is turned away before any VM data moves (and keeps
+/// its guest); the receiver waits on for a good one, which migrates.
+#[test]
+fn tcp_migration_needs_certificates_of_one_ca_on_both_sides() {
+    let dir = TempDir::new("mig-tls");
+    let (good, evil) = (dir.path().join("good"), dir.path().join("evil"));
+    make_certs(&good);
+    make_certs(&evil);
+    let mut vm = boot(&dir, "t0", WORKLOAD);
+    let port = free_port();
+    let to = format!("tcp:127.0.0.1:{port}");
+    let dst_tls = tls_args(&good, "dst");
+    let extra: Vec<&str> = dst_tls.iter().map(String::as_str).collect();
+    let mut dst = receive(&format!("tcp:127.0.0.1:{port}"), "t1", &sock(&dir, "t1"), &extra);
+    wait_listening(port);
+
+    let refused: [(Vec<String>, &str); 3] = [
+        (tls_args(&evil, "src"), "certificate"),
+        (
+            {
+                // The right CA, but a certificate it did not sign.
+                let mut a = tls_args(&evil, "src");
+                a[5] = good.join("ca.pem").display().to_string();
+                a
+            },
+            "TLS",
+        ),
+        (vec!["--insecure".into()], "hung up"),
+    ];
+    for (args, says) in &refused {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, _, err) = migrate(&sock(&dir, "t0"), &to, &args);
+        assert_eq!(status.code(), Some(1), "{args:?} was not refused: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(state_of(&sock(&dir, "t0")).contains("running"));
+    }
+    assert_progress(&mut vm, "the source after refused peers");
+    let (status, _, err) = migrate(&sock(&dir, "t0"), &to, &[]);
+    assert_eq!(status.code(), Some(2), "plain TCP without --insecure: {err}");
+    assert!(err.contains("--insecure"), "{err}");
+
+    let src_tls = tls_args(&good, "src");
+    let args: Vec<&str> = src_tls.iter().map(String::as_str).collect();
+    let (status, out, err) = migrate(&sock(&dir, "t0"), &to, &args);
+    assert!(status.success(), "{err}");
+    assert!(out.contains(", TLS"), "{out}");
+    let (status, _, _) = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0));
+    assert_progress(&mut dst, "after the TLS migration");
+    vmm_ok(&["shutdown", "--api-sock", &sock(&dir, "t1")]);
+    let (_, _, stderr) = dst.wait_exit(T);
+    assert_eq!(stderr.matches("refused a connection").count(), 3, "{stderr}");
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (without connecting: a connection would
+/// be a peer to the receiver).
+fn wait_listening(port: u16) {
+    let needle = format!(":{port:04X} 00000000:0000 0A");
+    let deadline = Instant::now() + T;
+    while !std::fs::read_to_string("/proc/net/tcp").unwrap_or_default().contains(&needle) {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a relay between the source and the destination does to the migration.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Cut both ways once more than this many bytes would go from the source to the destination.
+    CutForward(u64),
+    /// Flip a byte of the source's stream at this offset.
+    Corrupt(u64),
+    /// Cut both ways once more than this many bytes would go back from the destination (its
+    /// answers are 20 bytes each: Accept, then Ready, then Committed).
+    CutBackward(u64),
+}
+
+/// Relays one connection from `listen` to `target`, doing `fault` to it.
+fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        let (from_src, _) = listener.accept().unwrap();
+        let to_dst = UnixStream::connect(&target).unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let pump = |mut a: UnixStream, mut b: UnixStream, forward: bool, cut: Arc<AtomicBool>| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut done = 0u64;
+                loop {
+                    let n = match a.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut n = n;
+                    let limit = match (fault, forward) {
+                        (Fault::CutForward(at), true) | (Fault::CutBackward(at), false) => Some(at),
+                        _ => None,
+                    };
+                    if let Some(at) = limit {
+                        if done + n as u64 > at {
+                            n = (at - done) as usize;
+                            let _ = b.write_all(&buf[..n]);
+                            cut.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    if let (Fault::Corrupt(at), true) = (fault, forward) {
+                        if (done..done + n as u64).contains(&at) {
+                            buf[(at - done) as usize] ^= 0x40;
+                        }
+                    }
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    done += n as u64;
+                }
+                let _ = a.shutdown(std::net::Shutdown::Both);
+                let _ = b.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        let f = pump(from_src.try_clone().unwrap(), to_dst.try_clone().unwrap(), true, cut.clone());
+        let b = pump(to_dst, from_src, false, cut);
+        let _ = f.join();
+        let _ = b.join();
+    })
+}
+
+/// A link cut in the handshake, in the pre-copy or before the destination said it is ready, a
+/// corrupted frame, and a destination that refuses the VM (its name is taken) or is killed:
+/// each time `vmm migrate` exits 1 with the reason, the destination discards its partial VM
+/// (exit 1, its socket and name free), and the guest runs on at the source, verifying. A
+/// migration afterwards still works.
+#[test]
+fn a_failed_migration_leaves_the_guest_running_at_the_source() {
+    let dir = TempDir::new("mig-fail");
+    let mut vm = boot(&dir, "f0", WORKLOAD);
+    let cases = [
+        (Fault::CutForward(300), "the handshake"),
+        (Fault::CutForward(40 << 20), "first pass"),
+        (Fault::Corrupt(20 << 20), "checksum"),
+        (Fault::CutBackward(20), "hand-over"),
+    ];
+    for (i, (fault, says)) in cases.into_iter().enumerate() {
+        let listen = dir.path().join(format!("d{i}.sock"));
+        let via = dir.path().join(format!("relay{i}.sock"));
+        let dst = receive(&format!("unix:{}", listen.display()), "f1", &sock(&dir, "f1"), &["--timeout", "5s"]);
+        wait_path(&listen);
+        let relay = relay(&via, listen.clone(), fault);
+        let (status, _, err) = migrate(&sock(&dir, "f0"), &format!("unix:{}", via.display()), &[]);
+        assert_eq!(status.code(), Some(1), "{fault:?}: {err}");
+        assert!(err.contains(says), "{fault:?}: {err}");
+        let (status, _, derr) = dst.wait_exit(T);
+        assert_eq!(status.code(), Some(1), "{fault:?}: the destination: {derr}");
+        assert!(derr.contains("migration from"), "{fault:?}: the destination: {derr}");
+        assert!(!Path::new(&sock(&dir, "f1")).exists(), "{fault:?}: the destination left its control socket");
+        relay.join().unwrap();
+        assert!(state_of(&sock(&dir, "f0")).contains("running"), "{fault:?}");
+        assert_progress(&mut vm, &format!("the source after {fault:?}"));
+    }
+
+    // A destination that cannot take the VM's name refuses it after the manifest.
+    let taken = Vmm::testguest("workload=idle", &["--name", "f1", "--api-sock", &sock(&dir, "f1")]);
+    let listen = dir.path().join("dn.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "f1", &sock(&dir, "f1"), &[]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "f0"), &format!("unix:{}", listen.display()), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("refused") && err.contains("f1"), "{err}");
+    let (status, _, derr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(2), "{derr}");
+    drop(taken);
+
+    // A destination killed while memory is copied (slowly: 32 MB/s).
+    let listen = dir.path().join("dk.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "f2", &sock(&dir, "f2"), &[]);
+    wait_path(&listen);
+    let src = sock(&dir, "f0");
+    let to = format!("unix:{}", listen.display());
+    let migration = std::thread::spawn(move || migrate(&src, &to, &["--bandwidth", "32M"]));
+    wait_copying(&sock(&dir, "f0"));
+    dst.kill();
+    let (status, _, err) = migration.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_progress(&mut vm, "the source after its destination died");
+
+    let listen = dir.path().join("ok.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "f3", &sock(&dir, "f3"), &[]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "f0"), &format!("unix:{}", listen.display()), &[]);
+    assert!(status.success(), "{err}");
+    assert_progress(&mut dst, "after the failures");
+    let (status, _, _) = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0));
+    dst.kill();
+}
+
+/// The destination's confirmation that it took over is lost: it runs the guest; the source,
+/// which cannot know, keeps it paused (never both running) and says so.
+#[test]
+fn a_lost_confirmation_leaves_only_the_destination_running() {
+    let dir = TempDir::new("mig-lost");
+    let mut vm = boot(&dir, "l0", WORKLOAD);
+    let listen = dir.path().join("d.sock");
+    let via = dir.path().join("relay.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "l1", &sock(&dir, "l1"), &[]);
+    wait_path(&listen);
+    // Accept and Ready pass; Committed does not.
+    let relay = relay(&via, listen.clone(), Fault::CutBackward(40));
+    let (status, _, err) = migrate(&sock(&dir, "l0"), &format!("unix:{}", via.display()), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("did not confirm") && err.contains("stays paused"), "{err}");
+    relay.join().unwrap();
+    assert_progress(&mut dst, "the destination");
+    assert!(state_of(&sock(&dir, "l0")).contains("paused"), "the source runs too");
+    // Lines printed before the pause may still be on their way.
+    let _ = vm.lines_for(Duration::from_millis(100));
+    let lines = vm.lines_for(Duration::from_millis(800));
+    assert!(lines.iter().all(|l| !l.contains("tick")), "the source guest made progress: {lines:?}");
+    vm.kill();
+    dst.kill();
+}
+
+/// A source stopped (SIGSTOP) in the middle of the copy: the receiver gives up within its
+/// --timeout and lets go of the VM's name; once the source continues, its migration fails and
+/// the guest runs on there; the name can receive again.
+#[test]
+fn a_stopped_source_makes_the_receiver_give_up_in_time() {
+    let dir = TempDir::new("mig-stop");
+    let mut vm = boot(&dir, "s0", WORKLOAD);
+    let listen = dir.path().join("d.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "s1", &sock(&dir, "s1"), &["--timeout", "2s"]);
+    wait_path(&listen);
+    let src = sock(&dir, "s0");
+    let to = format!("unix:{}", listen.display());
+    let migration = std::thread::spawn(move || migrate(&src, &to, &["--bandwidth", "32M"]));
+    wait_copying(&sock(&dir, "s0"));
+    let pid = vm.pid() as i32;
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let (status, _, derr) = dst.wait_exit(T);
+    let waited = stopped.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(status.code(), Some(1), "{derr}");
+    assert!(derr.contains("sent nothing for 2s"), "{derr}");
+    assert!(waited < Duration::from_secs(10), "the receiver waited {waited:?}");
+    let (status, _, err) = migration.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_progress(&mut vm, "the source after SIGCONT");
+
+    let mut dst = receive(&format!("unix:{}", listen.display()), "s1", &sock(&dir, "s1"), &[]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "s0"), &format!("unix:{}", listen.display()), &[]);
+    assert!(status.success(), "{err}");
+    assert_progress(&mut dst, "after the second migration");
+    dst.kill();
+    vm.kill();
+}
+
+/// A guest dirtying memory as fast as it can, over a link capped at 64 MB/s: the rounds do not
+/// converge by themselves, so the guest is throttled until they do; with `--over-budget
+/// abandon` and no rounds to spare, the migration is abandoned and the guest runs on.
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_throttled_or_the_migration_abandoned() {
+    let dir = TempDir::new("mig-dirty");
+    let mut vm = boot(&dir, "d0", "workload=mem mem.size=32M mem.rate=0 tick.ms=250");
+    let listen = dir.path().join("a.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "d1", &sock(&dir, "d1"), &[]);
+    wait_path(&listen);
+    let args = ["--bandwidth", "64M", "--max-rounds", "0", "--over-budget", "abandon"];
+    let (status, _, err) = migrate(&sock(&dir, "d0"), &format!("unix:{}", listen.display()), &args);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("abandoned"), "{err}");
+    let (status, _, derr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(1));
+    assert!(derr.contains("abandoned"), "the receiver did not learn why: {derr}");
+    assert_progress(&mut vm, "the source after an abandoned migration");
+
+    let listen = dir.path().join("b.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "d1", &sock(&dir, "d1"), &[]);
+    wait_path(&listen);
+    let (status, out, err) = migrate(&sock(&dir, "d0"), &format!("unix:{}", listen.display()), &["--bandwidth", "64M"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("throttled up to"), "{out}");
+    assert_progress(&mut dst, "after the throttled migration");
+    dst.kill();
+}
+
+/// Arguments that cannot work get one line and exit 2; a destination nobody listens on, 1.
+#[test]
+fn bad_migration_arguments_are_refused() {
+    let dir = TempDir::new("mig-args");
+    let vm = boot(&dir, "b0", "workload=idle");
+    let s = sock(&dir, "b0");
+    let nowhere = format!("unix:{}", dir.path().join("nobody.sock").display());
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["migrate", "--api-sock", &s, "--to", "127.0.0.1:4000"], 2, "tcp:HOST:PORT or unix:PATH"),
+        (&["migrate", "--api-sock", &s, "--to", "tcp:127.0.0.1:4000"], 2, "--insecure"),
+        (&["migrate", "--api-sock", &s, "--to", &nowhere, "--insecure"], 2, "permissions"),
+        (&["migrate", "--api-sock", &s, "--to", "tcp:127.0.0.1:1", "--tls-cert", "/nonexistent"], 2, "tls-key"),
+        (
+            &[
+                "migrate",
+                "--api-sock",
+                &s,
+                "--to",
+                "tcp:127.0.0.1:1",
+                "--tls-cert",
+                "/nonexistent",
+                "--tls-key",
+                "/x",
+                "--tls-ca",
+                "/y",
+            ],
+            2,
+            "/nonexistent",
+        ),
+        (&["migrate", "--api-sock", &s, "--to", &nowhere], 1, "cannot connect"),
+        (&["migrate", "--api-sock", &s, "--to", &nowhere, "--max-downtime", "soon"], 2, "max-downtime"),
+        (&["receive", "--listen", "tcp:127.0.0.1:0"], 2, "--insecure"),
+        (&["receive", "--listen", "nowhere"], 2, "--listen"),
+        (&["receive", "--listen", &format!("unix:{s}")], 1, "cannot listen"),
+        (&["migrate", "--api-sock", &s, "--cancel"], 2, "no snapshot or migration"),
+    ];
+    for (args, code, says) in cases {
+        let (status, _, err) = vmm_cmd(args);
+        assert_eq!(status.code(), Some(*code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+    }
+    assert!(state_of(&s).contains("running"));
+    drop(vm);
+}
+
+/// A migration that failed after sending memory took nothing from the record diff snapshots are
+/// made of: the next diff is exact.
+#[test]
+fn a_diff_after_a_failed_migration_is_exact() {
+    let dir = TempDir::new("mig-diff");
+    let s = sock(&dir, "x0");
+    let mut vm = Vmm::testguest(WORKLOAD, &["--vcpus", "2", "--mem", "128M", "--name", "x0", "--api-sock", &s]);
+    vm.wait_for("testguest: tick", T);
+    let s0 = dir.path().join("s0");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", s0.to_str().unwrap()]);
+    vm.wait_for("testguest: tick", T);
+    let listen = dir.path().join("d.sock");
+    let via = dir.path().join("relay.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "x1", &sock(&dir, "x1"), &[]);
+    wait_path(&listen);
+    let relay = relay(&via, listen.clone(), Fault::CutForward(100 << 20));
+    let (status, _, err) = migrate(&s, &format!("unix:{}", via.display()), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    relay.join().unwrap();
+    let _ = dst.wait_exit(T);
+    vm.wait_for("testguest: tick", T);
+    vmm_ok(&["pause", "--api-sock", &s]);
+    let d1 = dir.path().join("d1");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", d1.to_str().unwrap(), "--diff"]);
+    let full = dir.path().join("full");
+    vmm_ok(&["snapshot", "--api-sock", &s, "--out", full.to_str().unwrap()]);
+    vm.kill();
+    let merged = dir.path().join("merged");
+    vmm_ok(&["merge", d1.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    let (a, b) =
+        (std::fs::read(merged.join("memory.pages")).unwrap(), std::fs::read(full.join("memory.pages")).unwrap());
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the diff after a failed migration misses pages");
+}

@@ -1,0 +1,540 @@
+//! The source side of a live migration: pre-copy over the connection while the guest runs,
+//! throttling a guest that dirties memory faster than the link takes it, then a short pause for
+//! the last pages and the machine state, and the hand-over. Until the destination confirms it
+//! took over, the guest is the source's: any failure before that lets it run on here, with the
+//! pages sent given back to the VM's record of unsaved pages (a later diff or migration is
+//! complete).
+
+use std::io::BufWriter;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use snapshot::migration::{Message, MessageError};
+use snapshot::stream::{StreamError, StreamWriter};
+use snapshot::PageKind;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::transport::{self, Connection, Endpoint, Security, TransportError};
+use crate::control::VmControl;
+use crate::persist::{self, Job, PersistError};
+use crate::vstate::dirty::{DirtyPages, PAGE_SIZE};
+use crate::vstate::memory;
+
+/// Guest memory is read and sent in pieces of this size.
+const PIECE: usize = 1 << 20;
+/// Throttle steps: the share of the time the guest is held paused while pages are sent.
+const THROTTLE_FIRST: u32 = 20;
+const THROTTLE_STEP: u32 = 20;
+const THROTTLE_MAX: u32 = 95;
+/// The machine state and the stream's end, in bytes, as the downtime estimate counts them.
+const STATE_ESTIMATE: u64 = 256 << 10;
+
+/// What to do when the rounds run out before the remainder fits the downtime budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverBudget {
+    /// Pause anyway and send the rest: a longer downtime, reported.
+    #[default]
+    Complete,
+    /// Give up: the guest runs on here.
+    Abandon,
+}
+
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub to: Endpoint,
+    pub security: Option<Security>,
+    /// The pause the guest may see.
+    pub max_downtime: Duration,
+    /// Bytes a second on the link at most (None: as fast as it goes).
+    pub bandwidth: Option<u64>,
+    /// Rounds after the first before `over_budget` decides.
+    pub max_rounds: u32,
+    pub over_budget: OverBudget,
+    /// zstd-compress the frames.
+    pub compress: bool,
+    /// Longest wait for the peer at any step.
+    pub timeout: Duration,
+}
+
+/// How a migration went.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub to: String,
+    /// From the request to the destination's confirmation, in ms.
+    pub total_ms: f64,
+    /// From the pause to the destination's confirmation that it took over, in ms (the guest
+    /// then runs as soon as the destination has its devices).
+    pub downtime_ms: f64,
+    /// Bytes through the connection (frames as sent, before TLS).
+    pub bytes: u64,
+    /// Guest memory sent as data, all rounds together.
+    pub memory_bytes: u64,
+    /// Rounds after the first full pass.
+    pub rounds: u32,
+    /// Highest share of time the guest was held paused to let the rounds converge, in %.
+    pub throttle_percent: u32,
+    /// Bytes sent while the guest was paused for good.
+    pub paused_bytes: u64,
+    /// The rounds ran out: the downtime went over its budget.
+    pub over_budget: bool,
+    pub tls: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("the connection to the destination failed {during}: {err}")]
+    Link { during: &'static str, err: String },
+    #[error("the guest dirties memory faster than the link takes it: {rounds} rounds left {left_mib} MiB, which would take {estimate_ms} ms (budget {budget_ms} ms); migration abandoned (--over-budget complete goes on)")]
+    NoConvergence { rounds: u32, left_mib: u64, estimate_ms: u64, budget_ms: u64 },
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("the guest was stopped for the destination, which did not confirm it took over ({0}): the guest stays paused here; check the destination, and `vmm continue` this VM only if it does not run there")]
+    Uncertain(String),
+}
+
+impl MigrateError {
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            MigrateError::Transport(e) => e.is_bad_input(),
+            MigrateError::Persist(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, MigrateError::Persist(e) if e.is_cancelled())
+    }
+}
+
+/// The stream being sent, with its pacing and counters.
+struct Sender<'a> {
+    control: &'a VmControl,
+    writer: StreamWriter<BufWriter<Connection>>,
+    job: &'a Job,
+    bandwidth: Option<u64>,
+    started: Instant,
+    memory_bytes: u64,
+    buf: Vec<u8>,
+}
+
+fn link(during: &'static str) -> impl Fn(StreamError) -> MigrateError {
+    move |e| MigrateError::Link { during, err: e.to_string() }
+}
+
+fn message_error(during: &'static str) -> impl Fn(MessageError) -> MigrateError {
+    move |e| MigrateError::Link { during, err: describe(&e) }
+}
+
+/// Says what a failed read of the destination's answer means: a socket timeout reads as
+/// "resource temporarily unavailable", a TLS alert as a bare alert name.
+fn describe(e: &MessageError) -> String {
+    match e {
+        MessageError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            "the destination did not answer in time".into()
+        }
+        MessageError::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            format!("the destination ended the TLS session ({io}): does it trust this side's certificate?")
+        }
+        MessageError::Closed | MessageError::Corrupt(_) => {
+            format!("{e}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)")
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Sender<'_> {
+    /// Sends guest memory `[addr, addr + len)` as read now: data pages as Memory frames, pages of
+    /// zeros as Zero frames.
+    fn send_range(&mut self, addr: u64, len: u64, during: &'static str) -> Result<(), MigrateError> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE as u64) as usize;
+            let at = addr + done;
+            self.control
+                .mem
+                .read_slice(&mut self.buf[..n], GuestAddress(at))
+                .map_err(|e| PersistError::Inconsistent(format!("reading guest memory at {at:#x}: {e}")))?;
+            let mut p = 0;
+            while p < n {
+                let page = PAGE_SIZE as usize;
+                let zero = is_zero(&self.buf[p..p + page]);
+                let mut q = p + page;
+                while q < n && is_zero(&self.buf[q..q + page]) == zero {
+                    q += page;
+                }
+                let run_addr = at + p as u64;
+                if zero {
+                    self.writer.zero(run_addr, (q - p) as u64).map_err(link(during))?;
+                } else {
+                    self.writer.memory(run_addr, &self.buf[p..q]).map_err(link(during))?;
+                    self.memory_bytes += (q - p) as u64;
+                }
+                p = q;
+            }
+            self.job.progress.advance(n as u64).map_err(PersistError::from)?;
+            self.pace();
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Holds the sender back to the bandwidth limit.
+    fn pace(&self) {
+        if let Some(limit) = self.bandwidth {
+            let due = Duration::from_secs_f64(self.writer.bytes_written() as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    /// Sends every page of `dirty`; with a throttle, the guest is held paused while `percent`
+    /// of them go (so it runs, and dirties, only for the rest of the time).
+    fn send_pages(&mut self, dirty: &DirtyPages, throttle: u32) -> Result<(), MigrateError> {
+        let ranges = split(&dirty.ranges(), PIECE as u64);
+        let mut sent = 0u64;
+        let total = ranges.len() as u64;
+        let mut i = 0;
+        while i < ranges.len() {
+            // Pieces of 8: the first `throttle`% of each group go with the guest paused.
+            let held = if throttle > 0 { (8 * u64::from(throttle)).div_ceil(100) as usize } else { 0 };
+            let group = ranges.len().min(i + 8);
+            let hold_until = ranges.len().min(i + held);
+            if i < hold_until {
+                let paused = self.control.pause_for().map_err(PersistError::from)?;
+                for &(addr, len) in &ranges[i..hold_until] {
+                    self.send_range(addr, len, "a pre-copy round")?;
+                }
+                // Out of the pause before the next pieces go.
+                self.writer.flush().map_err(link("a pre-copy round"))?;
+                drop(paused);
+            }
+            for &(addr, len) in &ranges[hold_until..group] {
+                self.send_range(addr, len, "a pre-copy round")?;
+            }
+            sent += (group - i) as u64;
+            i = group;
+        }
+        debug_assert_eq!(sent, total);
+        Ok(())
+    }
+
+    /// The first pass: every page (pages known never touched go as Zero frames at once).
+    fn send_all(&mut self) -> Result<(), MigrateError> {
+        let kinds = memory::page_kinds(&self.control.mem, self.control.memory_detached());
+        let regions: Vec<(u64, u64)> = self.control.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        for ((base, size), kinds) in regions.into_iter().zip(kinds) {
+            let pages = size / PAGE_SIZE;
+            let step = PIECE as u64 / PAGE_SIZE;
+            let mut p = 0;
+            while p < pages {
+                let n = step.min(pages - p);
+                let addr = base + p * PAGE_SIZE;
+                let untouched = kinds
+                    .as_ref()
+                    .is_some_and(|k| k[p as usize..(p + n) as usize].iter().all(|k| *k == PageKind::Zero));
+                if untouched {
+                    self.writer.zero(addr, n * PAGE_SIZE).map_err(link("the first pass"))?;
+                    self.job.progress.advance(n * PAGE_SIZE).map_err(PersistError::from)?;
+                } else {
+                    self.send_range(addr, n * PAGE_SIZE, "the first pass")?;
+                }
+                p += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits ranges into pieces of at most `max` bytes.
+fn split(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(addr, len) in ranges {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            out.push((addr + done, n));
+            done += n;
+        }
+    }
+    out
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any 8 bytes are a valid u64; align_to only picks the aligned middle part.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Migrates the running VM to `opts.to`. On success the guest is paused for good (the
+/// destination runs it) and the caller ends this VM; on failure it runs on here as before.
+pub fn migrate(
+    control: &VmControl,
+    opts: &MigrateOptions,
+    job: &std::sync::Arc<Job>,
+) -> Result<MigrationReport, MigrateError> {
+    let started = Instant::now();
+    job.set_phase("connecting");
+    job.progress.set_total(memory::total_bytes(&control.mem));
+    let conn = transport::connect(&opts.to, opts.security.as_ref(), opts.timeout)?;
+    let tls = conn.is_tls();
+    let cutter = conn.cutter().map_err(TransportError::from)?;
+    // Cancelling the job (Ctrl-C of `vmm migrate`, `vmm migrate --cancel`) cuts the connection,
+    // so a sender blocked on a slow link notices at once.
+    let _watch = CancelWatch::start(job, cutter);
+    control.start_tracking().map_err(PersistError::from)?;
+    let writer =
+        StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), opts.compress).map_err(link("the handshake"))?;
+    let mut sender =
+        Sender { control, writer, job, bandwidth: opts.bandwidth, started, memory_bytes: 0, buf: vec![0u8; PIECE] };
+    let mut taken = DirtyPages::default();
+    let result = run(&mut sender, opts, &mut taken);
+    match result {
+        Ok(mut report) => {
+            report.tls = tls;
+            report.total_ms = ms(started.elapsed());
+            report.to = opts.to.to_string();
+            Ok(report)
+        }
+        Err(e) => {
+            // The guest is ours again: what was sent is unsaved still.
+            control.layer_failed(&taken);
+            // A destination that refused the stream (a corrupt frame, say) said why before it
+            // hung up: that is the reason, not the broken pipe.
+            let e = match e {
+                MigrateError::Link { .. } => refusal(&mut sender).unwrap_or(e),
+                e => e,
+            };
+            // Says why, if the link still takes it (a stream already ended takes nothing more).
+            let _ = sender.writer.abandon(&e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// The destination's refusal waiting on the connection, if there is one.
+fn refusal(sender: &mut Sender<'_>) -> Option<MigrateError> {
+    let conn = sender.writer_conn();
+    conn.set_timeout(Some(Duration::from_millis(500))).ok()?;
+    match Message::receive(conn) {
+        Ok(Message::Refuse(why)) => Some(MigrateError::Refused(why)),
+        _ => None,
+    }
+}
+
+/// The migration after the connection is made.
+fn run(
+    sender: &mut Sender<'_>,
+    opts: &MigrateOptions,
+    taken: &mut DirtyPages,
+) -> Result<MigrationReport, MigrateError> {
+    let control = sender.control;
+    let fail = |e: MigrateError| e;
+    // Handshake: the manifest says what the VM is; the destination checks it can take it.
+    let manifest = persist::migration_manifest(control);
+    sender.writer.manifest(&manifest.encode()).map_err(|e| fail(link("the handshake")(e)))?;
+    sender.writer.flush().map_err(|e| fail(link("the handshake")(e)))?;
+    match receive(sender, "the handshake").map_err(fail)? {
+        Message::Accept => {}
+        Message::Refuse(why) => return Err(fail(MigrateError::Refused(why))),
+        other => {
+            return Err(fail(MigrateError::Link { during: "the handshake", err: format!("unexpected {other:?}") }))
+        }
+    }
+
+    let mut report = MigrationReport::default();
+    let budget = opts.max_downtime;
+    sender.job.set_phase("copying memory");
+    // Everything written from now on is sent again in a later round.
+    let first = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
+    taken.add(&first);
+    let round_start = Instant::now();
+    let bytes_before = sender.writer.bytes_written();
+    sender.send_all().map_err(fail)?;
+    let mut rate = rate_of(sender.writer.bytes_written() - bytes_before, round_start.elapsed());
+    let mut throttle = 0u32;
+    let mut previous_left = u64::MAX;
+    sender.job.set_phase("converging");
+    loop {
+        let dirty = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
+        taken.add(&dirty);
+        let left = dirty.count() * PAGE_SIZE;
+        let estimate = Duration::from_secs_f64((left + STATE_ESTIMATE) as f64 / rate.max(1.0));
+        tracing::debug!(
+            "migration: round {} leaves {} KiB, {:.1} ms at {:.0} MiB/s, throttle {throttle}%",
+            report.rounds,
+            left >> 10,
+            ms(estimate),
+            rate / (1 << 20) as f64
+        );
+        if estimate <= budget {
+            // Into the pause with what is left.
+            return finish(sender, dirty, taken, report, throttle);
+        }
+        if report.rounds >= opts.max_rounds {
+            if opts.over_budget == OverBudget::Abandon {
+                let e = MigrateError::NoConvergence {
+                    rounds: report.rounds,
+                    left_mib: left >> 20,
+                    estimate_ms: estimate.as_millis() as u64,
+                    budget_ms: budget.as_millis() as u64,
+                };
+                return Err(fail(e));
+            }
+            report.over_budget = true;
+            return finish(sender, dirty, taken, report, throttle);
+        }
+        // A round that did not halve what is left: the guest dirties more than half as fast as
+        // the link sends. Hold it back more.
+        if report.rounds >= 1 && left * 2 > previous_left {
+            throttle = if throttle == 0 { THROTTLE_FIRST } else { (throttle + THROTTLE_STEP).min(THROTTLE_MAX) };
+            report.throttle_percent = report.throttle_percent.max(throttle);
+        }
+        previous_left = left;
+        report.rounds += 1;
+        // The progress counts each round's pages on top of the first pass.
+        let (_, total) = sender.job.progress.get();
+        sender.job.progress.set_total(total + left);
+        let round_start = Instant::now();
+        let bytes_before = sender.writer.bytes_written();
+        sender.send_pages(&dirty, throttle).map_err(fail)?;
+        let sent = sender.writer.bytes_written() - bytes_before;
+        if sent >= 4 << 20 {
+            rate = rate_of(sent, round_start.elapsed());
+        }
+    }
+}
+
+/// Bytes a second.
+fn rate_of(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64().max(1e-6)
+}
+
+fn receive(sender: &mut Sender<'_>, during: &'static str) -> Result<Message, MigrateError> {
+    // The writer's buffer is empty after a flush: the connection can be read directly.
+    let conn = sender.writer_conn();
+    Message::receive(conn).map_err(message_error(during))
+}
+
+impl Sender<'_> {
+    fn writer_conn(&mut self) -> &mut Connection {
+        self.writer.get_mut().get_mut()
+    }
+}
+
+/// The pause: the last pages and the machine state, then the hand-over.
+fn finish(
+    sender: &mut Sender<'_>,
+    mut dirty: DirtyPages,
+    taken: &mut DirtyPages,
+    mut report: MigrationReport,
+    throttle: u32,
+) -> Result<MigrationReport, MigrateError> {
+    let control = sender.control;
+    report.throttle_percent = report.throttle_percent.max(throttle);
+    sender.job.set_phase("stopping");
+    let mut paused = control.pause_for().map_err(PersistError::from)?;
+    let paused_at = Instant::now();
+    // Pages written since the last look, by the vCPUs or by devices while they were quiesced.
+    let (_, last) = paused.begin_layer().map_err(PersistError::from)?;
+    taken.add(&last);
+    dirty.add(&last);
+    let state = persist::encode_state(control, &paused)?;
+    // The destination runs on the same disks: what the guest wrote must be on them.
+    for d in control.devices.durable_files() {
+        d.file.sync_data().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path)))?;
+    }
+    let before = sender.writer.bytes_written();
+    sender.writer.state(&state).map_err(link("the final pass"))?;
+    for (addr, len) in dirty.ranges() {
+        sender.send_range(addr, len, "the final pass")?;
+    }
+    report.paused_bytes = sender.writer.bytes_written() - before;
+    // End of the stream: the destination checks it holds every page and builds the machine.
+    let stats = sender.writer.end().map_err(link("the final pass"))?;
+    report.bytes = stats.bytes;
+    report.memory_bytes = sender.memory_bytes;
+    sender.job.set_phase("handing over");
+    let conn = sender.writer_conn();
+    match Message::receive(conn).map_err(message_error("the hand-over"))? {
+        Message::Ready => {}
+        Message::Refuse(why) => return Err(MigrateError::Refused(why)),
+        other => return Err(MigrateError::Link { during: "the hand-over", err: format!("unexpected {other:?}") }),
+    }
+    // From here on the guest must not run here again unless the destination surely will not.
+    if let Err(e) = Message::Commit.send(conn) {
+        // Not sent whole: the destination never runs a VM without its Commit.
+        return Err(MigrateError::Link { during: "the hand-over", err: e.to_string() });
+    }
+    paused.keep_paused();
+    match Message::receive(conn) {
+        Ok(Message::Committed) => {}
+        Ok(other) => return Err(MigrateError::Uncertain(format!("it answered {other:?}"))),
+        Err(e) => return Err(MigrateError::Uncertain(describe(&e))),
+    }
+    report.downtime_ms = ms(paused_at.elapsed());
+    drop(paused);
+    Ok(report)
+}
+
+/// Cuts the connection when the job is cancelled.
+struct CancelWatch {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CancelWatch {
+    fn start(job: &std::sync::Arc<Job>, cutter: transport::Cutter) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let job = job.clone();
+        let flag = done.clone();
+        let _ = std::thread::Builder::new().name("migrate-cancel".into()).spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                if job.progress.check().is_err() {
+                    cutter.cut();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { done }
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_into_pieces() {
+        assert_eq!(
+            split(&[(0, 3 << 20), (8 << 20, 4096)], 1 << 20),
+            vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20), (8 << 20, 4096)]
+        );
+    }
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
+}
