@@ -193,6 +193,42 @@ fn resume_on_another_tap_is_announced() {
     resumed.kill();
 }
 
+/// A request stream runs while the guest migrates live from one port of the bridge to another
+/// and back (`vmm migrate` to a `vmm receive --net tap=...`): every request is answered exactly
+/// once and in order throughout, and the bridge learns the guest's new port from its
+/// announcement each time.
+#[test]
+fn udp_stream_survives_live_migration_to_another_tap_and_back() {
+    netns::private_network(&["tap0", "tap1"]);
+    let dir = TempDir::new("net-migrate");
+    let (vm, sock, mac) = boot(&dir, "net-mig-0", "tap0");
+    let (client, handle) = SeqClient::start();
+    client.wait_for(200, T, "before the migration");
+    let mut source = (vm, sock);
+    for (i, tap) in ["tap1", "tap0"].into_iter().enumerate() {
+        let name = format!("net-mig-{}", i + 1);
+        let dst_sock = dir.path().join(format!("{name}.sock")).display().to_string();
+        let listen = dir.path().join(format!("in{i}.sock"));
+        let net = format!("tap={tap}");
+        let listen_arg = format!("unix:{}", listen.display());
+        let dst =
+            Vmm::spawn(&["receive", "--listen", &listen_arg, "--net", &net, "--name", &name, "--api-sock", &dst_sock]);
+        let deadline = Instant::now() + T;
+        while !listen.exists() {
+            assert!(Instant::now() < deadline, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = client.answered.load(Ordering::Relaxed);
+        vmm_ok(&["migrate", "--api-sock", &source.1, "--to", &listen_arg]);
+        let _ = source.0.wait_exit(T);
+        client.wait_for(before + 300, T, &format!("after the migration to {tap}"));
+        assert_eq!(netns::fdb_ports(&mac), [tap], "the bridge did not learn the guest on {tap}");
+        source = (dst, dst_sock);
+    }
+    client.finish(handle);
+    source.0.kill();
+}
+
 fn refused(args: &[&str], expect: &str) {
     let (status, _, stderr) = vmm_cmd(args);
     assert_eq!(status.code(), Some(2), "vmm {args:?}: {stderr}");
