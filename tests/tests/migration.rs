@@ -409,6 +409,9 @@ fn a_stopped_source_makes_the_receiver_give_up_in_time() {
     let to = format!("unix:{}", listen.display());
     let migration = std::thread::spawn(move || migrate(&src, &to, &["--bandwidth", "32M"]));
     wait_copying(&sock(&dir, "s0"));
+    // Both sides answer `status` meanwhile.
+    let dst_state = state_of(&sock(&dir, "s1"));
+    assert!(dst_state.starts_with("s1 receiving vcpus=2 mem=256MiB"), "{dst_state}");
     let pid = vm.pid() as i32;
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };

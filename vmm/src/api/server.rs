@@ -386,3 +386,54 @@ fn result<E: std::fmt::Display>(r: Result<(), E>) -> Reply {
         Err(e) => Reply::error(ErrorKind::Runtime, e.to_string()),
     }
 }
+
+/// Answers the control socket of a VM still arriving (`vmm receive`): `status` says
+/// `receiving`, anything else is refused until the VM runs and `spawn` serves it for real.
+pub struct ReceivingResponder {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReceivingResponder {
+    /// Serves `listener` (a clone of the VM's own) at `path` with `status`.
+    pub fn start(listener: UnixListener, path: &Path, status: Status) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("api-receiving".into()).spawn(move || {
+            for stream in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let reply = match read_request(&stream) {
+                    Ok((Request::Status, _)) => Reply { status: Some(status.clone()), ..Reply::ok() },
+                    Ok(_) => Reply::error(ErrorKind::Runtime, "the VM is still being received: only status is served"),
+                    Err(e) => Reply::error(ErrorKind::Input, e),
+                };
+                send_reply(&stream, reply, false);
+            }
+        })?;
+        Ok(Self { stop, path: path.to_path_buf(), thread: Some(thread) })
+    }
+
+    /// Stops answering (the VM's own server takes over the socket).
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wakes the thread from accept.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReceivingResponder {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = UnixStream::connect(&self.path);
+        }
+    }
+}

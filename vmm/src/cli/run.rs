@@ -151,7 +151,8 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     };
     // The VM's name (and so its socket) may come from the snapshot: it is claimed as soon as the
     // snapshot says it, before memory is read.
-    let claim = |name: &str| {
+    let claim = |config: &VmConfig| {
+        let name = config.name.as_str();
         let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(name));
         check_vsock_path(args.vsock.as_ref(), &socket)
             .map_err(|f| persist::PersistError::Claim { message: f.message, bad_input: true })?;
@@ -256,7 +257,8 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         vsock: args.vsock.clone(),
         disks: args.disks.clone(),
     };
-    let claim = |name: &str| {
+    let claim = |config: &VmConfig| {
+        let name = config.name.as_str();
         let socket = args.api_sock.clone().unwrap_or_else(|| api::socket_path(name));
         check_vsock_path(args.vsock.as_ref(), &socket)
             .map_err(|f| persist::PersistError::Claim { message: f.message, bad_input: true })?;
@@ -264,6 +266,26 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
             message: f.message,
             bad_input: f.code == super::EXIT_BAD_INPUT,
         })?;
+        // `status` answers while the VM arrives.
+        let status = vmm::api::protocol::Status {
+            name: name.to_string(),
+            state: "receiving".into(),
+            vcpus: config.vcpus,
+            mem_bytes: config.mem_bytes,
+            pid: std::process::id(),
+            console_dropped_bytes: 0,
+            job: None,
+            memory: None,
+            checkpoints: None,
+        };
+        let responder =
+            claimed.0.try_clone().and_then(|l| server::ReceivingResponder::start(l, &socket, status)).map_err(|e| {
+                persist::PersistError::Claim {
+                    message: format!("cannot serve {}: {e}", socket.display()),
+                    bad_input: false,
+                }
+            })?;
+        let claimed = (claimed.0, claimed.1, responder);
         conn.send(&Message::Accept).map_err(|e| persist::PersistError::Claim {
             message: format!("the source went away during the handshake: {e}"),
             bad_input: false,
@@ -286,7 +308,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         Ok(())
     };
     let restored = persist::restore(ResumeSource::Migration(Box::new(conn.clone())), &opts, claim, handover);
-    let (restored, (listener, guard)) = match restored {
+    let (restored, (listener, guard, responder)) = match restored {
         Ok(r) => r,
         Err(e) if committed.get() => {
             return Err(Failure::runtime(format!(
@@ -304,6 +326,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         }
     };
     drop(conn);
+    responder.stop();
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
         paused: args.paused,

@@ -380,13 +380,14 @@ fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, 
 }
 
 /// What can be checked of a snapshot before its memory is read; `claim` then takes the VM's name
+/// (given the VM's configuration)
 /// (e.g. binds its control socket), so that a VM that cannot be resumed here is refused before
 /// a stream's source is gone. Returns the resumed VM's configuration and the claim.
 fn admit<T>(
     manifest: &Manifest,
     what: &str,
     opts: &ResumeOptions,
-    claim: impl FnOnce(&str) -> Result<T, PersistError>,
+    claim: impl FnOnce(&VmConfig) -> Result<T, PersistError>,
 ) -> Result<(VmConfig, T), PersistError> {
     // A diff's parents are found beside it on disk; a stream has nowhere to look.
     if manifest.parent.is_some() && (what == STREAM || what == MIGRATION) {
@@ -397,12 +398,12 @@ fn admit<T>(
     }
     check_disks(manifest, opts)?;
     let config = config_of(manifest, opts)?;
-    let claimed = claim(&config.name)?;
+    let claimed = claim(&config)?;
     Ok((config, claimed))
 }
 
 /// Rebuilds the machine of a snapshot, ready to start where it stopped. `claim` is called with
-/// the VM's name as soon as it is known and the snapshot passed the checks that need no KVM:
+/// the VM's configuration (its name first of all) as soon as it is known and the snapshot passed the checks that need no KVM:
 /// before a stream's memory is read, before a directory's memory is mapped. `handover` is
 /// called once everything that can refuse the VM was checked (its CPU features, its backends
 /// unless another VM of this host still holds them), before the machine is built: a migration
@@ -410,7 +411,7 @@ fn admit<T>(
 pub fn restore<T>(
     source: ResumeSource,
     opts: &ResumeOptions,
-    claim: impl FnOnce(&str) -> Result<T, PersistError>,
+    claim: impl FnOnce(&VmConfig) -> Result<T, PersistError>,
     handover: impl FnOnce() -> Result<(), PersistError>,
 ) -> Result<(Restored, T), PersistError> {
     let streamed = !matches!(source, ResumeSource::Dir(_));
