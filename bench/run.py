@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks vmm against QEMU on this host, with the project's test guest.
 
-    bench/run.py [boot|snapshot|pipe|growth|net|disk|memory|all] [--runs N] [--write-docs]
+    bench/run.py [boot|snapshot|pipe|growth|net|disk|memory|migration|all] [--runs N] [--write-docs]
 
 Every figure is measured for vmm and for QEMU in the same invocation, alternating runs (vmm, QEMU,
 vmm, QEMU, ...), and reported as median (min-max) with the ratio of the medians. It is a
@@ -1282,6 +1282,204 @@ def memory_benchmark(env, runs, invocation):
     ])
 
 
+# ---------------------------------------------------------------------------------------------
+# Live migration
+
+MIGRATION_RATES = (20, 100, 200)  # MiB/s the guest dirties, both vCPUs together
+MIGRATION_SIZES = (("256M", "1G", "128M"), ("1G", "2G", "512M"))  # touched, guest memory, per vCPU
+MIGRATION_CMDLINE = "workload=mem mem.size={per_vcpu} mem.rate={rate} tick.ms=20"
+VMM_MIGRATED_RE = re.compile(r"migrated to \S+ in ([\d.]+) ms: downtime ([\d.]+) ms.*?, (\d+) bytes sent"
+                             r".*?(\d+) rounds? after the first pass(?:, throttled up to (\d+)%)?")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tls_files(env):
+    """A CA and certificates for both sides (openssl), made once per benchmark run."""
+    d = env.tmp / "tls"
+    if (d / "dst.pem").exists():
+        return d
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=bench CA", "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for side in ("src", "dst"):
+        openssl("req", *ec, "-subj", f"/CN={side}", "-keyout", f"{side}.key", "-out", f"{side}.csr")
+        openssl("x509", "-req", "-in", f"{side}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "san.ext", "-out", f"{side}.pem")
+    return d
+
+
+def tls_args(d, side):
+    return ["--tls-cert", str(d / f"{side}.pem"), "--tls-key", str(d / f"{side}.key"), "--tls-ca", str(d / "ca.pem")]
+
+
+def migrate_vmm(env, touched, mem, per_vcpu, rate, tls=False):
+    """Boots the guest, waits until it touched its memory, then `vmm migrate` to a `vmm receive`
+    on loopback TCP (plain, or TLS): the figures vmm migrate reports; the destination must show
+    guest progress."""
+    cmdline = MIGRATION_CMDLINE.format(per_vcpu=per_vcpu, rate=rate // 2)
+    port = free_port()
+    sock_a, sock_b = env.unique("vmm-mig-a"), env.unique("vmm-mig-b")
+    security = tls_args(tls_files(env), "dst") if tls else ["--insecure"]
+    with Proc(env.vmm_run(cmdline, mem, 2, sock_a), "vmm run") as src:
+        src.expect(READY_RE, timeout=BOOT_TIMEOUT)
+        wait_touched(src, 2)
+        receive = [str(env.vmm), "receive", "--listen", f"tcp:127.0.0.1:{port}", "--api-sock", str(sock_b),
+                   *security]
+        with Proc(receive, "vmm receive") as dst:
+            dst.expect(re.compile("waiting for a VM"), stream="err", timeout=BOOT_TIMEOUT)
+            security = tls_args(tls_files(env), "src") if tls else ["--insecure"]
+            out = run_command([str(env.vmm), "migrate", "--api-sock", str(sock_a), "--to",
+                               f"tcp:127.0.0.1:{port}", *security], SNAPSHOT_TIMEOUT)
+            dst.expect(TICK_RE, timeout=TICK_TIMEOUT)
+            dst.close(signal.SIGKILL)
+        src.wait_exit(EXIT_GRACE)
+    done = VMM_MIGRATED_RE.search(out)
+    if not done:
+        raise BenchError(f"vmm migrate printed no figures: {out.strip()}")
+    return {"total_ms": float(done[1]), "downtime_ms": float(done[2]), "bytes": float(done[3]),
+            "ratio": float(done[3]) / parse_mib(touched) / MiB, "rounds": float(done[4]),
+            "throttle": float(done[5] or 0)}
+
+
+def parse_mib(text):
+    return int(text[:-1]) * (1024 if text.endswith("G") else 1)
+
+
+def migrate_qemu(env, touched, mem, per_vcpu, rate):
+    """The same with QEMU: a destination started with `-incoming tcp:127.0.0.1:PORT`, QMP
+    `migrate` on the source with the bandwidth cap lifted and a 10 ms downtime limit (vmm's
+    default budget); total, downtime and RAM bytes from `query-migrate`."""
+    cmdline = MIGRATION_CMDLINE.format(per_vcpu=per_vcpu, rate=rate // 2)
+    port = free_port()
+    qmp_a, qmp_b = env.unique("qemu-mig-a"), env.unique("qemu-mig-b")
+    with Proc(env.qemu_run(cmdline, mem, 2, qmp_a), "qemu") as src:
+        src.expect(READY_RE, timeout=BOOT_TIMEOUT)
+        wait_touched(src, 2)
+        dst_argv = env.qemu_run(cmdline, mem, 2, qmp_b) + ["-incoming", f"tcp:127.0.0.1:{port}"]
+        with Proc(dst_argv, "qemu -incoming") as dst, QMP(qmp_a) as qa:
+            wait_until(lambda: qmp_b.exists(), BOOT_TIMEOUT, "the destination QEMU's QMP socket")
+            with QMP(qmp_b):
+                pass
+            qa.execute("migrate-set-parameters", {"max-bandwidth": 100 << 30, "downtime-limit": 10})
+            qa.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            info = qa.poll("query-migrate", migration_done, SNAPSHOT_TIMEOUT)
+            dst.expect(TICK_RE, timeout=TICK_TIMEOUT)
+            qa.execute("quit")
+        src.wait_exit(EXIT_GRACE)
+    transferred = info["ram"]["transferred"]
+    return {"total_ms": float(info["total-time"]), "downtime_ms": float(info["downtime"]),
+            "bytes": float(transferred), "ratio": transferred / parse_mib(touched) / MiB,
+            "rounds": float(info["ram"].get("dirty-sync-count", 0))}
+
+
+def migration_benchmark(env, runs, invocation):
+    by_rate = {rate: (Series(f"vmm {rate} MiB/s"), Series(f"QEMU {rate} MiB/s")) for rate in MIGRATION_RATES}
+    tls = Series("vmm TLS 100 MiB/s")
+    by_size = {touched: (Series(f"vmm {touched} touched"), Series(f"QEMU {touched} touched"))
+               for touched, _, _ in MIGRATION_SIZES[1:]}
+    base_touched, base_mem, base_per_vcpu = MIGRATION_SIZES[0]
+    for i in range(runs):
+        log(f"migration: round {i + 1}/{runs}")
+        for rate, (v, q) in by_rate.items():
+            v.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, rate)
+            q.run(migrate_qemu, env, base_touched, base_mem, base_per_vcpu, rate)
+        tls.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, 100, True)
+        for touched, mem, per_vcpu in MIGRATION_SIZES[1:]:
+            v, q = by_size[touched]
+            v.run(migrate_vmm, env, touched, mem, per_vcpu, 20)
+            q.run(migrate_qemu, env, touched, mem, per_vcpu, 20)
+
+    def row(label, v, q):
+        return (label, v.cell("total_ms"), q.cell("total_ms"), ratio(v, q, "total_ms"),
+                v.cell("downtime_ms"), q.cell("downtime_ms"), v.cell("ratio", 2), q.cell("ratio", 2),
+                v.cell("rounds", 0), v.cell("throttle", 0))
+
+    rows = [row(f"{base_touched} touched, {rate} MiB/s", v, q) for rate, (v, q) in by_rate.items()]
+    rows += [row(f"{touched} touched ({mem} guest), 20 MiB/s", *by_size[touched]) for touched, mem, _ in MIGRATION_SIZES[1:]]
+    plain = by_rate[100][0]
+    tls_row = [("100 MiB/s", plain.cell("total_ms"), tls.cell("total_ms"), ratio(tls, plain, "total_ms"),
+                plain.cell("downtime_ms"), tls.cell("downtime_ms"))]
+    plot = plot_migration(by_rate)
+    every = [*[s for pair in by_rate.values() for s in pair], tls, *[s for pair in by_size.values() for s in pair]]
+    failures = [n for s in every if (n := s.failure_note(runs))]
+    sock = env.tmp / "vm.sock"
+    argvs = [env.show(env.vmm_run(MIGRATION_CMDLINE.format(per_vcpu="128M", rate=10), "1G", 2, sock)) +
+             "   # rate = half the total: 10, 50, 100; and 512M per vCPU in 2G",
+             "target/release/vmm receive --listen tcp:127.0.0.1:PORT --insecure   # or --tls-cert/--tls-key/--tls-ca",
+             "target/release/vmm migrate --api-sock $TMP/vm.sock --to tcp:127.0.0.1:PORT --insecure",
+             "# QEMU: the destination with -incoming tcp:127.0.0.1:PORT; on the source, QMP "
+             "migrate-set-parameters {max-bandwidth: 100G, downtime-limit: 10}; migrate tcp:127.0.0.1:PORT; "
+             "query-migrate until completed"]
+    return "\n\n".join([
+        "## Live migration (`bench/run.py migration`)",
+        host_line(env, runs),
+        "Guest: 2 vCPUs each rewriting its region of `workload=mem` at half the rate shown, after "
+        "a first verified pass over it. vmm: `vmm migrate` to a `vmm receive` on loopback TCP, "
+        "plain (`--insecure`), default 10 ms budget; QEMU: `migrate` to a QEMU with `-incoming` "
+        "on loopback TCP, bandwidth cap lifted, `downtime-limit` 10 ms. *total*: vmm's report "
+        "(from the request to the destination's confirmation that it took over), QEMU's "
+        "`total-time`; *downtime*: vmm's report (guest paused → destination confirmed), QEMU's "
+        "`downtime` (stop → completion on the source); *bytes ÷ touched*: bytes through the "
+        "connection (vmm: frames; QEMU: RAM `transferred`) ÷ memory the guest touched. Each run "
+        "also waits for a tick line from the destination's guest (every vCPU verifying its "
+        "memory there).",
+        table(("guest", "vmm total (ms)", "QEMU total (ms)", "vmm/QEMU total", "vmm downtime (ms)",
+               "QEMU downtime (ms)", "vmm bytes ÷ touched", "QEMU bytes ÷ touched", "vmm rounds",
+               "vmm throttle (%)"), rows),
+        "Targets: downtime < 10 ms at 100 MiB/s; bytes ≤ 1.2× touched; total ≤ QEMU's.",
+        "**TLS cost** (vmm, 256 MiB touched, 100 MiB/s; TLS 1.3 with both certificates checked, "
+        "rustls with the ring provider):",
+        table(("dirty rate", "plain total (ms)", "TLS total (ms)", "TLS/plain", "plain downtime (ms)",
+               "TLS downtime (ms)"), tls_row),
+        f"![migration benchmarks]({plot})" if plot else "(no plot: matplotlib missing)",
+        "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
+        commands_block(invocation, argvs),
+    ])
+
+
+def plot_migration(by_rate):
+    """docs/migration.png: total time, downtime and bytes ÷ touched against the dirty rate, vmm
+    and QEMU on the same axes."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rates = list(by_rate)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in ((axes[0], "total_ms", "total (ms)"), (axes[1], "downtime_ms", "downtime (ms)"),
+                           (axes[2], "ratio", "bytes sent ÷ touched")):
+        for index, label in ((0, "vmm"), (1, "QEMU")):
+            xs, ys, lo, hi = [], [], [], []
+            for rate in rates:
+                values = by_rate[rate][index].values(key)
+                if values:
+                    xs.append(rate)
+                    ys.append(statistics.median(values))
+                    lo.append(ys[-1] - min(values))
+                    hi.append(max(values) - ys[-1])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xlabel("guest dirty rate (MiB/s), 1 GiB guest, 256 MiB touched")
+        ax.set_ylabel(title)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPO / "docs/migration.png", dpi=100)
+    plt.close(fig)
+    return "migration.png"
+
+
 def plot_memory(diffs, qemu_full, live, warm):
     """docs/memory.png: diff pause against dirtied memory, snapshot pause against dirty rate,
     time to full speed against touched memory; vmm and QEMU on the same axes."""
@@ -1471,7 +1669,7 @@ def raise_interrupt(signum, _frame):
 def main():
     parser = argparse.ArgumentParser(description="Benchmark vmm against QEMU (see bench/README.md).")
     parser.add_argument("benchmark", nargs="?", default="all",
-                        choices=("boot", "snapshot", "pipe", "growth", "net", "disk", "memory", "all"))
+                        choices=("boot", "snapshot", "pipe", "growth", "net", "disk", "memory", "migration", "all"))
     parser.add_argument("--runs", type=int, default=10, help="runs of each figure per VMM (default 10)")
     parser.add_argument("--write-docs", action="store_true",
                         help="also replace this benchmark's section of docs/BENCHMARKS.md")
@@ -1511,6 +1709,8 @@ def main():
                     sections["disk"] = disk_benchmark(env, args.runs, invocation)
                 if args.benchmark in ("memory", "all"):
                     sections["memory"] = memory_benchmark(env, args.runs, invocation)
+                if args.benchmark in ("migration", "all"):
+                    sections["migration"] = migration_benchmark(env, args.runs, invocation)
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
