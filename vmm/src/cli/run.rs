@@ -161,7 +161,8 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
             bad_input: f.code == super::EXIT_BAD_INPUT,
         })
     };
-    let (restored, (listener, guard)) = persist::restore(source, &opts, claim, || Ok(())).map_err(persist_failure)?;
+    let (restored, (listener, guard)) =
+        persist::restore(source, &opts, claim, || Ok(()), || {}).map_err(persist_failure)?;
 
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
@@ -304,10 +305,13 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         }
         // The guest is ours from here: the source stopped it for good.
         committed.set(true);
-        let _ = conn.send(&Message::Committed);
         Ok(())
     };
-    let restored = persist::restore(ResumeSource::Migration(Box::new(conn.clone())), &opts, claim, handover);
+    let took_over = || {
+        let _ = conn.send(&Message::Committed);
+    };
+    let source = ResumeSource::Migration(Box::new(conn.clone()));
+    let restored = persist::restore(source, &opts, claim, handover, took_over);
     let (restored, (listener, guard, responder)) = match restored {
         Ok(r) => r,
         Err(e) if committed.get() => {

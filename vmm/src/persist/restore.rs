@@ -407,12 +407,14 @@ fn admit<T>(
 /// before a stream's memory is read, before a directory's memory is mapped. `handover` is
 /// called once everything that can refuse the VM was checked (its CPU features, its backends
 /// unless another VM of this host still holds them), before the machine is built: a migration
-/// asks its source there to stop for good.
+/// asks its source there to stop for good. `took_over` is called once the machine is built (or,
+/// when backends are still held by the source, before waiting for them).
 pub fn restore<T>(
     source: ResumeSource,
     opts: &ResumeOptions,
     claim: impl FnOnce(&VmConfig) -> Result<T, PersistError>,
     handover: impl FnOnce() -> Result<(), PersistError>,
+    took_over: impl FnOnce(),
 ) -> Result<(Restored, T), PersistError> {
     let streamed = !matches!(source, ResumeSource::Dir(_));
     let mut hot = Vec::new();
@@ -441,19 +443,30 @@ pub fn restore<T>(
             (state, mem, None, None, admitted)
         }
     };
+    let t = std::time::Instant::now();
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
+    tracing::debug!("restore: VM created in {:?}", t.elapsed());
     // Backends another VM of this host holds (the source of a stream or of a migration, which
     // lets go of them once it stopped) are waited for after the hand-over.
     let backends = match Backends::open(&config) {
         Err(e) if streamed && Backends::in_use(&e) => None,
         other => Some(other?),
     };
+    tracing::debug!("restore: backends opened at {:?}", t.elapsed());
     handover()?;
+    tracing::debug!("restore: handed over at {:?}", t.elapsed());
+    // With every backend open, the machine is built before the source hears it was taken over
+    // (its downtime then counts the whole of it); a source that still holds some must first hear
+    // it, to end and let go of them.
+    let mut took_over = Some(took_over);
     let mut waited = std::time::Duration::ZERO;
     let backends = match backends {
         Some(b) => b,
         None => loop {
+            if let Some(tell) = took_over.take() {
+                tell();
+            }
             match Backends::open(&config) {
                 Err(e) if Backends::in_use(&e) && waited < BACKEND_WAIT => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -477,6 +490,10 @@ pub fn restore<T>(
     // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
     // the devices raise the interrupts they had pending.
     machine.devices.replay_interrupts();
+    tracing::debug!("restore: machine restored at {:?}", t.elapsed());
+    if let Some(tell) = took_over.take() {
+        tell();
+    }
     Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
 }
 
