@@ -26,6 +26,9 @@
 //!     the sums of Memory data lengths and of Zero lengths, which the reader checks.
 //!   - 6 Abandon: a UTF-8 reason (at most [`MAX_ABANDON_REASON`] bytes): the writer gave up (a
 //!     cancelled snapshot, a failed migration); the reader reports it and reads nothing more.
+//!   - 7 Disk: disk u32 | reserved u32 (= 0) | offset u64 | data: `data` at byte `offset` of the
+//!     VM's disk number `disk` (a migration that copies disks). `offset` and `data.len()` are
+//!     multiples of 512, `data` is not empty; later frames for the same bytes win.
 //!
 //! A State frame may also come after memory frames (a migration sends memory while the guest
 //! runs, and its state only once it paused); which order a reader accepts is its caller's choice.
@@ -65,11 +68,15 @@ const KIND_MEMORY: u8 = 3;
 const KIND_ZERO: u8 = 4;
 const KIND_END: u8 = 5;
 const KIND_ABANDON: u8 = 6;
+const KIND_DISK: u8 = 7;
+/// Disk data is addressed in sectors of this many bytes.
+pub const DISK_SECTOR: u64 = 512;
 
 /// The fixed fields that start a raw payload: a Memory frame's address, Zero's and End's fields.
 const MEMORY_FIXED: usize = 8;
 const ZERO_FIXED: usize = 16;
 const END_FIXED: usize = 24;
+const DISK_FIXED: usize = 16;
 
 /// zstd level 1: the fastest regular level (several hundred MB/s a core). A stream is written
 /// while the guest is paused, or, in pre-copy, while it keeps dirtying pages: compression must not
@@ -94,6 +101,8 @@ pub enum Frame {
     Zero { guest_addr: u64, len: u64 },
     /// Last frame: totals the reader checks against what it received.
     End { frames: u64, memory_bytes: u64, zero_bytes: u64 },
+    /// `data` at byte `offset` of disk number `disk` (both multiples of 512, `data` not empty).
+    Disk { disk: u32, offset: u64, data: Vec<u8> },
 }
 
 /// What a writer produced.
@@ -154,6 +163,7 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_ZERO => "zero",
         KIND_END => "end",
         KIND_ABANDON => "abandon",
+        KIND_DISK => "disk",
         _ => "unknown",
     }
 }
@@ -164,6 +174,7 @@ fn fixed_len(kind: u8) -> usize {
         KIND_MEMORY => MEMORY_FIXED,
         KIND_ZERO => ZERO_FIXED,
         KIND_END => END_FIXED,
+        KIND_DISK => DISK_FIXED,
         _ => 0,
     }
 }
@@ -201,6 +212,17 @@ fn check_range(guest_addr: u64, len: u64) -> Result<(), String> {
     }
     if guest_addr.checked_add(len).is_none() {
         return Err(format!("{len} bytes at guest address {guest_addr:#x} run past the end of the address space"));
+    }
+    Ok(())
+}
+
+/// Checks a run of disk bytes; the error says what is wrong with it.
+fn check_disk_range(offset: u64, len: u64) -> Result<(), String> {
+    if !offset.is_multiple_of(DISK_SECTOR) || len == 0 || !len.is_multiple_of(DISK_SECTOR) {
+        return Err(format!("disk data of {len} bytes at offset {offset} is not in whole {DISK_SECTOR}-byte sectors"));
+    }
+    if offset.checked_add(len).is_none() {
+        return Err(format!("{len} bytes at disk offset {offset} run past 2^64"));
     }
     Ok(())
 }
@@ -292,6 +314,23 @@ impl<W: Write> StreamWriter<W> {
             self.write_frame(KIND_MEMORY, &addr.to_le_bytes(), chunk)?;
             self.memory_bytes += chunk.len() as u64;
             addr += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// `data` at byte `offset` of disk number `disk` (`offset` and `data.len()` multiples of
+    /// 512, `data` not empty), in frames of at most [`MEMORY_FRAME_BYTES`].
+    pub fn disk(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), StreamError> {
+        self.check_usable()?;
+        self.check_started("disk data")?;
+        check_disk_range(offset, data.len() as u64).map_err(StreamError::Invalid)?;
+        let mut at = offset;
+        for chunk in data.chunks(MEMORY_FRAME_BYTES) {
+            let mut fixed = [0u8; DISK_FIXED];
+            fixed[..4].copy_from_slice(&disk.to_le_bytes());
+            fixed[8..].copy_from_slice(&at.to_le_bytes());
+            self.write_frame(KIND_DISK, &fixed, chunk)?;
+            at += chunk.len() as u64;
         }
         Ok(())
     }
@@ -624,6 +663,7 @@ impl<R: Read> StreamReader<R> {
             KIND_MEMORY => raw_len > MEMORY_FIXED && ((raw_len - MEMORY_FIXED) as u64).is_multiple_of(PAGE),
             KIND_ZERO | KIND_END => raw_len == fixed_len(kind),
             KIND_ABANDON => raw_len <= MAX_ABANDON_REASON,
+            KIND_DISK => raw_len > DISK_FIXED,
             _ => return Err(bad(format!("unknown frame kind {kind}"))),
         };
         if !len_ok {
@@ -666,6 +706,16 @@ impl<R: Read> StreamReader<R> {
         }
 
         let frame = match kind {
+            KIND_DISK => {
+                let disk = le_u32(&fixed, 0);
+                let reserved = le_u32(&fixed, 4);
+                let offset = le_u64(&fixed, 8);
+                if reserved != 0 {
+                    return Err(bad(format!("disk frame's reserved field is {reserved:#x}, not 0")));
+                }
+                check_disk_range(offset, body.len() as u64).map_err(bad)?;
+                Frame::Disk { disk, offset, data: body }
+            }
             KIND_ABANDON => {
                 let reason = String::from_utf8_lossy(&body).into_owned();
                 return Err(StreamError::Abandoned { reason });

@@ -19,6 +19,9 @@ pub enum MemoryUpdate<'a> {
     /// `len` bytes of zeros at `guest_addr`; `overwrites`: some of these pages came earlier in
     /// the stream with data (so memory the caller filled must be cleared).
     Zero { guest_addr: u64, len: u64, overwrites: bool },
+    /// `bytes` at byte `offset` of disk number `disk`, a disk the manifest says travels with the
+    /// stream (its `copy`), inside its size (a migration that copies disks).
+    Disk { disk: usize, offset: u64, bytes: &'a [u8] },
 }
 
 /// What a stream held besides memory.
@@ -123,6 +126,19 @@ fn read_stream<R: Read, T, E: From<Error>>(
             Some(Frame::Memory { guest_addr, data }) => (*guest_addr, data.len() as u64, DATA),
             Some(Frame::Zero { guest_addr, len }) => (*guest_addr, *len, ZERO),
             Some(Frame::End { .. }) => continue,
+            Some(Frame::Disk { disk, offset, data }) => {
+                let size = manifest.vm.disks.get(*disk as usize).and_then(|d| d.copy.as_ref()).map(|c| c.size);
+                let fits =
+                    size.is_some_and(|size| offset.checked_add(data.len() as u64).is_some_and(|end| end <= size));
+                if order == StateOrder::First || !fits {
+                    return Err(bad(
+                        &reader,
+                        format!("disk data for disk {disk} at {offset} that the manifest does not give room for"),
+                    ));
+                }
+                memory(&mut target, MemoryUpdate::Disk { disk: *disk as usize, offset: *offset, bytes: data })?;
+                continue;
+            }
             Some(Frame::State(bytes)) if state.is_none() => {
                 manifest.state.size = bytes.len() as u64;
                 manifest.state.checksum = checksum(bytes);
@@ -279,6 +295,7 @@ mod tests {
                     MemoryUpdate::Zero { guest_addr, len, .. } => {
                         mem[guest_addr as usize..(guest_addr + len) as usize].fill(0)
                     }
+                    MemoryUpdate::Disk { .. } => {}
                 }
                 Ok(())
             },
@@ -304,6 +321,47 @@ mod tests {
         assert!(err.contains("without the machine state"), "{err}");
         let err = read_migrating(&migration_stream(Some(b"s"), true)).err().unwrap().to_string();
         assert!(err.contains("gives a digest"), "{err}");
+    }
+
+    #[test]
+    fn disk_frames_go_to_disks_the_manifest_copies_and_nowhere_else() {
+        let mut m = sample();
+        m.memory.extents.clear();
+        m.memory.chunk_checksums.clear();
+        m.state = crate::StateDigest::default();
+        m.vm.disks = vec![crate::DiskDescription {
+            path: "/d".into(),
+            read_only: false,
+            identity: None,
+            copy: Some(crate::DiskCopy { file: "disk0.img".into(), size: 1 << 20, ranges: None }),
+        }];
+        let stream = |disk: u32, offset: u64| {
+            let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+            w.manifest(&m.encode()).unwrap();
+            w.zero(0, 2 << 20).unwrap();
+            w.disk(disk, offset, &[5u8; 4096]).unwrap();
+            w.state(b"s").unwrap();
+            w.finish().unwrap().0
+        };
+        let read_disks = |bytes: &[u8]| {
+            read_migration(
+                bytes,
+                "test",
+                |_| Ok::<_, Error>(Vec::new()),
+                |got: &mut Vec<(usize, u64, usize)>, update| {
+                    if let MemoryUpdate::Disk { disk, offset, bytes } = update {
+                        got.push((disk, offset, bytes.len()));
+                    }
+                    Ok(())
+                },
+            )
+        };
+        let (_, got) = read_disks(&stream(0, (1 << 20) - 4096)).unwrap();
+        assert_eq!(got, vec![(0, (1 << 20) - 4096, 4096)]);
+        for (disk, offset) in [(0, 1 << 20), (1, 0), (0, (1 << 20) - 512)] {
+            let err = read_disks(&stream(disk, offset)).err().unwrap().to_string();
+            assert!(err.contains("does not give room"), "{err}");
+        }
     }
 
     #[test]

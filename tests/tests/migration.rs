@@ -545,3 +545,78 @@ fn a_diff_after_a_failed_migration_is_exact() {
     assert_eq!(a.len(), b.len());
     assert!(a == b, "the diff after a failed migration misses pages");
 }
+
+/// With `--copy-disks`, the guest's disk travels with it while the guest keeps rewriting and
+/// verifying it: the destination runs on its own copy (in its state directory, or the `--disk`
+/// it was given), which holds the data the guest never touched and stays sparse.
+#[test]
+fn disks_travel_with_copy_disks_while_the_guest_writes_them() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const DISK_BYTES: u64 = 64 << 20;
+    const PATTERN_AT: u64 = 48 << 20;
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    let dir = TempDir::new("mig-disk");
+    let disk = dir.path().join("disk.img");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    f.write_all_at(&pattern, PATTERN_AT).unwrap();
+    drop(f);
+    let check = |path: &Path| {
+        let f = std::fs::File::open(path).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), DISK_BYTES, "{}", path.display());
+        let mut got = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut got, PATTERN_AT).unwrap();
+        assert!(got == pattern, "{}: the data beyond the guest's writes did not travel", path.display());
+        assert!(f.metadata().unwrap().blocks() * 512 < DISK_BYTES / 2, "{} is not sparse", path.display());
+    };
+    let disk_rounds = |vm: &mut Vmm, what: &str| {
+        let first = field(&vm.wait_for("testguest: tick", T), "cpu0").unwrap();
+        let mut last = first;
+        for _ in 0..3 {
+            last = field(&vm.wait_for("testguest: tick", T), "cpu0").unwrap();
+        }
+        assert!(last > first, "{what}: no disk rounds");
+    };
+    let s0 = sock(&dir, "k0");
+    let mut vm = Vmm::testguest(
+        "workload=disk disk.rounds=0 disk.sectors=8192 tick.ms=100",
+        &["--mem", "256M", "--disk", disk.to_str().unwrap(), "--name", "k0", "--api-sock", &s0],
+    );
+    disk_rounds(&mut vm, "before");
+
+    // Shared storage (the default): the destination opens the same file once the source let go.
+    let listen = dir.path().join("s.sock");
+    let mut shared = receive(&format!("unix:{}", listen.display()), "ks", &sock(&dir, "ks"), &[]);
+    wait_path(&listen);
+    let (status, out, err) = migrate(&s0, &format!("unix:{}", listen.display()), &[]);
+    assert!(status.success(), "{err}");
+    assert!(!out.contains("MiB disk"), "{out}");
+    let _ = vm.wait_exit(T);
+    disk_rounds(&mut shared, "after the shared-storage migration");
+    vm = shared;
+
+    // To the destination's state directory.
+    let listen = dir.path().join("a.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "k1", &sock(&dir, "k1"), &[]);
+    wait_path(&listen);
+    let (status, out, err) = migrate(&sock(&dir, "ks"), &format!("unix:{}", listen.display()), &["--copy-disks"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("MiB disk"), "{out}");
+    let _ = vm.wait_exit(T);
+    disk_rounds(&mut dst, "after the first migration");
+    let copy = tests::test_state_dir().join("vmm").join("k1").join("disk0.img");
+    check(&copy);
+
+    // And on to a file of the user's.
+    let mine = dir.path().join("mine.img");
+    let listen = dir.path().join("b.sock");
+    let mut back =
+        receive(&format!("unix:{}", listen.display()), "k2", &sock(&dir, "k2"), &["--disk", mine.to_str().unwrap()]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "k1"), &format!("unix:{}", listen.display()), &["--copy-disks"]);
+    assert!(status.success(), "{err}");
+    let _ = dst.wait_exit(T);
+    disk_rounds(&mut back, "after the second migration");
+    check(&mine);
+    back.kill();
+}

@@ -166,6 +166,11 @@ pub struct MigrateArgs {
     /// zstd-compress the stream.
     #[arg(long)]
     pub compress: bool,
+    /// Send the VM's writable disks along (copied while the guest runs, then the blocks it
+    /// writes meanwhile); the destination writes them to its --disk files, or to fresh files in
+    /// its state directory. Without it, disks are shared storage: the same paths there.
+    #[arg(long)]
+    pub copy_disks: bool,
     /// Longest wait for the destination at any step.
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
     pub timeout: std::time::Duration,

@@ -63,6 +63,9 @@ pub enum Request {
         compress: bool,
         /// Longest wait for the destination at any step, in ms.
         timeout_ms: u64,
+        /// Send the writable disks along (else the destination opens the same paths).
+        #[serde(default)]
+        copy_disks: bool,
     },
     /// Cancels the snapshot or migration under way: the guest runs on, nothing is left at its
     /// destination.

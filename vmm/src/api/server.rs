@@ -260,6 +260,7 @@ fn start_migration(
         over_budget,
         compress,
         timeout_ms,
+        copy_disks,
     } = request
     else {
         return Err((ErrorKind::Runtime, "not a migration".into()));
@@ -285,6 +286,7 @@ fn start_migration(
         over_budget,
         compress,
         timeout: Duration::from_millis(timeout_ms),
+        copy_disks,
     };
     let job = control.start_migration().map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
     Ok((job, opts))

@@ -174,6 +174,7 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
         },
         compress: args.compress,
         timeout_ms: (args.timeout.as_millis() as u64).max(1),
+        copy_disks: args.copy_disks,
     };
     cancel_on_signal(&args.target, "migration").map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     let done = AtomicBool::new(false);
@@ -190,12 +191,13 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
             if r.throttle_percent > 0 { format!(", throttled up to {}%", r.throttle_percent) } else { String::new() };
         let over = if r.over_budget { " (over the downtime budget: the rounds ran out)" } else { "" };
         println!(
-            "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {} KiB while paused), {} round{} after the first pass{throttle}{}",
+            "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {}{} KiB while paused), {} round{} after the first pass{throttle}{}",
             r.to,
             r.total_ms,
             r.downtime_ms,
             r.bytes,
             r.memory_bytes >> 20,
+            if r.disk_bytes > 0 { format!("{} MiB disk, ", r.disk_bytes >> 20) } else { String::new() },
             r.paused_bytes >> 10,
             r.rounds,
             if r.rounds == 1 { "" } else { "s" },

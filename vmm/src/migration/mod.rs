@@ -3,6 +3,7 @@
 //! (`sender`); the destination (`vmm receive`) reads it into a new machine through the restore
 //! path, and the two hand the guest over so that exactly one of them runs it.
 
+mod disks;
 pub mod sender;
 pub mod transport;
 

@@ -14,6 +14,7 @@ use snapshot::stream::{StreamError, StreamWriter};
 use snapshot::PageKind;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::disks::DiskSender;
 use super::transport::{self, Connection, Endpoint, Security, TransportError};
 use crate::control::VmControl;
 use crate::persist::{self, Job, PersistError};
@@ -26,6 +27,8 @@ const PIECE: usize = 1 << 20;
 const THROTTLE_FIRST: u32 = 20;
 const THROTTLE_STEP: u32 = 20;
 const THROTTLE_MAX: u32 = 95;
+/// The throttle holds the guest for its share of each this many bytes sent.
+const THROTTLE_WINDOW: u64 = 8 << 20;
 /// The machine state and the stream's end, in bytes, as the downtime estimate counts them.
 const STATE_ESTIMATE: u64 = 256 << 10;
 /// What the downtime costs besides sending: pausing here, building the machine at the
@@ -58,6 +61,8 @@ pub struct MigrateOptions {
     pub compress: bool,
     /// Longest wait for the peer at any step.
     pub timeout: Duration,
+    /// Send the writable disks along (else they are shared storage).
+    pub copy_disks: bool,
 }
 
 /// How a migration went.
@@ -80,6 +85,9 @@ pub struct MigrationReport {
     pub throttle_percent: u32,
     /// Bytes sent while the guest was paused for good.
     pub paused_bytes: u64,
+    /// Disk data sent, all rounds together (`--copy-disks`).
+    #[serde(default)]
+    pub disk_bytes: u64,
     /// The rounds ran out: the downtime went over its budget.
     pub over_budget: bool,
     pub tls: bool,
@@ -118,6 +126,8 @@ impl MigrateError {
 /// The stream being sent, with its pacing and counters.
 struct Sender<'a> {
     control: &'a VmControl,
+    disks: DiskSender,
+    disk_bytes: u64,
     writer: StreamWriter<BufWriter<Connection>>,
     job: &'a Job,
     bandwidth: Option<u64>,
@@ -197,35 +207,40 @@ impl Sender<'_> {
         }
     }
 
-    /// Sends every page of `dirty`; with a throttle, the guest is held paused while `percent`
-    /// of them go (so it runs, and dirties, only for the rest of the time).
+    /// Sends every page of `dirty`; with a throttle, the guest is held paused while `throttle`%
+    /// of each [`THROTTLE_WINDOW`] bytes go (so it runs, and dirties, only for the rest of the
+    /// time, and the link never idles for it).
     fn send_pages(&mut self, dirty: &DirtyPages, throttle: u32) -> Result<(), MigrateError> {
-        let ranges = split(&dirty.ranges(), PIECE as u64);
-        let mut sent = 0u64;
-        let total = ranges.len() as u64;
-        let mut i = 0;
-        while i < ranges.len() {
-            // Pieces of 8: the first `throttle`% of each group go with the guest paused.
-            let held = if throttle > 0 { (8 * u64::from(throttle)).div_ceil(100) as usize } else { 0 };
-            let group = ranges.len().min(i + 8);
-            let hold_until = ranges.len().min(i + held);
-            if i < hold_until {
-                let paused = self.control.pause_for().map_err(PersistError::from)?;
-                for &(addr, len) in &ranges[i..hold_until] {
-                    self.send_range(addr, len, "a pre-copy round")?;
-                }
-                // Out of the pause before the next pieces go.
+        let pieces = split(&dirty.ranges(), PIECE as u64);
+        let held_bytes = THROTTLE_WINDOW * u64::from(throttle) / 100;
+        let mut window = 0u64;
+        let mut paused = None;
+        for (addr, len) in pieces {
+            if window == 0 && held_bytes > 0 {
+                paused = Some(self.control.pause_for().map_err(PersistError::from)?);
+            }
+            self.send_range(addr, len, "a pre-copy round")?;
+            window += len;
+            if paused.is_some() && window >= held_bytes {
+                // What the guest must not wait for is on its way before it runs again.
                 self.writer.flush().map_err(link("a pre-copy round"))?;
-                drop(paused);
+                paused = None;
             }
-            for &(addr, len) in &ranges[hold_until..group] {
-                self.send_range(addr, len, "a pre-copy round")?;
+            if window >= THROTTLE_WINDOW {
+                window = 0;
             }
-            sent += (group - i) as u64;
-            i = group;
         }
-        debug_assert_eq!(sent, total);
+        drop(paused);
         Ok(())
+    }
+
+    /// Sends the disk chunks of `written`.
+    fn send_disks(&mut self, written: &[Vec<u64>]) -> Result<(), MigrateError> {
+        let (job, total) = (self.job, &mut self.disk_bytes);
+        self.disks.send_written(&mut self.writer, written, |n| {
+            *total += n;
+            job.progress.advance(n).map_err(|e| PersistError::from(e).into())
+        })
     }
 
     /// The first pass: every page (pages known never touched go as Zero frames at once).
@@ -298,10 +313,22 @@ pub fn migrate(
     // so a sender blocked on a slow link notices at once.
     let _watch = CancelWatch::start(job, cutter);
     control.start_tracking().map_err(PersistError::from)?;
+    let disks = DiskSender::open(control, opts.copy_disks)?;
+    let disk_total: u64 = disks.sizes().iter().map(|(_, size)| size).sum();
+    job.progress.set_total(memory::total_bytes(&control.mem) + disk_total);
     let writer =
         StreamWriter::new(BufWriter::with_capacity(1 << 20, conn), opts.compress).map_err(link("the handshake"))?;
-    let mut sender =
-        Sender { control, writer, job, bandwidth: opts.bandwidth, started, memory_bytes: 0, buf: vec![0u8; PIECE] };
+    let mut sender = Sender {
+        control,
+        disks,
+        disk_bytes: 0,
+        writer,
+        job,
+        bandwidth: opts.bandwidth,
+        started,
+        memory_bytes: 0,
+        buf: vec![0u8; PIECE],
+    };
     let mut taken = DirtyPages::default();
     let result = run(&mut sender, opts, &mut taken);
     match result {
@@ -314,6 +341,7 @@ pub fn migrate(
         Err(e) => {
             // The guest is ours again: what was sent is unsaved still.
             control.layer_failed(&taken);
+            sender.disks.give_back(control);
             // A destination that refused the stream (a corrupt frame, say) said why before it
             // hung up: that is the reason, not the broken pipe.
             let e = match e {
@@ -346,7 +374,7 @@ fn run(
     let control = sender.control;
     let fail = |e: MigrateError| e;
     // Handshake: the manifest says what the VM is; the destination checks it can take it.
-    let manifest = persist::migration_manifest(control);
+    let manifest = persist::migration_manifest(control, &sender.disks.sizes());
     sender.writer.manifest(&manifest.encode()).map_err(|e| fail(link("the handshake")(e)))?;
     sender.writer.flush().map_err(|e| fail(link("the handshake")(e)))?;
     match receive(sender, "the handshake").map_err(fail)? {
@@ -363,9 +391,15 @@ fn run(
     // Everything written from now on is sent again in a later round.
     let first = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
     taken.add(&first);
+    sender.disks.take_written(control);
     let round_start = Instant::now();
     let bytes_before = sender.writer.bytes_written();
     sender.send_all().map_err(fail)?;
+    let (job, disk_bytes) = (sender.job, &mut sender.disk_bytes);
+    sender.disks.send_all(&mut sender.writer, |n| {
+        *disk_bytes += n;
+        job.progress.advance(n).map_err(|e| PersistError::from(e).into())
+    })?;
     let mut rate = rate_of(sender.writer.bytes_written() - bytes_before, round_start.elapsed());
     let mut throttle = 0u32;
     let mut previous_left = u64::MAX;
@@ -373,7 +407,8 @@ fn run(
     loop {
         let dirty = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
         taken.add(&dirty);
-        let left = dirty.count() * PAGE_SIZE;
+        let written = sender.disks.take_written(control);
+        let left = dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written);
         let estimate = Duration::from_secs_f64((left + STATE_ESTIMATE) as f64 / rate.max(1.0)) + FIXED_DOWNTIME;
         tracing::debug!(
             "migration: round {} leaves {} KiB, {:.1} ms at {:.0} MiB/s, throttle {throttle}%",
@@ -384,7 +419,7 @@ fn run(
         );
         if estimate <= budget {
             // Into the pause with what is left.
-            return finish(sender, dirty, taken, report, throttle);
+            return finish(sender, dirty, written, taken, report, throttle);
         }
         if report.rounds >= opts.max_rounds {
             if opts.over_budget == OverBudget::Abandon {
@@ -397,7 +432,7 @@ fn run(
                 return Err(fail(e));
             }
             report.over_budget = true;
-            return finish(sender, dirty, taken, report, throttle);
+            return finish(sender, dirty, written, taken, report, throttle);
         }
         // A round that did not halve what is left: the guest dirties more than half as fast as
         // the link sends. Hold it back more.
@@ -413,6 +448,7 @@ fn run(
         let round_start = Instant::now();
         let bytes_before = sender.writer.bytes_written();
         sender.send_pages(&dirty, throttle).map_err(fail)?;
+        sender.send_disks(&written)?;
         let sent = sender.writer.bytes_written() - bytes_before;
         if sent >= 4 << 20 {
             rate = rate_of(sent, round_start.elapsed());
@@ -441,6 +477,7 @@ impl Sender<'_> {
 fn finish(
     sender: &mut Sender<'_>,
     mut dirty: DirtyPages,
+    mut written: Vec<Vec<u64>>,
     taken: &mut DirtyPages,
     mut report: MigrationReport,
     throttle: u32,
@@ -454,6 +491,15 @@ fn finish(
     let (_, last) = paused.begin_layer().map_err(PersistError::from)?;
     taken.add(&last);
     dirty.add(&last);
+    // No disk request is in flight: virtio-blk runs on the vCPU threads, which are stopped.
+    for (all, more) in written.iter_mut().zip(sender.disks.take_written(control)) {
+        if all.len() < more.len() {
+            all.resize(more.len(), 0);
+        }
+        for (a, m) in all.iter_mut().zip(more) {
+            *a |= m;
+        }
+    }
     let state = persist::encode_state(control, &paused)?;
     // The destination runs on the same disks: what the guest wrote must be on them.
     for d in control.devices.durable_files() {
@@ -464,11 +510,13 @@ fn finish(
     for (addr, len) in dirty.ranges() {
         sender.send_range(addr, len, "the final pass")?;
     }
+    sender.send_disks(&written)?;
     report.paused_bytes = sender.writer.bytes_written() - before;
     // End of the stream: the destination checks it holds every page and builds the machine.
     let stats = sender.writer.end().map_err(link("the final pass"))?;
     report.bytes = stats.bytes;
     report.memory_bytes = sender.memory_bytes;
+    report.disk_bytes = sender.disk_bytes;
     sender.job.set_phase("handing over");
     let conn = sender.writer_conn();
     match Message::receive(conn).map_err(message_error("the hand-over"))? {

@@ -301,7 +301,7 @@ struct DiskCopies<'a> {
 }
 
 /// The device of disk `index`.
-fn disk_device(control: &VmControl, index: usize) -> Option<&crate::machine::DeviceEntry> {
+pub(crate) fn disk_device(control: &VmControl, index: usize) -> Option<&crate::machine::DeviceEntry> {
     let id = format!("blk{index}");
     control.devices.list.iter().find(|e| e.id == id)
 }
@@ -406,7 +406,8 @@ fn check_not_an_ancestor(control: &VmControl, dest: &Path) -> Result<(), Persist
 /// The manifest a live migration starts with: the VM as configured and the memory layout, sent
 /// before the guest pauses, so without vCPU summaries or a state digest (the state comes later
 /// in the stream, `snapshot::streamed::read_migration`).
-pub fn migration_manifest(control: &VmControl) -> Manifest {
+/// `copied`: the disks (number, bytes) that travel with it.
+pub fn migration_manifest(control: &VmControl, copied: &[(usize, u64)]) -> Manifest {
     Manifest {
         format_version: snapshot::FORMAT_VERSION,
         parent: None,
@@ -416,7 +417,7 @@ pub fn migration_manifest(control: &VmControl) -> Manifest {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         vmm_version: env!("CARGO_PKG_VERSION").into(),
-        vm: describe_vm(&control.config, &[], None),
+        vm: describe_vm(&control.config, copied, None),
         host_cpu: cpuid::host_cpu(),
         vcpus: Vec::new(),
         devices: Vec::new(),

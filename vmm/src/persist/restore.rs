@@ -175,19 +175,20 @@ fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError
 
 /// Reads a snapshot stream into fresh guest memory of the size its manifest gives.
 /// `before_memory` runs once the manifest is read and checked, before anything else is: what can
-/// refuse the VM here must do so then, while its source (with `--stop`) can still keep it.
+/// refuse the VM here must do so then, while its source (with `--stop`) can still keep it. It
+/// also gives the files the disks that travel with a migration go to (by disk number).
 fn read_stream<T>(
     input: impl Read,
     migration: bool,
-    before_memory: impl FnOnce(&Manifest) -> Result<T, PersistError>,
+    before_memory: impl FnOnce(&Manifest) -> Result<(T, Vec<Option<File>>), PersistError>,
 ) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
     let what = if migration { "the migration stream" } else { "stdin" };
-    let prepare = |m: &Manifest| -> Result<(GuestMemory, T), PersistError> {
+    let prepare = |m: &Manifest| -> Result<(GuestMemory, T, Vec<Option<File>>), PersistError> {
         check_layout(m)?;
-        let claimed = before_memory(m)?;
-        Ok((memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?, claimed))
+        let (claimed, disks) = before_memory(m)?;
+        Ok((memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?, claimed, disks))
     };
-    let fill = |(mem, _): &mut (GuestMemory, T), update: MemoryUpdate<'_>| {
+    let fill = |(mem, _, disks): &mut (GuestMemory, T, Vec<Option<File>>), update: MemoryUpdate<'_>| {
         let write = |bytes: &[u8], addr: u64| {
             mem.write_slice(bytes, GuestAddress(addr))
                 .map_err(|e| snapshot::Error::BadStream { what: what.into(), reason: e.to_string() })
@@ -202,15 +203,68 @@ fn read_stream<T>(
             }
             // Fresh memory is zero already, and stays unbacked.
             MemoryUpdate::Zero { .. } => {}
+            MemoryUpdate::Disk { disk, offset, bytes } => {
+                use std::os::unix::fs::FileExt;
+                let file = disks.get(disk).and_then(Option::as_ref).ok_or_else(|| {
+                    PersistError::Inconsistent(format!("disk data for disk {disk}, which is not copied here"))
+                })?;
+                file.write_all_at(bytes, offset)
+                    .map_err(|e| PersistError::Disk(format!("writing disk {disk}: {e}")))?;
+            }
         }
         Ok(())
     };
-    let (streamed, (mem, claimed)) = if migration {
+    let (streamed, (mem, claimed, disks)) = if migration {
         streamed::read_migration(input, what, prepare, fill)?
     } else {
         streamed::read_snapshot(input, what, prepare, fill)?
     };
+    // The disks as they arrived are durable before the destination says it is ready.
+    for (i, file) in disks.iter().enumerate() {
+        if let Some(f) = file {
+            f.sync_all().map_err(|e| PersistError::Disk(format!("syncing disk {i}: {e}")))?;
+        }
+    }
     Ok((streamed, mem, claimed))
+}
+
+/// The files a migration's copied disks are written to (those the manifest says travel with
+/// it): the `--disk` the user gave for it, or a fresh file in the VM's state directory,
+/// created at the disk's size. One another VM runs on is refused.
+fn create_copied_disks(manifest: &Manifest, config: &VmConfig) -> Result<Vec<Option<File>>, PersistError> {
+    let mut files = Vec::new();
+    for (d, target) in manifest.vm.disks.iter().zip(&config.disks) {
+        let Some(copy) = &d.copy else {
+            files.push(None);
+            continue;
+        };
+        let path = &target.path;
+        let io = |what: &str, e: std::io::Error| PersistError::Disk(format!("{}: {what}: {e}", path.display()));
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io("cannot create its directory", e))?;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("cannot open it", e))?;
+        if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+            return Err(PersistError::Machine(MachineError::Disk(BlockError::InUse(path.display().to_string()))));
+        }
+        // The lock goes with this handle once the stream is read; the VM's own takes its place.
+        let _ = file.unlock();
+        file.set_len(0).and_then(|()| file.set_len(copy.size)).map_err(|e| io("cannot size it", e))?;
+        files.push(Some(file));
+    }
+    Ok(files)
 }
 
 /// Refuses a snapshot whose guest was given CPU features this host cannot offer.
@@ -430,14 +484,17 @@ pub fn restore<T>(
             (state, mem, Some(file), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem, admitted) = read_stream(&mut input, false, |m| admit(m, STREAM, opts, claim))?;
+            let (streamed, mem, admitted) =
+                read_stream(&mut input, false, |m| Ok((admit(m, STREAM, opts, claim)?, Vec::new())))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
             (state, mem, None, None, admitted)
         }
         ResumeSource::Migration(mut input) => {
             let (streamed, mem, admitted) = read_stream(&mut input, true, |m| {
                 check_vendor(m)?;
-                admit(m, MIGRATION, opts, claim)
+                let admitted = admit(m, MIGRATION, opts, claim)?;
+                let disks = create_copied_disks(m, &admitted.0)?;
+                Ok((admitted, disks))
             })?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
             (state, mem, None, None, admitted)
