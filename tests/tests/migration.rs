@@ -526,7 +526,7 @@ fn a_diff_after_a_failed_migration_is_exact() {
     let via = dir.path().join("relay.sock");
     let dst = receive(&format!("unix:{}", listen.display()), "x1", &sock(&dir, "x1"), &[]);
     wait_path(&listen);
-    let relay = relay(&via, listen.clone(), Fault::CutForward(100 << 20));
+    let relay = relay(&via, listen.clone(), Fault::CutForward(40 << 20));
     let (status, _, err) = migrate(&s, &format!("unix:{}", via.display()), &[]);
     assert_eq!(status.code(), Some(1), "{err}");
     relay.join().unwrap();

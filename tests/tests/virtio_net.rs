@@ -2,18 +2,14 @@
 //! and a sequenced UDP service that answers each request number exactly once), in a private
 //! network namespace per test: a bridge at 10.0.0.1 and TAP ports.
 
-use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tests::netns::{self, HOST_IP};
+use tests::netns::{self, udp_socket, SeqClient, GUEST_IP};
 use tests::{bound, vmm_cmd, vmm_ok, TempDir, Vmm};
 
 const T: Duration = Duration::from_secs(60);
-const GUEST_IP: &str = "10.0.0.2";
 const ECHO_PORT: u16 = 7;
-const SEQ_PORT: u16 = 9000;
 
 fn boot(dir: &TempDir, name: &str, tap: &str) -> (Vmm, String, String) {
     let sock = dir.path().join(format!("{name}.sock")).display().to_string();
@@ -24,79 +20,6 @@ fn boot(dir: &TempDir, name: &str, tap: &str) -> (Vmm, String, String) {
     let mac =
         ready.split_whitespace().find_map(|w| w.strip_prefix("mac=")).expect("mac= in the ready line").to_string();
     (vm, sock, mac)
-}
-
-fn udp_socket() -> UdpSocket {
-    let s = UdpSocket::bind((HOST_IP, 0)).expect("bind a UDP socket on the bridge");
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    s
-}
-
-/// Streams sequenced requests, one at a time, retransmitting until answered; checks that the
-/// reply to number N says N numbers were answered, i.e. none twice and none skipped.
-struct SeqClient {
-    answered: AtomicU64,
-    stop: AtomicBool,
-    errors: Mutex<Vec<String>>,
-}
-
-impl SeqClient {
-    fn start() -> (Arc<Self>, std::thread::JoinHandle<()>) {
-        let client =
-            Arc::new(SeqClient { answered: AtomicU64::new(0), stop: AtomicBool::new(false), errors: Mutex::default() });
-        let c = client.clone();
-        // Spawned from the test's thread, so in its network namespace.
-        let handle = std::thread::spawn(move || c.run());
-        (client, handle)
-    }
-
-    fn run(&self) {
-        let sock = udp_socket();
-        let mut seq = 1u64;
-        let mut buf = [0u8; 64];
-        while !self.stop.load(Ordering::Relaxed) {
-            let mut req = [0u8; 16];
-            req[..8].copy_from_slice(&seq.to_be_bytes());
-            if sock.send_to(&req, (GUEST_IP, SEQ_PORT)).is_err() {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            let Ok(n) = sock.recv(&mut buf) else { continue };
-            if n < 16 {
-                self.errors.lock().unwrap().push(format!("short reply of {n} bytes"));
-                continue;
-            }
-            let got = u64::from_be_bytes(buf[..8].try_into().unwrap());
-            let answered = u64::from_be_bytes(buf[8..16].try_into().unwrap());
-            if got != seq {
-                continue; // a late reply to an earlier retransmission
-            }
-            if answered != seq {
-                self.errors.lock().unwrap().push(format!("reply to {seq} says {answered} were answered"));
-            }
-            self.answered.store(seq, Ordering::Relaxed);
-            seq += 1;
-        }
-    }
-
-    fn wait_for(&self, target: u64, timeout: Duration, what: &str) {
-        let deadline = Instant::now() + timeout;
-        while self.answered.load(Ordering::Relaxed) < target {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: only {} of {target} requests answered within {timeout:?}",
-                self.answered.load(Ordering::Relaxed)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish(&self, handle: std::thread::JoinHandle<()>) {
-        self.stop.store(true, Ordering::Relaxed);
-        handle.join().expect("client thread");
-        let errors = self.errors.lock().unwrap();
-        assert!(errors.is_empty(), "the sequenced service misbehaved: {errors:?}");
-    }
 }
 
 #[test]

@@ -31,6 +31,10 @@ const THROTTLE_MAX: u32 = 95;
 const THROTTLE_WINDOW: u64 = 8 << 20;
 /// The machine state and the stream's end, in bytes, as the downtime estimate counts them.
 const STATE_ESTIMATE: u64 = 256 << 10;
+/// The socket's send queue is kept to what a quarter of the downtime budget sends at the measured rate
+/// (the pause waits for it), within these bounds.
+const MIN_SEND_QUEUE: u64 = 64 << 10;
+const MAX_SEND_QUEUE: u64 = 4 << 20;
 /// What the downtime costs besides sending: pausing here, building the machine at the
 /// destination (measured: 2–3 ms), the hand-over messages.
 const FIXED_DOWNTIME: Duration = Duration::from_millis(3);
@@ -409,7 +413,9 @@ fn run(
         taken.add(&dirty);
         let written = sender.disks.take_written(control);
         let left = dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written);
-        let estimate = Duration::from_secs_f64((left + STATE_ESTIMATE) as f64 / rate.max(1.0)) + FIXED_DOWNTIME;
+        let queued = sender.backlog();
+        let estimate =
+            Duration::from_secs_f64((left + queued + STATE_ESTIMATE) as f64 / rate.max(1.0)) + FIXED_DOWNTIME;
         tracing::debug!(
             "migration: round {} leaves {} KiB, {:.1} ms at {:.0} MiB/s, throttle {throttle}%",
             report.rounds,
@@ -453,6 +459,9 @@ fn run(
         if sent >= 4 << 20 {
             rate = rate_of(sent, round_start.elapsed());
         }
+        // A send queue longer than the budget allows would be waited for in the pause.
+        let queue = ((rate * budget.as_secs_f64() / 4.0) as u64).clamp(MIN_SEND_QUEUE, MAX_SEND_QUEUE);
+        let _ = sender.writer_conn().limit_send_queue(queue);
     }
 }
 
@@ -470,6 +479,13 @@ fn receive(sender: &mut Sender<'_>, during: &'static str) -> Result<Message, Mig
 impl Sender<'_> {
     fn writer_conn(&mut self) -> &mut Connection {
         self.writer.get_mut().get_mut()
+    }
+
+    /// Bytes written that are still on this side of the link: in the writer's buffer or queued
+    /// in the socket (on a slow link, megabytes). The pause waits for them too.
+    fn backlog(&mut self) -> u64 {
+        let buffered = self.writer.get_mut().buffer().len() as u64;
+        buffered + self.writer_conn().unsent_bytes().unwrap_or(0)
     }
 }
 

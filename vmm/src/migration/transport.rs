@@ -137,6 +137,36 @@ impl Connection {
         })
     }
 
+    /// Bytes written to the socket that the peer has not acknowledged yet (TCP) or not read
+    /// yet (Unix), as the kernel counts them (`TIOCOUTQ`); None if it cannot say.
+    pub fn unsent_bytes(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Connection::Unix(s) => s.as_raw_fd(),
+            Connection::Tcp(s) => s.as_raw_fd(),
+            Connection::TlsClient(s) => s.sock.as_raw_fd(),
+            Connection::TlsServer(s) => s.sock.as_raw_fd(),
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int through the pointer, which is
+        // valid for the call; `fd` is this connection's open socket.
+        let ret = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+        (ret == 0).then(|| n.max(0) as u64)
+    }
+
+    /// Bounds the socket's send queue to about `bytes` (`SO_SNDBUF`; the kernel doubles it for
+    /// its bookkeeping).
+    pub fn limit_send_queue(&self, bytes: u64) -> std::io::Result<()> {
+        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+        match self {
+            Connection::Unix(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
+            Connection::Tcp(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
+            Connection::TlsClient(s) => rustix::net::sockopt::set_socket_send_buffer_size(&s.sock, size),
+            Connection::TlsServer(s) => rustix::net::sockopt::set_socket_send_buffer_size(&s.sock, size),
+        }
+        .map_err(std::io::Error::from)
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self, Connection::TlsClient(_) | Connection::TlsServer(_))
