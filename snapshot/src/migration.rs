@@ -25,11 +25,13 @@ const KIND_REFUSE: u8 = 2;
 const KIND_READY: u8 = 3;
 const KIND_COMMIT: u8 = 4;
 const KIND_COMMITTED: u8 = 5;
+const KIND_COMMIT_PAUSED: u8 = 6;
 
 /// One message. In the order a migration uses them: destination → source `Accept` (or
 /// `Refuse`) once it checked the manifest; `Ready` (or `Refuse`) once it holds the whole VM and
 /// can run it; source → destination `Commit`: the source has stopped the guest for good, run it;
-/// destination → source `Committed`: it took over.
+/// destination → source `Committed`: it took over. `CommitPaused` is `Commit` for a guest its
+/// user had paused: the destination keeps it paused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Accept,
@@ -37,6 +39,7 @@ pub enum Message {
     Ready,
     Commit,
     Committed,
+    CommitPaused,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,7 @@ impl Message {
             Message::Ready => KIND_READY,
             Message::Commit => KIND_COMMIT,
             Message::Committed => KIND_COMMITTED,
+            Message::CommitPaused => KIND_COMMIT_PAUSED,
         }
     }
 
@@ -129,6 +133,7 @@ impl Message {
             KIND_READY => empty(Message::Ready),
             KIND_COMMIT => empty(Message::Commit),
             KIND_COMMITTED => empty(Message::Committed),
+            KIND_COMMIT_PAUSED => empty(Message::CommitPaused),
             KIND_REFUSE => Ok(Message::Refuse(String::from_utf8_lossy(&rest[..len]).into_owned())),
             kind => Err(MessageError::Corrupt(format!("unknown kind {kind}"))),
         }
@@ -155,7 +160,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn all() -> Vec<Message> {
-        vec![Message::Accept, Message::Refuse("no room".into()), Message::Ready, Message::Commit, Message::Committed]
+        vec![
+            Message::Accept,
+            Message::Refuse("no room".into()),
+            Message::Ready,
+            Message::Commit,
+            Message::Committed,
+            Message::CommitPaused,
+        ]
     }
 
     #[test]
@@ -188,7 +200,7 @@ mod tests {
         }
 
         #[test]
-        fn any_damaged_message_is_refused(which in 0usize..5, at in any::<usize>(), xor in 1u8..=255) {
+        fn any_damaged_message_is_refused(which in 0usize..6, at in any::<usize>(), xor in 1u8..=255) {
             let mut bytes = all()[which].encode();
             let at = at % bytes.len();
             bytes[at] ^= xor;

@@ -391,7 +391,18 @@ fn a_lost_confirmation_leaves_only_the_destination_running() {
     let _ = vm.lines_for(Duration::from_millis(100));
     let lines = vm.lines_for(Duration::from_millis(800));
     assert!(lines.iter().all(|l| !l.contains("tick")), "the source guest made progress: {lines:?}");
-    vm.kill();
+
+    // Migrated on, the paused source stays a paused guest: never a second one running.
+    let listen = dir.path().join("again.sock");
+    let mut again = receive(&format!("unix:{}", listen.display()), "l2", &sock(&dir, "l2"), &[]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "l0"), &format!("unix:{}", listen.display()), &[]);
+    assert!(status.success(), "{err}");
+    let _ = vm.wait_exit(T);
+    assert!(state_of(&sock(&dir, "l2")).contains("paused"), "a paused guest arrived running");
+    vmm_ok(&["continue", "--api-sock", &sock(&dir, "l2")]);
+    assert_progress(&mut again, "the paused guest, continued");
+    again.kill();
     dst.kill();
 }
 

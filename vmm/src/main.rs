@@ -153,7 +153,8 @@ pub struct MigrateArgs {
     /// be sent within it.
     #[arg(long, default_value = "10ms", value_parser = parse_duration_arg)]
     pub max_downtime: std::time::Duration,
-    /// Most bytes a second on the link (e.g. 100M, 1G); default: as fast as it goes.
+    /// Most bytes a second on the link: 100M, 1G (K, M, G suffixes; a bare number is MiB);
+    /// default: as fast as it goes.
     #[arg(long, value_parser = parse_rate_arg)]
     pub bandwidth: Option<u64>,
     /// Pre-copy rounds after the first full pass before --over-budget decides.

@@ -189,7 +189,13 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
     if let Some(r) = reply.migration {
         let throttle =
             if r.throttle_percent > 0 { format!(", throttled up to {}%", r.throttle_percent) } else { String::new() };
-        let over = if r.over_budget { " (over the downtime budget: the rounds ran out)" } else { "" };
+        let budget_ms = args.max_downtime.as_secs_f64() * 1000.0;
+        let over = match (r.downtime_ms > budget_ms, r.over_budget) {
+            (true, true) => format!(" (over the {budget_ms:.0} ms budget: the rounds ran out first)"),
+            (true, false) => format!(" (over the {budget_ms:.0} ms budget)"),
+            (false, true) => " (the rounds ran out first)".to_string(),
+            (false, false) => String::new(),
+        };
         println!(
             "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {}{} KiB while paused), {} round{} after the first pass{throttle}{}",
             r.to,

@@ -238,6 +238,9 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         _ => endpoint.to_string(),
     };
     eprintln!("vmm: waiting for a VM on {shown}");
+    let receiving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    stop_receiving_on_signal(receiving.clone(), &endpoint)
+        .map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     // A peer that fails the TLS handshake (no certificate of the CA) is turned away and the
     // next one awaited: it never got to send anything.
     let (conn, peer) = loop {
@@ -294,12 +297,14 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         Ok(claimed)
     };
     let committed = std::cell::Cell::new(false);
+    let keep_paused = std::cell::Cell::new(false);
     let handover = || {
         let lost =
             |e: String| persist::PersistError::Claim { message: format!("hand-over failed: {e}"), bad_input: false };
         conn.send(&Message::Ready).map_err(|e| lost(e.to_string()))?;
         match conn.receive() {
             Ok(Message::Commit) => {}
+            Ok(Message::CommitPaused) => keep_paused.set(true),
             Ok(other) => return Err(lost(format!("the source answered {other:?}"))),
             Err(e) => return Err(lost(format!("no commit from the source ({e}): it keeps the guest"))),
         }
@@ -331,9 +336,10 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     };
     drop(conn);
     responder.stop();
+    receiving.store(false, std::sync::atomic::Ordering::SeqCst);
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
-        paused: args.paused,
+        paused: args.paused || keep_paused.get(),
         lazy: false,
         hot: Vec::new(),
         checkpoint: None,
@@ -343,6 +349,28 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         diff_base: None,
     };
     serve(restored.machine, listener, guard, launch)
+}
+
+/// Ends a `vmm receive` on SIGINT, SIGTERM or SIGHUP while no VM runs yet (a partial one is
+/// discarded: its source keeps the guest); once the VM runs, the signal is the VM's to handle.
+fn stop_receiving_on_signal(receiving: Arc<std::sync::atomic::AtomicBool>, endpoint: &Endpoint) -> std::io::Result<()> {
+    let listen = match endpoint {
+        Endpoint::Unix(path) => Some(path.clone()),
+        Endpoint::Tcp { .. } => None,
+    };
+    std::thread::Builder::new().name("receive-signals".into()).spawn(move || {
+        let Some(signal) = vmm::exit::wait_termination_signal() else { return };
+        if receiving.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(path) = listen {
+                let _ = std::fs::remove_file(path);
+            }
+            eprintln!("vmm: interrupted (signal {signal}); no VM was received");
+            std::process::exit(1);
+        }
+        // SAFETY: raising a signal at this process again, for the VM's own waiter.
+        unsafe { libc::kill(libc::getpid(), signal) };
+    })?;
+    Ok(())
 }
 
 /// The periodic checkpoints the arguments ask for.

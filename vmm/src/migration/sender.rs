@@ -158,9 +158,6 @@ fn describe(e: &MessageError) -> String {
         MessageError::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
             format!("the destination ended the TLS session ({io}): does it trust this side's certificate?")
         }
-        MessageError::Closed | MessageError::Corrupt(_) => {
-            format!("{e}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)")
-        }
         other => other.to_string(),
     }
 }
@@ -346,6 +343,10 @@ pub fn migrate(
             // The guest is ours again: what was sent is unsaved still.
             control.layer_failed(&taken);
             sender.disks.give_back(control);
+            // A cancel cuts the connection: the broken link is its doing, not the reason.
+            if job.progress.check().is_err() {
+                return Err(PersistError::from(snapshot::Error::Cancelled).into());
+            }
             // A destination that refused the stream (a corrupt frame, say) said why before it
             // hung up: that is the reason, not the broken pipe.
             let e = match e {
@@ -381,7 +382,17 @@ fn run(
     let manifest = persist::migration_manifest(control, &sender.disks.sizes());
     sender.writer.manifest(&manifest.encode()).map_err(|e| fail(link("the handshake")(e)))?;
     sender.writer.flush().map_err(|e| fail(link("the handshake")(e)))?;
-    match receive(sender, "the handshake").map_err(fail)? {
+    let answer = Message::receive(sender.writer_conn()).map_err(|e| MigrateError::Link {
+        during: "the handshake",
+        err: match e {
+            MessageError::Closed | MessageError::Corrupt(_) => format!(
+                "{}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)",
+                describe(&e)
+            ),
+            e => describe(&e),
+        },
+    })?;
+    match answer {
         Message::Accept => {}
         Message::Refuse(why) => return Err(fail(MigrateError::Refused(why))),
         other => {
@@ -470,12 +481,6 @@ fn rate_of(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64().max(1e-6)
 }
 
-fn receive(sender: &mut Sender<'_>, during: &'static str) -> Result<Message, MigrateError> {
-    // The writer's buffer is empty after a flush: the connection can be read directly.
-    let conn = sender.writer_conn();
-    Message::receive(conn).map_err(message_error(during))
-}
-
 impl Sender<'_> {
     fn writer_conn(&mut self) -> &mut Connection {
         self.writer.get_mut().get_mut()
@@ -503,6 +508,8 @@ fn finish(
     sender.job.set_phase("stopping");
     let mut paused = control.pause_for().map_err(PersistError::from)?;
     let paused_at = Instant::now();
+    // A guest its user paused stays paused at the destination.
+    let was_running = paused.was_running();
     // Pages written since the last look, by the vCPUs or by devices while they were quiesced.
     let (_, last) = paused.begin_layer().map_err(PersistError::from)?;
     taken.add(&last);
@@ -521,6 +528,8 @@ fn finish(
     for d in control.devices.durable_files() {
         d.file.sync_data().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path)))?;
     }
+    let (_, total) = sender.job.progress.get();
+    sender.job.progress.set_total(total + dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written));
     let before = sender.writer.bytes_written();
     sender.writer.state(&state).map_err(link("the final pass"))?;
     for (addr, len) in dirty.ranges() {
@@ -541,7 +550,8 @@ fn finish(
         other => return Err(MigrateError::Link { during: "the hand-over", err: format!("unexpected {other:?}") }),
     }
     // From here on the guest must not run here again unless the destination surely will not.
-    if let Err(e) = Message::Commit.send(conn) {
+    let commit = if was_running { Message::Commit } else { Message::CommitPaused };
+    if let Err(e) = commit.send(conn) {
         // Not sent whole: the destination never runs a VM without its Commit.
         return Err(MigrateError::Link { during: "the hand-over", err: e.to_string() });
     }

@@ -319,6 +319,8 @@ pub fn connect(
     match endpoint {
         Endpoint::Unix(path) => {
             let sock = UnixStream::connect(path).map_err(failed)?;
+            sock.set_read_timeout(Some(timeout))?;
+            sock.set_write_timeout(Some(timeout))?;
             Ok(Connection::Unix(sock))
         }
         Endpoint::Tcp { host, port } => {
@@ -376,7 +378,15 @@ impl Listener {
         };
         let failed = |err| TransportError::Listen { endpoint: endpoint.to_string(), err };
         let socket = match endpoint {
-            Endpoint::Unix(path) => ListeningSocket::Unix(UnixListener::bind(path).map_err(failed)?),
+            Endpoint::Unix(path) => {
+                // A socket left by a receiver that was killed answers no one: take its place.
+                if std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                    && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                ListeningSocket::Unix(UnixListener::bind(path).map_err(failed)?)
+            }
             Endpoint::Tcp { host, port } => {
                 ListeningSocket::Tcp(TcpListener::bind((host.as_str(), *port)).map_err(failed)?)
             }

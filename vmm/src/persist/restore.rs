@@ -340,6 +340,12 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
         )));
     }
     for (i, (given, d)) in opts.disks.iter().zip(saved).enumerate() {
+        if given.read_only && !d.read_only {
+            return Err(PersistError::Override(format!(
+                "--disk {},ro: the guest's disk {i} is writable, and it would see its writes fail; give it writable",
+                given.path.display()
+            )));
+        }
         let expected = d.copy.as_ref().map(|c| c.size).or(d.identity.map(|id| id.size));
         // A missing file is reported when it is opened.
         let Ok(meta) = std::fs::metadata(&given.path) else { continue };
