@@ -377,11 +377,10 @@ fn run(
     taken: &mut DirtyPages,
 ) -> Result<MigrationReport, MigrateError> {
     let control = sender.control;
-    let fail = |e: MigrateError| e;
     // Handshake: the manifest says what the VM is; the destination checks it can take it.
     let manifest = persist::migration_manifest(control, &sender.disks.sizes());
-    sender.writer.manifest(&manifest.encode()).map_err(|e| fail(link("the handshake")(e)))?;
-    sender.writer.flush().map_err(|e| fail(link("the handshake")(e)))?;
+    sender.writer.manifest(&manifest.encode()).map_err(link("the handshake"))?;
+    sender.writer.flush().map_err(link("the handshake"))?;
     let answer = Message::receive(sender.writer_conn()).map_err(|e| MigrateError::Link {
         during: "the handshake",
         err: match e {
@@ -394,22 +393,20 @@ fn run(
     })?;
     match answer {
         Message::Accept => {}
-        Message::Refuse(why) => return Err(fail(MigrateError::Refused(why))),
-        other => {
-            return Err(fail(MigrateError::Link { during: "the handshake", err: format!("unexpected {other:?}") }))
-        }
+        Message::Refuse(why) => return Err(MigrateError::Refused(why)),
+        other => return Err(MigrateError::Link { during: "the handshake", err: format!("unexpected {other:?}") }),
     }
 
     let mut report = MigrationReport::default();
     let budget = opts.max_downtime;
     sender.job.set_phase("copying memory");
     // Everything written from now on is sent again in a later round.
-    let first = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
+    let first = control.take_unsaved_pages().map_err(PersistError::from)?;
     taken.add(&first);
     sender.disks.take_written(control);
     let round_start = Instant::now();
     let bytes_before = sender.writer.bytes_written();
-    sender.send_all().map_err(fail)?;
+    sender.send_all()?;
     let (job, disk_bytes) = (sender.job, &mut sender.disk_bytes);
     sender.disks.send_all(&mut sender.writer, |n| {
         *disk_bytes += n;
@@ -420,7 +417,7 @@ fn run(
     let mut previous_left = u64::MAX;
     sender.job.set_phase("converging");
     loop {
-        let dirty = control.take_unsaved_pages().map_err(|e| fail(PersistError::from(e).into()))?;
+        let dirty = control.take_unsaved_pages().map_err(PersistError::from)?;
         taken.add(&dirty);
         let written = sender.disks.take_written(control);
         let left = dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written);
@@ -446,7 +443,7 @@ fn run(
                     estimate_ms: estimate.as_millis() as u64,
                     budget_ms: budget.as_millis() as u64,
                 };
-                return Err(fail(e));
+                return Err(e);
             }
             report.over_budget = true;
             return finish(sender, dirty, written, taken, report, throttle);
@@ -464,7 +461,7 @@ fn run(
         sender.job.progress.set_total(total + left);
         let round_start = Instant::now();
         let bytes_before = sender.writer.bytes_written();
-        sender.send_pages(&dirty, throttle).map_err(fail)?;
+        sender.send_pages(&dirty, throttle)?;
         sender.send_disks(&written)?;
         let sent = sender.writer.bytes_written() - bytes_before;
         if sent >= 4 << 20 {
