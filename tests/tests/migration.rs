@@ -289,8 +289,15 @@ fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandl
                     }
                     done += n as u64;
                 }
-                let _ = a.shutdown(std::net::Shutdown::Both);
-                let _ = b.shutdown(std::net::Shutdown::Both);
+                if cut.load(Ordering::SeqCst) {
+                    let _ = a.shutdown(std::net::Shutdown::Both);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                } else {
+                    // One direction ended: the other still delivers what is on its way (a
+                    // destination's Refuse as it hangs up).
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                    let _ = a.shutdown(std::net::Shutdown::Read);
+                }
             })
         };
         let f = pump(from_src.try_clone().unwrap(), to_dst.try_clone().unwrap(), true, cut.clone());
