@@ -168,13 +168,14 @@ fn a_chain_of_diffs_is_the_machine_byte_for_byte_and_resumes() {
         snapshot(&s, &layer(i), &["--diff"]);
     }
     // The last diff and a full snapshot of one paused guest.
-    ticks(&mut vm, 2);
+    // The last line before the pause: the snapshot holds at least that many rounds.
+    let before = ticks(&mut vm, 2);
     vmm_ok(&["pause", "--api-sock", &s]);
     snapshot(&s, &layer(6), &["--diff"]);
     let full = dir.path().join("full");
     snapshot(&s, &full, &[]);
     vmm_ok(&["continue", "--api-sock", &s]);
-    let before = ticks(&mut vm, 1);
+    ticks(&mut vm, 1);
     vm.kill();
     assert_same_memory(&layer(6), &full, &dir.path().join("merged"));
     let out = vmm_ok(&["verify", layer(6).to_str().unwrap()]);
@@ -210,7 +211,7 @@ fn a_chain_of_diffs_is_the_machine_byte_for_byte_and_resumes() {
     );
     vmm_ok(&["continue", "--api-sock", &rsock]);
     let first = resumed.wait_for("testguest: tick", T);
-    assert!(field(&first, "cpu0").unwrap() + 3 >= rounds, "{first} after {before}");
+    assert!(field(&first, "cpu0").unwrap() >= rounds, "{first} after {before}");
     ticks(&mut resumed, 3);
     assert!(resumed.lines_with("testguest: ready").is_empty(), "rebooted: {:?}", resumed.seen);
     resumed.kill();
