@@ -117,6 +117,15 @@ fn read_request(stream: &UnixStream) -> Result<(Request, Option<File>), String> 
     Ok((request, fd))
 }
 
+/// Sends a job's reply; a job that ends the VM (a `stop` snapshot, a migration) ends it only
+/// now, with the reply sent: ending the VM ends this process.
+fn answer(control: &VmControl, stream: &UnixStream, reply: Reply, end: bool) {
+    send_reply(stream, reply, end);
+    if end {
+        control.end(ExitReason::Stopped);
+    }
+}
+
 fn send_reply(stream: &UnixStream, mut reply: Reply, end: bool) {
     if end {
         reply.ending_pid = Some(std::process::id());
@@ -239,10 +248,7 @@ fn finish_snapshot(control: &VmControl, stream: UnixStream, run: SnapshotRun, ou
             (Reply::error(kind, e.to_string()), false)
         }
     };
-    send_reply(&stream, reply, end);
-    if end {
-        control.end(ExitReason::Stopped);
-    }
+    answer(control, &stream, reply, end);
 }
 
 /// Checks a migration request and registers its job.
@@ -307,10 +313,7 @@ fn finish_migration(control: &VmControl, stream: UnixStream, job: &Arc<persist::
             (Reply::error(kind, e.to_string()), false)
         }
     };
-    send_reply(&stream, reply, end);
-    if end {
-        control.end(ExitReason::Stopped);
-    }
+    answer(control, &stream, reply, end);
 }
 
 /// Serves one request; the flag says whether the VM must end once the reply is sent.
