@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `checksum` is xxh3-64 of everything before it. `len` is at most [`MAX_MESSAGE_PAYLOAD`];
-//! only Refuse has a payload (a UTF-8 reason).
+//! only Refuse (a UTF-8 reason) and Hello (version u32 | session u64 | lane u8 | lanes u8) have
+//! a payload.
 
 use std::io::{self, Read, Write};
 
@@ -26,14 +27,27 @@ const KIND_READY: u8 = 3;
 const KIND_COMMIT: u8 = 4;
 const KIND_COMMITTED: u8 = 5;
 const KIND_COMMIT_PAUSED: u8 = 6;
+const KIND_HELLO: u8 = 7;
+const HELLO_LEN: usize = 14;
+
+/// The migration protocol a Hello names; the only one spoken.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Most connections one migration uses.
+pub const MAX_LANES: u8 = 16;
 
 /// One message. In the order a migration uses them: destination → source `Accept` (or
 /// `Refuse`) once it checked the manifest; `Ready` (or `Refuse`) once it holds the whole VM and
 /// can run it; source → destination `Commit`: the source has stopped the guest for good, run it;
 /// destination → source `Committed`: it took over. `CommitPaused` is `Commit` for a guest its
 /// user had paused: the destination keeps it paused.
+///
+/// Before all of them, source → destination, each connection of a migration starts with a
+/// `Hello`: the protocol version, the migration's random session number, which of its `lanes`
+/// connections this is (lane 0 carries the manifest, the state, the disks and these messages;
+/// the others only memory).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
+    Hello { version: u32, session: u64, lane: u8, lanes: u8 },
     Accept,
     Refuse(String),
     Ready,
@@ -61,12 +75,14 @@ impl Message {
             Message::Commit => KIND_COMMIT,
             Message::Committed => KIND_COMMITTED,
             Message::CommitPaused => KIND_COMMIT_PAUSED,
+            Message::Hello { .. } => KIND_HELLO,
         }
     }
 
     /// The message's bytes; a Refuse reason is cut to [`MAX_MESSAGE_PAYLOAD`] bytes at a
     /// character boundary.
     pub fn encode(&self) -> Vec<u8> {
+        let hello;
         let payload = match self {
             Message::Refuse(reason) => {
                 let mut end = reason.len().min(MAX_MESSAGE_PAYLOAD);
@@ -74,6 +90,15 @@ impl Message {
                     end -= 1;
                 }
                 &reason.as_bytes()[..end]
+            }
+            Message::Hello { version, session, lane, lanes } => {
+                let mut b = [0u8; HELLO_LEN];
+                b[..4].copy_from_slice(&version.to_le_bytes());
+                b[4..12].copy_from_slice(&session.to_le_bytes());
+                b[12] = *lane;
+                b[13] = *lanes;
+                hello = b;
+                &hello[..]
             }
             _ => &[][..],
         };
@@ -135,6 +160,16 @@ impl Message {
             KIND_COMMITTED => empty(Message::Committed),
             KIND_COMMIT_PAUSED => empty(Message::CommitPaused),
             KIND_REFUSE => Ok(Message::Refuse(String::from_utf8_lossy(&rest[..len]).into_owned())),
+            KIND_HELLO if len == HELLO_LEN => {
+                let b = &rest[..len];
+                Ok(Message::Hello {
+                    version: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
+                    session: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
+                    lane: b[12],
+                    lanes: b[13],
+                })
+            }
+            KIND_HELLO => Err(MessageError::Corrupt(format!("a hello of {len} bytes"))),
             kind => Err(MessageError::Corrupt(format!("unknown kind {kind}"))),
         }
     }
@@ -167,6 +202,7 @@ mod tests {
             Message::Commit,
             Message::Committed,
             Message::CommitPaused,
+            Message::Hello { version: PROTOCOL_VERSION, session: 0x0123_4567_89ab_cdef, lane: 3, lanes: 4 },
         ]
     }
 
@@ -200,7 +236,7 @@ mod tests {
         }
 
         #[test]
-        fn any_damaged_message_is_refused(which in 0usize..6, at in any::<usize>(), xor in 1u8..=255) {
+        fn any_damaged_message_is_refused(which in 0usize..7, at in any::<usize>(), xor in 1u8..=255) {
             let mut bytes = all()[which].encode();
             let at = at % bytes.len();
             bytes[at] ^= xor;

@@ -32,6 +32,8 @@
 //!
 //! A State frame may also come after memory frames (a migration sends memory while the guest
 //! runs, and its state only once it paused); which order a reader accepts is its caller's choice.
+//! A migration over several connections sends, on each but the first, a *lane*: a stream of
+//! Memory and Zero frames only, with no manifest ([`StreamWriter::lane`]).
 //!
 //! Nothing after End is read. The manifest and the state are opaque here: the caller checks that
 //! what it needs (a State frame, memory matching the manifest) arrived.
@@ -245,10 +247,20 @@ pub struct StreamWriter<W: Write> {
     memory_bytes: u64,
     zero_bytes: u64,
     state_written: bool,
+    /// A lane: memory comes without a manifest.
+    lane: bool,
     broken: bool,
 }
 
 impl<W: Write> StreamWriter<W> {
+    /// A lane of a migration over several connections: memory (and End) with no manifest before
+    /// it; which pages it carries is the sender's and the reader's agreement.
+    pub fn lane(out: W, compress: bool) -> Result<Self, StreamError> {
+        let mut writer = Self::new(out, compress)?;
+        writer.lane = true;
+        Ok(writer)
+    }
+
     /// Writes the stream header. `compress`: zstd (level 1 — fast, see `ZSTD_LEVEL`) each frame's
     /// payload, keeping the raw payload when compression does not make it smaller.
     pub fn new(mut out: W, compress: bool) -> Result<Self, StreamError> {
@@ -274,6 +286,7 @@ impl<W: Write> StreamWriter<W> {
             memory_bytes: 0,
             zero_bytes: 0,
             state_written: false,
+            lane: false,
             broken: false,
         })
     }
@@ -424,7 +437,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn check_started(&self, what: &str) -> Result<(), StreamError> {
-        if self.frames == 0 {
+        if self.frames == 0 && !self.lane {
             return Err(StreamError::Invalid(format!("{what} cannot come before the manifest")));
         }
         Ok(())
@@ -513,6 +526,8 @@ pub struct StreamReader<R: Read> {
     memory_bytes: u64,
     zero_bytes: u64,
     state_seen: bool,
+    /// A lane (`StreamWriter::lane`): memory without a manifest, and nothing else.
+    lane: bool,
     ended: bool,
     broken: bool,
     /// Compressed payloads; grows to the largest seen (at most MAX_FRAME_PAYLOAD) and is reused.
@@ -521,6 +536,13 @@ pub struct StreamReader<R: Read> {
 }
 
 impl<R: Read> StreamReader<R> {
+    /// Reads a lane of a migration (`StreamWriter::lane`): Memory, Zero and End frames only.
+    pub fn lane(input: R) -> Result<Self, StreamError> {
+        let mut reader = Self::new(input)?;
+        reader.lane = true;
+        Ok(reader)
+    }
+
     /// Reads and checks the stream header.
     pub fn new(input: R) -> Result<Self, StreamError> {
         let mut reader = StreamReader {
@@ -530,6 +552,7 @@ impl<R: Read> StreamReader<R> {
             memory_bytes: 0,
             zero_bytes: 0,
             state_seen: false,
+            lane: false,
             ended: false,
             broken: false,
             stored: Vec::new(),
@@ -669,7 +692,10 @@ impl<R: Read> StreamReader<R> {
         if !len_ok {
             return Err(bad(format!("{name} frame with a payload of {raw_len} bytes")));
         }
-        if self.frames == 0 && kind != KIND_MANIFEST && kind != KIND_ABANDON {
+        if self.lane && !matches!(kind, KIND_MEMORY | KIND_ZERO | KIND_END | KIND_ABANDON) {
+            return Err(bad(format!("a {name} frame in a lane, which carries only memory")));
+        }
+        if self.frames == 0 && kind != KIND_MANIFEST && kind != KIND_ABANDON && !self.lane {
             return Err(bad(format!("the first frame is {name}, not the manifest")));
         }
         if self.frames != 0 && kind == KIND_MANIFEST {

@@ -8,7 +8,7 @@ use std::io::Read;
 
 use crate::digest::checksum;
 use crate::manifest::{Manifest, SnapshotId};
-use crate::pages::{push_extent, ExtentKind, PAGE_SIZE};
+use crate::pages::{push_extent, Extent, ExtentKind, MemoryLayout, RegionLayout, PAGE_SIZE};
 use crate::stream::{Frame, StreamError, StreamReader};
 use crate::Error;
 
@@ -42,6 +42,66 @@ const UNSENT: u8 = 0;
 const DATA: u8 = 1;
 const ZERO: u8 = 2;
 
+/// Which pages of guest memory a stream (or one lane of a migration) delivered, and how: one
+/// byte a page (4 MiB for a 16 GiB guest).
+pub struct PageMap {
+    regions: Vec<RegionLayout>,
+    states: Vec<u8>,
+}
+
+impl PageMap {
+    /// An empty map of the regions of `layout` (which the manifest's decoder validated: region
+    /// after region in the page file, page-aligned).
+    pub fn new(layout: &MemoryLayout) -> Result<Self, Error> {
+        let total: u64 = layout.regions.iter().map(|r| r.size / PAGE_SIZE).sum();
+        let states = vec![UNSENT; usize::try_from(total).map_err(|_| Error::CorruptManifest("too much memory".into()))?];
+        Ok(Self { regions: layout.regions.clone(), states })
+    }
+
+    /// Records `len` bytes of `kind` at `guest_addr`; whether some of those pages had come with
+    /// data before. None: the range does not lie inside one region.
+    fn record(&mut self, guest_addr: u64, len: u64, kind: u8) -> Option<bool> {
+        let r = self.regions.iter().find(|r| guest_addr >= r.guest_addr && guest_addr < r.guest_addr + r.size)?;
+        let end = guest_addr.checked_add(len)?;
+        if end > r.guest_addr + r.size {
+            return None;
+        }
+        let first = ((r.file_offset + guest_addr - r.guest_addr) / PAGE_SIZE) as usize;
+        let range = self.states.get_mut(first..first + (len / PAGE_SIZE) as usize)?;
+        let overwrites = range.contains(&DATA);
+        range.fill(kind);
+        Some(overwrites)
+    }
+
+    /// Takes in what another map (another lane of the same migration) delivered: its pages win.
+    pub fn merge(&mut self, other: &PageMap) {
+        for (mine, theirs) in self.states.iter_mut().zip(&other.states) {
+            if *theirs != UNSENT {
+                *mine = *theirs;
+            }
+        }
+    }
+
+    /// The extent map of every region; Err: the address of a page never delivered.
+    fn extents(&self) -> Result<Vec<Extent>, u64> {
+        let mut extents = Vec::new();
+        for r in &self.regions {
+            let first = (r.file_offset / PAGE_SIZE) as usize;
+            let states = self.states.get(first..first + (r.size / PAGE_SIZE) as usize).unwrap_or(&[]);
+            for (i, state) in states.iter().enumerate() {
+                let addr = r.guest_addr + i as u64 * PAGE_SIZE;
+                let kind = match *state {
+                    DATA => ExtentKind::Data,
+                    ZERO => ExtentKind::Zero,
+                    _ => return Err(addr),
+                };
+                push_extent(&mut extents, addr, PAGE_SIZE, kind);
+            }
+        }
+        Ok(extents)
+    }
+}
+
 /// Where a stream carries the machine state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StateOrder {
@@ -61,20 +121,60 @@ pub fn read_snapshot<R: Read, T, E: From<Error>>(
     prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
     memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(StreamedSnapshot, T), E> {
-    read_stream(input, what, StateOrder::First, prepare, memory)
+    read_stream(input, what, StateOrder::First, prepare, memory, |_| Ok(Vec::new()))
 }
 
 /// Reads the stream of a live migration: like [`read_snapshot`], except that the manifest comes
 /// without a state digest (its `state.size` is 0) and the State frame may come anywhere before
 /// End: after the pre-copy rounds' memory, before the memory of the last, paused round. The
 /// returned manifest's state digest is that of the state received.
+///
+/// A migration over several connections sends part of the memory on other lanes, which the
+/// caller reads meanwhile (with [`read_lane`], from `prepare` on); once this stream ended,
+/// `lanes` waits for them and returns what each delivered, for the check that every page came.
 pub fn read_migration<R: Read, T, E: From<Error>>(
     input: R,
     what: &str,
     prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
     memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
+    lanes: impl FnOnce(&mut T) -> std::result::Result<Vec<PageMap>, E>,
 ) -> std::result::Result<(StreamedSnapshot, T), E> {
-    read_stream(input, what, StateOrder::Anywhere, prepare, memory)
+    read_stream(input, what, StateOrder::Anywhere, prepare, memory, lanes)
+}
+
+/// Reads one lane of a migration (`stream::StreamWriter::lane`): Memory and Zero frames inside
+/// the regions of `layout`, then End. `memory` gets each update (a Zero's `overwrites` counts
+/// this lane's pages only: the sender keeps each page on one lane).
+pub fn read_lane<R: Read, E: From<Error>>(
+    input: R,
+    what: &str,
+    layout: &MemoryLayout,
+    mut memory: impl FnMut(MemoryUpdate<'_>) -> std::result::Result<(), E>,
+) -> std::result::Result<PageMap, E> {
+    let stream_err = |err: StreamError| Error::Stream { what: what.to_string(), err };
+    let mut reader = StreamReader::lane(input).map_err(stream_err)?;
+    let bad = |reader: &StreamReader<R>, why: String| -> E {
+        Error::BadStream { what: what.to_string(), reason: format!("{why} (byte {})", reader.bytes_read()) }.into()
+    };
+    let mut pages = PageMap::new(layout)?;
+    loop {
+        let frame = reader.next_frame().map_err(stream_err)?;
+        let (guest_addr, len, kind) = match &frame {
+            None => break,
+            Some(Frame::End { .. }) => continue,
+            Some(Frame::Memory { guest_addr, data }) => (*guest_addr, data.len() as u64, DATA),
+            Some(Frame::Zero { guest_addr, len }) => (*guest_addr, *len, ZERO),
+            Some(_) => return Err(bad(&reader, "a lane carries only memory".into())),
+        };
+        let overwrites = pages
+            .record(guest_addr, len, kind)
+            .ok_or_else(|| bad(&reader, format!("memory at {guest_addr:#x}+{len:#x} is outside guest memory")))?;
+        match frame {
+            Some(Frame::Memory { guest_addr, data }) => memory(MemoryUpdate::Data { guest_addr, bytes: &data })?,
+            _ => memory(MemoryUpdate::Zero { guest_addr, len, overwrites })?,
+        }
+    }
+    Ok(pages)
 }
 
 fn read_stream<R: Read, T, E: From<Error>>(
@@ -83,6 +183,7 @@ fn read_stream<R: Read, T, E: From<Error>>(
     order: StateOrder,
     prepare: impl FnOnce(&Manifest) -> std::result::Result<T, E>,
     mut memory: impl FnMut(&mut T, MemoryUpdate<'_>) -> std::result::Result<(), E>,
+    lanes: impl FnOnce(&mut T) -> std::result::Result<Vec<PageMap>, E>,
 ) -> std::result::Result<(StreamedSnapshot, T), E> {
     let stream_err = |err: StreamError| Error::Stream { what: what.to_string(), err };
     let mut reader = StreamReader::new(input).map_err(stream_err)?;
@@ -97,6 +198,7 @@ fn read_stream<R: Read, T, E: From<Error>>(
     if order == StateOrder::Anywhere && (manifest.state.size != 0 || manifest.state.checksum != 0) {
         return Err(bad(&reader, "a migration's manifest cannot know its state yet, but gives a digest".into()));
     }
+    let mut pages = PageMap::new(&manifest.memory)?;
     let mut target = prepare(&manifest)?;
     let mut state = None;
     if order == StateOrder::First {
@@ -109,16 +211,6 @@ fn read_stream<R: Read, T, E: From<Error>>(
         }
         state = Some(bytes);
     }
-    let regions = manifest.memory.regions.clone();
-    let total_pages: u64 = regions.iter().map(|r| r.size / PAGE_SIZE).sum();
-    // One byte a page: 4 MiB for a 16 GiB guest.
-    let mut pages = vec![UNSENT; usize::try_from(total_pages).map_err(|_| bad(&reader, "too much memory".into()))?];
-    // Index of the first page of the range, if it lies inside one region.
-    let locate = |guest_addr: u64, len: u64| -> Option<usize> {
-        let r = regions.iter().find(|r| guest_addr >= r.guest_addr && guest_addr < r.guest_addr + r.size)?;
-        let end = guest_addr.checked_add(len)?;
-        (end <= r.guest_addr + r.size).then(|| ((r.file_offset + guest_addr - r.guest_addr) / PAGE_SIZE) as usize)
-    };
     loop {
         let mut frame = reader.next_frame().map_err(stream_err)?;
         let (guest_addr, len, kind) = match &mut frame {
@@ -147,11 +239,9 @@ fn read_stream<R: Read, T, E: From<Error>>(
             }
             Some(_) => return Err(bad(&reader, "a second manifest or state".into())),
         };
-        let first = locate(guest_addr, len)
+        let overwrites = pages
+            .record(guest_addr, len, kind)
             .ok_or_else(|| bad(&reader, format!("memory at {guest_addr:#x}+{len:#x} is outside guest memory")))?;
-        let range = &mut pages[first..first + (len / PAGE_SIZE) as usize];
-        let overwrites = range.contains(&DATA);
-        range.fill(kind);
         match frame {
             Some(Frame::Memory { guest_addr, data }) => {
                 memory(&mut target, MemoryUpdate::Data { guest_addr, bytes: &data })?
@@ -159,21 +249,12 @@ fn read_stream<R: Read, T, E: From<Error>>(
             _ => memory(&mut target, MemoryUpdate::Zero { guest_addr, len, overwrites })?,
         }
     }
-    // The extent map, from the page states.
-    let mut extents = Vec::new();
-    for r in &regions {
-        let first = (r.file_offset / PAGE_SIZE) as usize;
-        for (i, state) in pages[first..first + (r.size / PAGE_SIZE) as usize].iter().enumerate() {
-            let addr = r.guest_addr + i as u64 * PAGE_SIZE;
-            let kind = match *state {
-                DATA => ExtentKind::Data,
-                ZERO => ExtentKind::Zero,
-                _ => return Err(bad(&reader, format!("the stream never sent guest memory at {addr:#x}"))),
-            };
-            push_extent(&mut extents, addr, PAGE_SIZE, kind);
-        }
+    for lane in lanes(&mut target)? {
+        pages.merge(&lane);
     }
-    manifest.memory.extents = extents;
+    manifest.memory.extents = pages
+        .extents()
+        .map_err(|addr| bad(&reader, format!("the stream never sent guest memory at {addr:#x}")))?;
     let state = state.ok_or_else(|| bad(&reader, "the stream ended without the machine state".into()))?;
     Ok((StreamedSnapshot { id: decoded.id, manifest, state, bytes: reader.bytes_read() }, target))
 }
@@ -299,6 +380,7 @@ mod tests {
                 }
                 Ok(())
             },
+            |_| Ok(Vec::new()),
         )
     }
 
@@ -313,6 +395,53 @@ mod tests {
         assert!(mem[8192..].iter().all(|b| *b == 1));
         // A snapshot stream must carry its state first.
         assert!(read(&migration_stream(Some(b"late state"), false)).is_err());
+    }
+
+    #[test]
+    fn a_migration_over_two_lanes_needs_every_page_from_one_of_them() {
+        let mut m = sample();
+        m.memory.extents.clear();
+        m.memory.chunk_checksums.clear();
+        m.state = crate::StateDigest::default();
+        let layout = m.memory.clone();
+        // The main stream carries the first MiB, the lane the second (or not all of it).
+        let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+        w.manifest(&m.encode()).unwrap();
+        w.memory(0, &vec![1u8; 1 << 20]).unwrap();
+        w.state(b"s").unwrap();
+        let main = w.finish().unwrap().0;
+        let lane_of = |len: u64| {
+            let mut w = StreamWriter::lane(Vec::new(), false).unwrap();
+            w.memory(1 << 20, &vec![2u8; 4096]).unwrap();
+            w.zero((1 << 20) + 4096, len - 4096).unwrap();
+            w.finish().unwrap().0
+        };
+        let run = |lane: Vec<u8>| {
+            let mut mem = vec![0u8; 2 << 20];
+            let lane_pages = read_lane(&lane[..], "lane 1", &layout, |u| {
+                if let MemoryUpdate::Data { guest_addr, bytes } = u {
+                    mem[guest_addr as usize..guest_addr as usize + bytes.len()].copy_from_slice(bytes);
+                }
+                Ok::<_, Error>(())
+            });
+            let lane_pages = lane_pages?;
+            read_migration(&main[..], "test", |_| Ok::<_, Error>(()), |_, _| Ok(()), |_| Ok(vec![lane_pages]))
+                .map(|(s, ())| (s, mem))
+        };
+        let (s, mem) = run(lane_of(1 << 20)).unwrap();
+        assert_eq!(s.manifest.memory.data_pages(), 257);
+        assert_eq!(mem[1 << 20], 2);
+        let err = run(lane_of(1 << 19)).err().unwrap().to_string();
+        assert!(err.contains("never sent guest memory at 0x180000"), "{err}");
+        // A lane carries memory only, inside guest memory.
+        let mut w = StreamWriter::lane(Vec::new(), false).unwrap();
+        w.state(b"s").unwrap();
+        let err = run(w.finish().unwrap().0).err().unwrap().to_string();
+        assert!(err.contains("only memory"), "{err}");
+        let mut w = StreamWriter::lane(Vec::new(), false).unwrap();
+        w.zero(2 << 20, 4096).unwrap();
+        let err = run(w.finish().unwrap().0).err().unwrap().to_string();
+        assert!(err.contains("outside guest memory"), "{err}");
     }
 
     #[test]
@@ -354,6 +483,7 @@ mod tests {
                     }
                     Ok(())
                 },
+                |_| Ok(Vec::new()),
             )
         };
         let (_, got) = read_disks(&stream(0, (1 << 20) - 4096)).unwrap();
@@ -398,6 +528,7 @@ mod tests {
         #[test]
         fn arbitrary_input_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let _ = read(&bytes);
+            let _ = read_lane(&bytes[..], "lane", &sample().memory, |_| Ok::<_, Error>(()));
         }
 
         #[test]
