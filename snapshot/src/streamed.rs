@@ -54,7 +54,8 @@ impl PageMap {
     /// after region in the page file, page-aligned).
     pub fn new(layout: &MemoryLayout) -> Result<Self, Error> {
         let total: u64 = layout.regions.iter().map(|r| r.size / PAGE_SIZE).sum();
-        let states = vec![UNSENT; usize::try_from(total).map_err(|_| Error::CorruptManifest("too much memory".into()))?];
+        let states =
+            vec![UNSENT; usize::try_from(total).map_err(|_| Error::CorruptManifest("too much memory".into()))?];
         Ok(Self { regions: layout.regions.clone(), states })
     }
 
@@ -252,9 +253,8 @@ fn read_stream<R: Read, T, E: From<Error>>(
     for lane in lanes(&mut target)? {
         pages.merge(&lane);
     }
-    manifest.memory.extents = pages
-        .extents()
-        .map_err(|addr| bad(&reader, format!("the stream never sent guest memory at {addr:#x}")))?;
+    manifest.memory.extents =
+        pages.extents().map_err(|addr| bad(&reader, format!("the stream never sent guest memory at {addr:#x}")))?;
     let state = state.ok_or_else(|| bad(&reader, "the stream ended without the machine state".into()))?;
     Ok((StreamedSnapshot { id: decoded.id, manifest, state, bytes: reader.bytes_read() }, target))
 }

@@ -249,10 +249,35 @@ enum Fault {
 
 /// Relays one connection from `listen` to `target`, doing `fault` to it.
 fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandle<()> {
+    relay_many(listen, target, fault, 1, 0)
+}
+
+/// Relays `count` connections from `listen` to `target` (a migration's, in the order the source
+/// opens them), doing `fault` to connection number `faulty` and nothing to the others.
+fn relay_many(
+    listen: &Path,
+    target: PathBuf,
+    fault: Fault,
+    count: usize,
+    faulty: usize,
+) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(listen).unwrap();
     std::thread::spawn(move || {
-        let (from_src, _) = listener.accept().unwrap();
-        let to_dst = UnixStream::connect(&target).unwrap();
+        let mut relays = Vec::new();
+        for i in 0..count {
+            let (from_src, _) = listener.accept().unwrap();
+            let to_dst = UnixStream::connect(&target).unwrap();
+            let fault = if i == faulty { Some(fault) } else { None };
+            relays.push(std::thread::spawn(move || relay_one(from_src, to_dst, fault)));
+        }
+        for r in relays {
+            r.join().unwrap();
+        }
+    })
+}
+
+fn relay_one(from_src: UnixStream, to_dst: UnixStream, fault: Option<Fault>) {
+    {
         let cut = Arc::new(AtomicBool::new(false));
         let pump = |mut a: UnixStream, mut b: UnixStream, forward: bool, cut: Arc<AtomicBool>| {
             std::thread::spawn(move || {
@@ -268,7 +293,7 @@ fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandl
                     }
                     let mut n = n;
                     let limit = match (fault, forward) {
-                        (Fault::CutForward(at), true) | (Fault::CutBackward(at), false) => Some(at),
+                        (Some(Fault::CutForward(at)), true) | (Some(Fault::CutBackward(at)), false) => Some(at),
                         _ => None,
                     };
                     if let Some(at) = limit {
@@ -279,7 +304,7 @@ fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandl
                             break;
                         }
                     }
-                    if let (Fault::Corrupt(at), true) = (fault, forward) {
+                    if let (Some(Fault::Corrupt(at)), true) = (fault, forward) {
                         if (done..done + n as u64).contains(&at) {
                             buf[(at - done) as usize] ^= 0x40;
                         }
@@ -304,7 +329,7 @@ fn relay(listen: &Path, target: PathBuf, fault: Fault) -> std::thread::JoinHandl
         let b = pump(to_dst, from_src, false, cut);
         let _ = f.join();
         let _ = b.join();
-    })
+    }
 }
 
 /// A link cut in the handshake, in the pre-copy or before the destination said it is ready, a
@@ -374,6 +399,72 @@ fn a_failed_migration_leaves_the_guest_running_at_the_source() {
     let (status, _, _) = vm.wait_exit(T);
     assert_eq!(status.code(), Some(0));
     dst.kill();
+}
+
+/// Over several connections (`--connections`), each carrying a share of memory in a stream of its
+/// own: a corrupted frame or a cut on one that is not the first fails the migration with the
+/// reason, the destination discards, and the guest runs on at the source; then the guest moves
+/// over four Unix connections, and back over three TLS ones, compressed, verifying each time. A
+/// peer that connects and stays silent, and one that speaks no TLS, hold up nothing.
+#[test]
+fn a_migration_over_several_connections_moves_the_guest_and_fails_safely() {
+    let dir = TempDir::new("mig-conns");
+    let mut vm = boot(&dir, "c0", WORKLOAD);
+    // Connection 2 of 4 carries every fourth MiB: some 8 MiB of the guest's 32 MiB of data.
+    for (i, fault) in [Fault::Corrupt((1 << 20) + 5000), Fault::CutForward(2 << 20)].into_iter().enumerate() {
+        let listen = dir.path().join(format!("d{i}.sock"));
+        let via = dir.path().join(format!("relay{i}.sock"));
+        let dst = receive(&format!("unix:{}", listen.display()), "c9", &sock(&dir, "c9"), &["--timeout", "5s"]);
+        wait_path(&listen);
+        let relay = relay_many(&via, listen.clone(), fault, 4, 2);
+        let to = format!("unix:{}", via.display());
+        let (status, _, err) = migrate(&sock(&dir, "c0"), &to, &["--connections", "4"]);
+        assert_eq!(status.code(), Some(1), "{fault:?}: {err}");
+        assert!(err.contains("connection 2"), "{fault:?}: {err}");
+        let (status, _, derr) = dst.wait_exit(T);
+        assert_eq!(status.code(), Some(1), "{fault:?}: the destination: {derr}");
+        assert!(derr.contains("migration from"), "{fault:?}: the destination: {derr}");
+        relay.join().unwrap();
+        assert!(state_of(&sock(&dir, "c0")).contains("running"), "{fault:?}");
+        assert_progress(&mut vm, &format!("the source after {fault:?}"));
+    }
+
+    let listen = dir.path().join("ok.sock");
+    let mut dst = receive(&format!("unix:{}", listen.display()), "c1", &sock(&dir, "c1"), &[]);
+    wait_path(&listen);
+    let (status, out, err) = migrate(&sock(&dir, "c0"), &format!("unix:{}", listen.display()), &["--connections", "4"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("4 connections"), "{out}");
+    let (status, _, _) = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0));
+    assert_progress(&mut dst, "after four connections");
+
+    let certs = dir.path().join("certs");
+    make_certs(&certs);
+    let port = free_port();
+    let dst_tls = tls_args(&certs, "dst");
+    let extra: Vec<&str> = dst_tls.iter().map(String::as_str).collect();
+    let mut back = receive(&format!("tcp:127.0.0.1:{port}"), "c2", &sock(&dir, "c2"), &extra);
+    wait_listening(port);
+    let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut garbage = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut args = tls_args(&certs, "src");
+    args.extend(["--connections", "3", "--compress"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let (status, out, err) = migrate(&sock(&dir, "c1"), &format!("tcp:127.0.0.1:{port}"), &args);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("3 connections") && out.contains(", TLS"), "{out}");
+    // The receiver's --timeout is 30 s: the silent peer did not hold it up.
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let (status, _, _) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(0));
+    assert_progress(&mut back, "back over three TLS connections");
+    vmm_ok(&["shutdown", "--api-sock", &sock(&dir, "c2")]);
+    let (_, _, stderr) = back.wait_exit(T);
+    assert!(stderr.contains("refused a connection"), "the peer without TLS was not turned away: {stderr}");
+    drop(silent);
 }
 
 /// The destination's confirmation that it took over is lost: it runs the guest; the source,
@@ -514,6 +605,8 @@ fn bad_migration_arguments_are_refused() {
         ),
         (&["migrate", "--api-sock", &s, "--to", &nowhere], 1, "cannot connect"),
         (&["migrate", "--api-sock", &s, "--to", &nowhere, "--max-downtime", "soon"], 2, "max-downtime"),
+        (&["migrate", "--api-sock", &s, "--to", &nowhere, "--connections", "0"], 2, "--connections"),
+        (&["migrate", "--api-sock", &s, "--to", &nowhere, "--connections", "17"], 2, "--connections"),
         (&["receive", "--listen", "tcp:127.0.0.1:0"], 2, "--insecure"),
         (&["receive", "--listen", "nowhere"], 2, "--listen"),
         (&["receive", "--listen", &format!("unix:{s}")], 1, "cannot listen"),

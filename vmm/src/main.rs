@@ -172,6 +172,10 @@ pub struct MigrateArgs {
     /// its state directory. Without it, disks are shared storage: the same paths there.
     #[arg(long)]
     pub copy_disks: bool,
+    /// TCP (or Unix) connections to send over in parallel, 1 to 16: memory is spread over them
+    /// (each reads, compresses and encrypts on a thread of its own).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub connections: u8,
     /// Longest wait for the destination at any step.
     #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
     pub timeout: std::time::Duration,

@@ -66,6 +66,9 @@ pub enum Request {
         /// Send the writable disks along (else the destination opens the same paths).
         #[serde(default)]
         copy_disks: bool,
+        /// Connections to send over in parallel (1 to 16).
+        #[serde(default = "one")]
+        connections: u8,
     },
     /// Cancels the snapshot or migration under way: the guest runs on, nothing is left at its
     /// destination.
@@ -238,4 +241,8 @@ mod tests {
         let e = serde_json::to_string(&Reply::error(ErrorKind::Input, "no")).unwrap();
         assert_eq!(e, r#"{"ok":false,"error":"no","error_kind":"input"}"#);
     }
+}
+
+fn one() -> u8 {
+    1
 }

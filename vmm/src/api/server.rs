@@ -267,6 +267,7 @@ fn start_migration(
         compress,
         timeout_ms,
         copy_disks,
+        connections,
     } = request
     else {
         return Err((ErrorKind::Runtime, "not a migration".into()));
@@ -283,6 +284,9 @@ fn start_migration(
     if timeout_ms == 0 {
         return Err(input("the timeout must be above 0".into()));
     }
+    if !(1..=snapshot::migration::MAX_LANES).contains(&connections) {
+        return Err(input(format!("--connections must be 1 to {}", snapshot::migration::MAX_LANES)));
+    }
     let opts = MigrateOptions {
         to,
         security,
@@ -293,6 +297,7 @@ fn start_migration(
         compress,
         timeout: Duration::from_millis(timeout_ms),
         copy_disks,
+        connections,
     };
     let job = control.start_migration().map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
     Ok((job, opts))

@@ -175,6 +175,7 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
         compress: args.compress,
         timeout_ms: (args.timeout.as_millis() as u64).max(1),
         copy_disks: args.copy_disks,
+        connections: args.connections,
     };
     cancel_on_signal(&args.target, "migration").map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     let done = AtomicBool::new(false);
@@ -197,7 +198,7 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
             (false, false) => String::new(),
         };
         println!(
-            "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {}{} KiB while paused), {} round{} after the first pass{throttle}{}",
+            "migrated to {} in {:.1} ms: downtime {:.1} ms{over}, {} bytes sent ({} MiB memory, {}{} KiB while paused), {} round{} after the first pass{throttle}{}{}",
             r.to,
             r.total_ms,
             r.downtime_ms,
@@ -207,7 +208,8 @@ pub fn migrate(args: &MigrateArgs) -> CmdResult {
             r.paused_bytes >> 10,
             r.rounds,
             if r.rounds == 1 { "" } else { "s" },
-            if r.tls { ", TLS" } else { "" }
+            if r.tls { ", TLS" } else { "" },
+            if r.connections > 1 { format!(", {} connections", r.connections) } else { String::new() }
         );
     }
     Ok(0)

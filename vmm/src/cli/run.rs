@@ -17,6 +17,7 @@ use super::{CmdResult, Failure};
 use crate::{CheckpointArgs, ReceiveArgs, ResumeArgs, RunArgs};
 use snapshot::migration::Message;
 use vmm::checkpoint::{self, CheckpointConfig, Interval};
+use vmm::migration::receiver;
 use vmm::migration::transport::{Connection, Endpoint, Listener, Security, TlsFiles, TransportError};
 
 /// Default command line for Linux kernels: console on COM1, reboot through the i8042 (which
@@ -241,18 +242,24 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let receiving = Arc::new(std::sync::atomic::AtomicBool::new(true));
     stop_receiving_on_signal(receiving.clone(), &endpoint)
         .map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
-    // A peer that fails the TLS handshake (no certificate of the CA) is turned away and the
-    // next one awaited: it never got to send anything.
-    let (conn, peer) = loop {
-        match listener.accept(args.timeout) {
-            Ok(accepted) => break accepted,
-            Err(e @ TransportError::Handshake { .. }) => eprintln!("vmm: refused a connection: {e}"),
-            Err(e) => return Err(transport_failure(e)),
-        }
-    };
+    // A peer that fails the TLS handshake (no certificate of the CA) or is no migration is turned
+    // away and the next one awaited: it never got to send anything.
+    let incoming = receiver::accept_migration(&listener, args.timeout, |why| eprintln!("vmm: {why}"))
+        .map_err(transport_failure)?;
     drop(listener);
-    conn.set_timeout(Some(args.timeout)).map_err(|e| Failure::runtime(format!("connection from {peer}: {e}")))?;
-    let conn = SharedConnection(Arc::new(std::sync::Mutex::new(conn)), args.timeout);
+    let peer = incoming.peer;
+    let setup = |e: std::io::Error| Failure::runtime(format!("connection from {peer}: {e}"));
+    incoming.main.set_timeout(Some(args.timeout)).map_err(setup)?;
+    let main_socket = incoming.main.handle().map_err(setup)?;
+    let mut lanes: Vec<(Box<dyn std::io::Read + Send>, persist::Stop)> = Vec::new();
+    for lane in incoming.lanes {
+        // A lane may idle while the VM's stream carries disks: the VM's stream's timeout
+        // notices a source that went away, and then cuts the lanes.
+        lane.set_timeout(None).map_err(setup)?;
+        let socket = lane.handle().map_err(setup)?;
+        lanes.push((Box::new(lane), Box::new(move || socket.cut())));
+    }
+    let conn = SharedConnection(Arc::new(std::sync::Mutex::new(incoming.main)), args.timeout);
     let opts = ResumeOptions {
         name: args.name.clone(),
         verify: false,
@@ -315,7 +322,11 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let took_over = || {
         let _ = conn.send(&Message::Committed);
     };
-    let source = ResumeSource::Migration(Box::new(conn.clone()));
+    let source = ResumeSource::Migration(persist::MigrationInput {
+        stream: Box::new(conn.clone()),
+        stop_stream: Box::new(move || main_socket.cut_reading()),
+        lanes,
+    });
     let restored = persist::restore(source, &opts, claim, handover, took_over);
     let (restored, (listener, guard, responder)) = match restored {
         Ok(r) => r,

@@ -4,6 +4,9 @@
 //! path, and the two hand the guest over so that exactly one of them runs it.
 
 mod disks;
+mod frames;
+mod lanes;
+pub mod receiver;
 pub mod sender;
 pub mod transport;
 

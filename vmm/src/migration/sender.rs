@@ -9,20 +9,20 @@ use std::io::BufWriter;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use snapshot::migration::{Message, MessageError};
+use snapshot::migration::{Message, MessageError, PROTOCOL_VERSION};
 use snapshot::stream::{StreamError, StreamWriter};
 use snapshot::PageKind;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::disks::DiskSender;
-use super::transport::{self, Connection, Endpoint, Security, TransportError};
+use super::frames::{self, FramesError, PIECE};
+use super::lanes::Lanes;
+use super::transport::{self, Connection, Endpoint, Security, SocketHandle, TransportError};
 use crate::control::VmControl;
 use crate::persist::{self, Job, PersistError};
 use crate::vstate::dirty::{DirtyPages, PAGE_SIZE};
 use crate::vstate::memory;
 
-/// Guest memory is read and sent in pieces of this size.
-const PIECE: usize = 1 << 20;
 /// Throttle steps: the share of the time the guest is held paused while pages are sent.
 const THROTTLE_FIRST: u32 = 20;
 const THROTTLE_STEP: u32 = 20;
@@ -67,6 +67,8 @@ pub struct MigrateOptions {
     pub timeout: Duration,
     /// Send the writable disks along (else they are shared storage).
     pub copy_disks: bool,
+    /// Connections to send over in parallel (1 to `snapshot::migration::MAX_LANES`).
+    pub connections: u8,
 }
 
 /// How a migration went.
@@ -95,6 +97,9 @@ pub struct MigrationReport {
     /// The rounds ran out: the downtime went over its budget.
     pub over_budget: bool,
     pub tls: bool,
+    /// Connections used.
+    #[serde(default)]
+    pub connections: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +138,8 @@ struct Sender<'a> {
     disks: DiskSender,
     disk_bytes: u64,
     writer: StreamWriter<BufWriter<Connection>>,
+    /// The other connections' threads (none over one connection).
+    lanes: Lanes,
     job: &'a Job,
     bandwidth: Option<u64>,
     started: Instant,
@@ -163,45 +170,46 @@ fn describe(e: &MessageError) -> String {
 }
 
 impl Sender<'_> {
-    /// Sends guest memory `[addr, addr + len)` as read now: data pages as Memory frames, pages of
-    /// zeros as Zero frames.
-    fn send_range(&mut self, addr: u64, len: u64, during: &'static str) -> Result<(), MigrateError> {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(PIECE as u64) as usize;
-            let at = addr + done;
-            self.control
-                .mem
-                .read_slice(&mut self.buf[..n], GuestAddress(at))
-                .map_err(|e| PersistError::Inconsistent(format!("reading guest memory at {at:#x}: {e}")))?;
-            let mut p = 0;
-            while p < n {
-                let page = PAGE_SIZE as usize;
-                let zero = is_zero(&self.buf[p..p + page]);
-                let mut q = p + page;
-                while q < n && is_zero(&self.buf[q..q + page]) == zero {
-                    q += page;
+    /// Sends guest memory `[addr, addr + len)` as read now (`zero`: as zeros, unread), each
+    /// piece on its connection.
+    fn send_range(&mut self, addr: u64, len: u64, zero: bool, during: &'static str) -> Result<(), MigrateError> {
+        for (at, n) in frames::split_aligned(&[(addr, len)], PIECE as u64) {
+            match self.lanes.lane_of(at) {
+                0 if zero => {
+                    self.writer.zero(at, n).map_err(link(during))?;
+                    self.job.progress.advance(n).map_err(PersistError::from)?;
                 }
-                let run_addr = at + p as u64;
-                if zero {
-                    self.writer.zero(run_addr, (q - p) as u64).map_err(link(during))?;
-                } else {
-                    self.writer.memory(run_addr, &self.buf[p..q]).map_err(link(during))?;
-                    self.memory_bytes += (q - p) as u64;
+                0 => {
+                    self.memory_bytes +=
+                        frames::write_range(&mut self.writer, &self.control.mem, &mut self.buf, at, n as usize)
+                            .map_err(|e| match e {
+                                FramesError::Memory { .. } => PersistError::Inconsistent(e.to_string()).into(),
+                                FramesError::Stream(e) => link(during)(e),
+                            })?;
+                    self.job.progress.advance(n).map_err(PersistError::from)?;
                 }
-                p = q;
+                lane => self.lanes.send(lane, at, n, zero).map_err(|err| MigrateError::Link { during, err })?,
             }
-            self.job.progress.advance(n as u64).map_err(PersistError::from)?;
             self.pace();
-            done += n as u64;
         }
         Ok(())
+    }
+
+    /// Stream bytes written on every connection.
+    fn bytes_written(&self) -> u64 {
+        self.writer.bytes_written() + self.lanes.bytes()
+    }
+
+    /// Writes out what is buffered on every connection.
+    fn flush(&mut self, during: &'static str) -> Result<(), MigrateError> {
+        self.writer.flush().map_err(link(during))?;
+        self.lanes.flush().map_err(|err| MigrateError::Link { during, err })
     }
 
     /// Holds the sender back to the bandwidth limit.
     fn pace(&self) {
         if let Some(limit) = self.bandwidth {
-            let due = Duration::from_secs_f64(self.writer.bytes_written() as f64 / limit as f64);
+            let due = Duration::from_secs_f64(self.bytes_written() as f64 / limit as f64);
             if let Some(wait) = due.checked_sub(self.started.elapsed()) {
                 std::thread::sleep(wait);
             }
@@ -212,7 +220,7 @@ impl Sender<'_> {
     /// of each [`THROTTLE_WINDOW`] bytes go (so it runs, and dirties, only for the rest of the
     /// time, and the link never idles for it).
     fn send_pages(&mut self, dirty: &DirtyPages, throttle: u32) -> Result<(), MigrateError> {
-        let pieces = split(&dirty.ranges(), PIECE as u64);
+        let pieces = frames::split_aligned(&dirty.ranges(), PIECE as u64);
         let held_bytes = THROTTLE_WINDOW * u64::from(throttle) / 100;
         let mut window = 0u64;
         let mut paused = None;
@@ -220,11 +228,11 @@ impl Sender<'_> {
             if window == 0 && held_bytes > 0 {
                 paused = Some(self.control.pause_for().map_err(PersistError::from)?);
             }
-            self.send_range(addr, len, "a pre-copy round")?;
+            self.send_range(addr, len, false, "a pre-copy round")?;
             window += len;
             if paused.is_some() && window >= held_bytes {
                 // What the guest must not wait for is on its way before it runs again.
-                self.writer.flush().map_err(link("a pre-copy round"))?;
+                self.flush("a pre-copy round")?;
                 paused = None;
             }
             if window >= THROTTLE_WINDOW {
@@ -258,39 +266,12 @@ impl Sender<'_> {
                 let untouched = kinds
                     .as_ref()
                     .is_some_and(|k| k[p as usize..(p + n) as usize].iter().all(|k| *k == PageKind::Zero));
-                if untouched {
-                    self.writer.zero(addr, n * PAGE_SIZE).map_err(link("the first pass"))?;
-                    self.job.progress.advance(n * PAGE_SIZE).map_err(PersistError::from)?;
-                } else {
-                    self.send_range(addr, n * PAGE_SIZE, "the first pass")?;
-                }
+                self.send_range(addr, n * PAGE_SIZE, untouched, "the first pass")?;
                 p += n;
             }
         }
         Ok(())
     }
-}
-
-/// Splits ranges into pieces of at most `max` bytes.
-fn split(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for &(addr, len) in ranges {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(max);
-            out.push((addr + done, n));
-            done += n;
-        }
-    }
-    out
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: any 8 bytes are a valid u64; align_to only picks the aligned middle part.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -307,12 +288,15 @@ pub fn migrate(
     let started = Instant::now();
     job.set_phase("connecting");
     job.progress.set_total(memory::total_bytes(&control.mem));
-    let conn = transport::connect(&opts.to, opts.security.as_ref(), opts.timeout)?;
+    let mut conns = connect_all(opts)?;
+    let conn = conns.remove(0);
     let tls = conn.is_tls();
-    let cutter = conn.cutter().map_err(TransportError::from)?;
-    // Cancelling the job (Ctrl-C of `vmm migrate`, `vmm migrate --cancel`) cuts the connection,
+    let lanes = Lanes::start(conns, &control.mem, job, opts.compress).map_err(TransportError::from)?;
+    let mut sockets = lanes.sockets();
+    sockets.push(conn.handle().map_err(TransportError::from)?);
+    // Cancelling the job (Ctrl-C of `vmm migrate`, `vmm migrate --cancel`) cuts the connections,
     // so a sender blocked on a slow link notices at once.
-    let _watch = CancelWatch::start(job, cutter);
+    let _watch = CancelWatch::start(job, sockets);
     control.start_tracking().map_err(PersistError::from)?;
     let disks = DiskSender::open(control, opts.copy_disks)?;
     let disk_total: u64 = disks.sizes().iter().map(|(_, size)| size).sum();
@@ -324,6 +308,7 @@ pub fn migrate(
         disks,
         disk_bytes: 0,
         writer,
+        lanes,
         job,
         bandwidth: opts.bandwidth,
         started,
@@ -335,6 +320,7 @@ pub fn migrate(
     match result {
         Ok(mut report) => {
             report.tls = tls;
+            report.connections = opts.connections;
             report.total_ms = ms(started.elapsed());
             report.to = opts.to.to_string();
             Ok(report)
@@ -353,10 +339,61 @@ pub fn migrate(
                 MigrateError::Link { .. } => refusal(&mut sender).unwrap_or(e),
                 e => e,
             };
-            // Says why, if the link still takes it (a stream already ended takes nothing more).
+            // Says why, if the link still takes it (a stream already ended takes nothing more);
+            // the other connections have nothing more to carry.
             let _ = sender.writer.abandon(&e.to_string());
+            sender.lanes.cut();
             Err(e)
         }
+    }
+}
+
+/// Opens the migration's connections, each introduced by its Hello (the first one carries the VM
+/// and the hand-over; the others, lanes, memory only).
+fn connect_all(opts: &MigrateOptions) -> Result<Vec<Connection>, MigrateError> {
+    let lanes = opts.connections.clamp(1, snapshot::migration::MAX_LANES);
+    let mut session = [0u8; 8];
+    rustix::rand::getrandom(&mut session, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| TransportError::from(std::io::Error::from(e)))?;
+    let session = u64::from_le_bytes(session);
+    let mut conns = Vec::with_capacity(lanes.into());
+    for lane in 0..lanes {
+        let mut conn = transport::connect(&opts.to, opts.security.as_ref(), opts.timeout)?;
+        let hello = Message::Hello { version: PROTOCOL_VERSION, session, lane, lanes };
+        if let Err(e) = hello.send(&mut conn) {
+            // Turned away already: its answer says why.
+            return Err(match answer(&mut conn) {
+                Err(why) => why,
+                Ok(_) => MigrateError::Link { during: "the handshake", err: e.to_string() },
+            });
+        }
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
+/// The destination's answer in the handshake; a refusal, a TLS alert or a hang-up as the error.
+fn answer(conn: &mut Connection) -> Result<Message, MigrateError> {
+    match Message::receive(conn) {
+        Ok(Message::Refuse(why)) => Err(MigrateError::Refused(why)),
+        Ok(m) => Ok(m),
+        Err(e) => Err(MigrateError::Link {
+            during: "the handshake",
+            err: match &e {
+                MessageError::Closed | MessageError::Corrupt(_) => format!(
+                    "{}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)",
+                    describe(&e)
+                ),
+                MessageError::Io(io)
+                    if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) =>
+                {
+                    format!(
+                        "{io}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)"
+                    )
+                }
+                _ => describe(&e),
+            },
+        }),
     }
 }
 
@@ -379,22 +416,13 @@ fn run(
     let control = sender.control;
     // Handshake: the manifest says what the VM is; the destination checks it can take it.
     let manifest = persist::migration_manifest(control, &sender.disks.sizes());
-    sender.writer.manifest(&manifest.encode()).map_err(link("the handshake"))?;
-    sender.writer.flush().map_err(link("the handshake"))?;
-    let answer = Message::receive(sender.writer_conn()).map_err(|e| MigrateError::Link {
-        during: "the handshake",
-        err: match e {
-            MessageError::Closed | MessageError::Corrupt(_) => format!(
-                "{}: the destination hung up (is it a vmm receive, with the same TLS or --insecure setting?)",
-                describe(&e)
-            ),
-            e => describe(&e),
-        },
-    })?;
-    match answer {
-        Message::Accept => {}
-        Message::Refuse(why) => return Err(MigrateError::Refused(why)),
-        other => return Err(MigrateError::Link { during: "the handshake", err: format!("unexpected {other:?}") }),
+    // A destination that turned this side away may have closed already: its answer (a refusal,
+    // a TLS alert) says why, not the failed write.
+    let wrote = sender.writer.manifest(&manifest.encode()).and_then(|()| sender.writer.flush());
+    match (answer(sender.writer_conn())?, wrote) {
+        (Message::Accept, Ok(())) => {}
+        (Message::Accept, Err(e)) => return Err(link("the handshake")(e)),
+        (other, _) => return Err(MigrateError::Link { during: "the handshake", err: format!("unexpected {other:?}") }),
     }
 
     let mut report = MigrationReport::default();
@@ -405,14 +433,14 @@ fn run(
     taken.add(&first);
     sender.disks.take_written(control);
     let round_start = Instant::now();
-    let bytes_before = sender.writer.bytes_written();
+    let bytes_before = sender.bytes_written();
     sender.send_all()?;
     let (job, disk_bytes) = (sender.job, &mut sender.disk_bytes);
     sender.disks.send_all(&mut sender.writer, |n| {
         *disk_bytes += n;
         job.progress.advance(n).map_err(|e| PersistError::from(e).into())
     })?;
-    let mut rate = rate_of(sender.writer.bytes_written() - bytes_before, round_start.elapsed());
+    let mut rate = rate_of(sender.bytes_written() - bytes_before, round_start.elapsed());
     let mut throttle = 0u32;
     let mut previous_left = u64::MAX;
     sender.job.set_phase("converging");
@@ -460,16 +488,18 @@ fn run(
         let (_, total) = sender.job.progress.get();
         sender.job.progress.set_total(total + left);
         let round_start = Instant::now();
-        let bytes_before = sender.writer.bytes_written();
+        let bytes_before = sender.bytes_written();
         sender.send_pages(&dirty, throttle)?;
         sender.send_disks(&written)?;
-        let sent = sender.writer.bytes_written() - bytes_before;
+        let sent = sender.bytes_written() - bytes_before;
         if sent >= 4 << 20 {
             rate = rate_of(sent, round_start.elapsed());
         }
         // A send queue longer than the budget allows would be waited for in the pause.
         let queue = ((rate * budget.as_secs_f64() / 4.0) as u64).clamp(MIN_SEND_QUEUE, MAX_SEND_QUEUE);
-        let _ = sender.writer_conn().limit_send_queue(queue);
+        let per_connection = queue / sender.lanes.connections();
+        let _ = sender.writer_conn().handle().map(|h| h.limit_send_queue(per_connection));
+        sender.lanes.limit_send_queue(per_connection);
     }
 }
 
@@ -487,7 +517,8 @@ impl Sender<'_> {
     /// in the socket (on a slow link, megabytes). The pause waits for them too.
     fn backlog(&mut self) -> u64 {
         let buffered = self.writer.get_mut().buffer().len() as u64;
-        buffered + self.writer_conn().unsent_bytes().unwrap_or(0)
+        let unsent = self.writer_conn().handle().ok().and_then(|h| h.unsent_bytes()).unwrap_or(0);
+        buffered + unsent + self.lanes.backlog()
     }
 }
 
@@ -527,17 +558,18 @@ fn finish(
     }
     let (_, total) = sender.job.progress.get();
     sender.job.progress.set_total(total + dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written));
-    let before = sender.writer.bytes_written();
+    let before = sender.bytes_written();
     sender.writer.state(&state).map_err(link("the final pass"))?;
     for (addr, len) in dirty.ranges() {
-        sender.send_range(addr, len, "the final pass")?;
+        sender.send_range(addr, len, false, "the final pass")?;
     }
     sender.send_disks(&written)?;
-    report.paused_bytes = sender.writer.bytes_written() - before;
-    // End of the stream: the destination checks it holds every page and builds the machine.
-    let stats = sender.writer.end().map_err(link("the final pass"))?;
-    report.bytes = stats.bytes;
-    report.memory_bytes = sender.memory_bytes;
+    // End of the streams: the destination checks it holds every page and builds the machine.
+    sender.lanes.end().map_err(|err| MigrateError::Link { during: "the final pass", err })?;
+    sender.writer.end().map_err(link("the final pass"))?;
+    report.paused_bytes = sender.bytes_written() - before;
+    report.bytes = sender.bytes_written();
+    report.memory_bytes = sender.memory_bytes + sender.lanes.memory_bytes();
     report.disk_bytes = sender.disk_bytes;
     sender.job.set_phase("handing over");
     let conn = sender.writer_conn();
@@ -569,7 +601,7 @@ struct CancelWatch {
 }
 
 impl CancelWatch {
-    fn start(job: &std::sync::Arc<Job>, cutter: transport::Cutter) -> Self {
+    fn start(job: &std::sync::Arc<Job>, sockets: Vec<SocketHandle>) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let job = job.clone();
@@ -577,7 +609,7 @@ impl CancelWatch {
         let _ = std::thread::Builder::new().name("migrate-cancel".into()).spawn(move || {
             while !flag.load(Ordering::Acquire) {
                 if job.progress.check().is_err() {
-                    cutter.cut();
+                    sockets.iter().for_each(SocketHandle::cut);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -590,26 +622,5 @@ impl CancelWatch {
 impl Drop for CancelWatch {
     fn drop(&mut self) {
         self.done.store(true, std::sync::atomic::Ordering::Release);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_split_into_pieces() {
-        assert_eq!(
-            split(&[(0, 3 << 20), (8 << 20, 4096)], 1 << 20),
-            vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20), (8 << 20, 4096)]
-        );
-    }
-
-    #[test]
-    fn zero_pages_are_found() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero(&page));
-        page[4095] = 1;
-        assert!(!is_zero(&page));
     }
 }

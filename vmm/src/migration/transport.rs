@@ -119,52 +119,20 @@ impl Connection {
 
     /// Cuts the connection both ways (a peer blocked on it sees the end at once).
     pub fn shutdown(&self) {
-        let _ = match self {
-            Connection::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Connection::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Connection::TlsClient(s) => s.sock.shutdown(std::net::Shutdown::Both),
-            Connection::TlsServer(s) => s.sock.shutdown(std::net::Shutdown::Both),
-        };
-    }
-
-    /// A handle that can cut this connection from another thread (Ctrl-C, a cancel).
-    pub fn cutter(&self) -> io::Result<Cutter> {
-        Ok(match self {
-            Connection::Unix(s) => Cutter::Unix(s.try_clone()?),
-            Connection::Tcp(s) => Cutter::Tcp(s.try_clone()?),
-            Connection::TlsClient(s) => Cutter::Tcp(s.sock.try_clone()?),
-            Connection::TlsServer(s) => Cutter::Tcp(s.sock.try_clone()?),
-        })
-    }
-
-    /// Bytes written to the socket that the peer has not acknowledged yet (TCP) or not read
-    /// yet (Unix), as the kernel counts them (`TIOCOUTQ`); None if it cannot say.
-    pub fn unsent_bytes(&self) -> Option<u64> {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Connection::Unix(s) => s.as_raw_fd(),
-            Connection::Tcp(s) => s.as_raw_fd(),
-            Connection::TlsClient(s) => s.sock.as_raw_fd(),
-            Connection::TlsServer(s) => s.sock.as_raw_fd(),
-        };
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int through the pointer, which is
-        // valid for the call; `fd` is this connection's open socket.
-        let ret = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
-        (ret == 0).then(|| n.max(0) as u64)
-    }
-
-    /// Bounds the socket's send queue to about `bytes` (`SO_SNDBUF`; the kernel doubles it for
-    /// its bookkeeping).
-    pub fn limit_send_queue(&self, bytes: u64) -> std::io::Result<()> {
-        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
-        match self {
-            Connection::Unix(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
-            Connection::Tcp(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
-            Connection::TlsClient(s) => rustix::net::sockopt::set_socket_send_buffer_size(&s.sock, size),
-            Connection::TlsServer(s) => rustix::net::sockopt::set_socket_send_buffer_size(&s.sock, size),
+        if let Ok(handle) = self.handle() {
+            handle.cut();
         }
-        .map_err(std::io::Error::from)
+    }
+
+    /// A handle on the socket for other threads: to cut it (Ctrl-C, a cancel, a failed lane) or
+    /// look at its send queue while this connection is being written.
+    pub fn handle(&self) -> io::Result<SocketHandle> {
+        Ok(match self {
+            Connection::Unix(s) => SocketHandle::Unix(s.try_clone()?),
+            Connection::Tcp(s) => SocketHandle::Tcp(s.try_clone()?),
+            Connection::TlsClient(s) => SocketHandle::Tcp(s.sock.try_clone()?),
+            Connection::TlsServer(s) => SocketHandle::Tcp(s.sock.try_clone()?),
+        })
     }
 
     /// Whether the connection is encrypted.
@@ -173,18 +141,62 @@ impl Connection {
     }
 }
 
-/// Cuts a connection from another thread.
-pub enum Cutter {
+/// Another handle on a connection's socket (`Connection::handle`).
+pub enum SocketHandle {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
-impl Cutter {
+impl SocketHandle {
+    /// Cuts the connection both ways: whoever is blocked on it sees the end at once.
     pub fn cut(&self) {
-        let _ = match self {
-            Cutter::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Cutter::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Ends reading only: a reader blocked on it sees the end, and what this side has to say
+    /// (why it gave up) can still be written.
+    pub fn cut_reading(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Read);
+    }
+
+    pub fn try_clone(&self) -> io::Result<SocketHandle> {
+        Ok(match self {
+            SocketHandle::Unix(s) => SocketHandle::Unix(s.try_clone()?),
+            SocketHandle::Tcp(s) => SocketHandle::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            SocketHandle::Unix(s) => s.shutdown(how),
+            SocketHandle::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    /// Bytes written to the socket that the peer has not acknowledged yet (TCP) or not read
+    /// yet (Unix), as the kernel counts them (`TIOCOUTQ`); None if it cannot say.
+    pub fn unsent_bytes(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            SocketHandle::Unix(s) => s.as_raw_fd(),
+            SocketHandle::Tcp(s) => s.as_raw_fd(),
         };
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int through the pointer, which is
+        // valid for the call; `fd` is this handle's open socket.
+        let ret = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+        (ret == 0).then(|| n.max(0) as u64)
+    }
+
+    /// Bounds the socket's send queue to about `bytes` (`SO_SNDBUF`; the kernel doubles it for
+    /// its bookkeeping).
+    pub fn limit_send_queue(&self, bytes: u64) -> io::Result<()> {
+        let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+        match self {
+            SocketHandle::Unix(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
+            SocketHandle::Tcp(s) => rustix::net::sockopt::set_socket_send_buffer_size(s, size),
+        }
+        .map_err(io::Error::from)
     }
 }
 
@@ -402,33 +414,79 @@ impl Listener {
         }
     }
 
-    /// Waits for the next peer; with TLS, one that completed the handshake with a certificate
-    /// of the CA (within `timeout`). A peer that fails it is an error for the caller to report.
-    pub fn accept(&self, timeout: Duration) -> Result<(Connection, String), TransportError> {
-        match &self.socket {
+    /// Waits up to `wait` for the next peer to connect (None: none did). It is not yet
+    /// authenticated: [`Pending::establish`] does that, in a thread of its own if the caller
+    /// must not wait for a slow or silent peer.
+    pub fn accept(&self, wait: Duration) -> Result<Option<Pending>, TransportError> {
+        use std::os::fd::AsFd;
+        let fd = match &self.socket {
+            ListeningSocket::Tcp(l) => l.as_fd(),
+            ListeningSocket::Unix(l) => l.as_fd(),
+        };
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let timeout =
+            rustix::event::Timespec::try_from(wait).unwrap_or(rustix::event::Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(None),
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+        Ok(Some(match &self.socket {
             ListeningSocket::Unix(l) => {
                 let (sock, _) = l.accept()?;
-                sock.set_read_timeout(Some(timeout))?;
-                sock.set_write_timeout(Some(timeout))?;
-                Ok((Connection::Unix(sock), "a local peer".into()))
+                Pending { socket: PendingSocket::Unix(sock), peer: "a local peer".into(), tls: None }
             }
             ListeningSocket::Tcp(l) => {
-                let (mut sock, addr) = l.accept()?;
-                let peer = addr.to_string();
-                sock.set_nodelay(true)?;
-                sock.set_read_timeout(Some(timeout))?;
-                sock.set_write_timeout(Some(timeout))?;
-                let Some(config) = &self.tls else { return Ok((Connection::Tcp(sock), peer)) };
-                let mut conn = ServerConnection::new(config.clone())
-                    .map_err(|e| TransportError::Usage(format!("TLS setup: {e}")))?;
-                handshake(&mut conn, &mut sock, &peer)?;
-                Ok((Connection::TlsServer(Box::new(StreamOwned::new(conn, sock))), peer))
+                let (sock, addr) = l.accept()?;
+                Pending { socket: PendingSocket::Tcp(sock), peer: addr.to_string(), tls: self.tls.clone() }
             }
-        }
+        }))
     }
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+}
+
+/// A peer that connected, before the TLS handshake.
+pub struct Pending {
+    socket: PendingSocket,
+    peer: String,
+    tls: Option<Arc<ServerConfig>>,
+}
+
+enum PendingSocket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Pending {
+    /// Who connected (an address, or "a local peer").
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The connection, every read and write bounded by `timeout`; with TLS, once the peer
+    /// completed the handshake with a certificate of the CA (within `timeout`).
+    pub fn establish(self, timeout: Duration) -> Result<(Connection, String), TransportError> {
+        match self.socket {
+            PendingSocket::Unix(sock) => {
+                sock.set_read_timeout(Some(timeout))?;
+                sock.set_write_timeout(Some(timeout))?;
+                Ok((Connection::Unix(sock), self.peer))
+            }
+            PendingSocket::Tcp(mut sock) => {
+                sock.set_nodelay(true)?;
+                sock.set_read_timeout(Some(timeout))?;
+                sock.set_write_timeout(Some(timeout))?;
+                let Some(config) = self.tls else { return Ok((Connection::Tcp(sock), self.peer)) };
+                let mut conn =
+                    ServerConnection::new(config).map_err(|e| TransportError::Usage(format!("TLS setup: {e}")))?;
+                handshake(&mut conn, &mut sock, &self.peer)?;
+                Ok((Connection::TlsServer(Box::new(StreamOwned::new(conn, sock))), self.peer))
+            }
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::vstate::vm::VmError;
 
 pub use restore::{
     inspect_stream, load_dir, memory_file_changed, restore, spawn_memory_loader, watch_memory_file, MemoryFile,
-    Restored, ResumeOptions, ResumeSource,
+    MigrationInput, Restored, ResumeOptions, ResumeSource, Stop,
 };
 pub use sink::{DirSink, Sink, StreamSink};
 pub use state::MachineState;

@@ -7,11 +7,12 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use snapshot::chain::read_memory;
-use snapshot::streamed::{self, MemoryUpdate, StreamedSnapshot};
+use snapshot::streamed::{self, MemoryUpdate, PageMap, StreamedSnapshot};
 use snapshot::{Chain, ExtentKind, FileIdentity, MachineSections, Manifest, Snapshot};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
@@ -37,9 +38,22 @@ pub enum ResumeSource {
     Dir(PathBuf),
     /// A snapshot stream (`vmm snapshot --out -`), e.g. stdin.
     Stream(Box<dyn Read + Send>),
-    /// The stream of a live migration (`snapshot::streamed::read_migration`): the machine state
-    /// comes after the pre-copy memory.
-    Migration(Box<dyn Read + Send>),
+    /// The connections of a live migration: the machine state comes after the pre-copy memory.
+    Migration(MigrationInput),
+}
+
+/// Something that cuts a connection from another thread.
+pub type Stop = Box<dyn Fn() + Send + Sync>;
+
+/// A live migration as the restore reads it.
+pub struct MigrationInput {
+    /// The VM's stream (`snapshot::streamed::read_migration`).
+    pub stream: Box<dyn Read + Send>,
+    /// Ends reading `stream` (a lane failed: the rest is of no use), leaving it writable.
+    pub stop_stream: Stop,
+    /// The other connections' lanes (`snapshot::streamed::read_lane`), read in parallel, each
+    /// with what cuts it (the VM's stream failed).
+    pub lanes: Vec<(Box<dyn Read + Send>, Stop)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -173,36 +187,133 @@ fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError
     Ok((mem, MemoryFile { path, identity, lock }))
 }
 
-/// Reads a snapshot stream into fresh guest memory of the size its manifest gives.
+/// Writes a memory update into guest memory.
+fn apply(mem: &GuestMemory, update: MemoryUpdate<'_>, what: &str) -> Result<(), snapshot::Error> {
+    let write = |bytes: &[u8], addr: u64| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| snapshot::Error::BadStream { what: what.into(), reason: e.to_string() })
+    };
+    match update {
+        MemoryUpdate::Data { guest_addr, bytes } => write(bytes, guest_addr)?,
+        MemoryUpdate::Zero { guest_addr, len, overwrites: true } => {
+            let zeros = vec![0u8; 1 << 20];
+            for off in (0..len).step_by(zeros.len()) {
+                write(&zeros[..(len - off).min(zeros.len() as u64) as usize], guest_addr + off)?;
+            }
+        }
+        // Fresh memory is zero already, and stays unbacked.
+        MemoryUpdate::Zero { .. } => {}
+        MemoryUpdate::Disk { .. } => {
+            return Err(snapshot::Error::BadStream { what: what.into(), reason: "disk data out of place".into() })
+        }
+    }
+    Ok(())
+}
+
+/// The threads reading a migration's lanes into guest memory.
+struct LaneReaders {
+    threads: Vec<std::thread::JoinHandle<Option<PageMap>>>,
+    /// The first lane's failure, while the VM's stream had not failed itself.
+    failure: Arc<Mutex<Option<PersistError>>>,
+    stream_failed: Arc<AtomicBool>,
+    stops: Vec<Stop>,
+}
+
+impl LaneReaders {
+    /// Starts reading every lane into `mem`; a lane that fails stops the VM's stream.
+    fn start(
+        lanes: Vec<(Box<dyn Read + Send>, Stop)>,
+        stop_stream: Stop,
+        mem: &GuestMemory,
+        layout: &snapshot::MemoryLayout,
+    ) -> Result<Self, PersistError> {
+        let failure = Arc::new(Mutex::new(None));
+        let stream_failed = Arc::new(AtomicBool::new(false));
+        let stop_stream = Arc::new(stop_stream);
+        let mut readers = Self { threads: Vec::new(), failure, stream_failed, stops: Vec::new() };
+        for (i, (input, stop)) in lanes.into_iter().enumerate() {
+            let what = format!("migration connection {}", i + 1);
+            let (mem, layout) = (mem.clone(), layout.clone());
+            let (failure, stream_failed, stop_stream) =
+                (readers.failure.clone(), readers.stream_failed.clone(), stop_stream.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("receive-lane{}", i + 1))
+                .spawn(move || match streamed::read_lane(input, &what, &layout, |u| apply(&mem, u, &what)) {
+                    Ok(pages) => Some(pages),
+                    Err(e) => {
+                        if !stream_failed.load(Ordering::Acquire) {
+                            failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e.into());
+                            stop_stream();
+                        }
+                        None
+                    }
+                })
+                .map_err(|e| PersistError::Inconsistent(format!("cannot start a thread: {e}")))?;
+            readers.threads.push(thread);
+            readers.stops.push(stop);
+        }
+        Ok(readers)
+    }
+
+    /// Waits for every lane to end; what each delivered.
+    fn join(&mut self) -> Result<Vec<PageMap>, PersistError> {
+        let mut maps = Vec::new();
+        for (i, t) in self.threads.drain(..).enumerate() {
+            match t.join() {
+                Ok(Some(pages)) => maps.push(pages),
+                _ => {
+                    let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    return Err(failure.unwrap_or_else(|| {
+                        PersistError::Inconsistent(format!("migration connection {} failed", i + 1))
+                    }));
+                }
+            }
+        }
+        Ok(maps)
+    }
+
+    /// The VM's stream failed with `e`: the lanes are cut, and the reason is a lane's failure
+    /// if one stopped the stream (unless the source said why it gave up).
+    fn stream_failed(&self, e: PersistError) -> PersistError {
+        self.stream_failed.store(true, Ordering::Release);
+        for stop in &self.stops {
+            stop();
+        }
+        let abandoned = matches!(
+            &e,
+            PersistError::Format(snapshot::Error::Stream { err: snapshot::stream::StreamError::Abandoned { .. }, .. })
+        );
+        match self.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(lane) if !abandoned => lane,
+            _ => e,
+        }
+    }
+}
+
+/// Reads a snapshot stream into fresh guest memory of the size its manifest gives (with a
+/// migration's lanes, those too).
 /// `before_memory` runs once the manifest is read and checked, before anything else is: what can
 /// refuse the VM here must do so then, while its source (with `--stop`) can still keep it. It
 /// also gives the files the disks that travel with a migration go to (by disk number).
 fn read_stream<T>(
     input: impl Read,
-    migration: bool,
+    migration: Option<(Vec<(Box<dyn Read + Send>, Stop)>, Stop)>,
     before_memory: impl FnOnce(&Manifest) -> Result<(T, Vec<Option<File>>), PersistError>,
 ) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
-    let what = if migration { "the migration stream" } else { "stdin" };
+    let what = if migration.is_some() { "the migration stream" } else { "stdin" };
+    let is_migration = migration.is_some();
+    let readers: std::cell::RefCell<Option<LaneReaders>> = std::cell::RefCell::new(None);
     let prepare = |m: &Manifest| -> Result<(GuestMemory, T, Vec<Option<File>>), PersistError> {
         check_layout(m)?;
         let (claimed, disks) = before_memory(m)?;
-        Ok((memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?, claimed, disks))
+        let mem = memory::create_guest_memory(m.vm.mem_bytes).map_err(MachineError::from)?;
+        if let Some((lanes, stop_stream)) = migration {
+            *readers.borrow_mut() = Some(LaneReaders::start(lanes, stop_stream, &mem, &m.memory)?);
+        }
+        Ok((mem, claimed, disks))
     };
     let fill = |(mem, _, disks): &mut (GuestMemory, T, Vec<Option<File>>), update: MemoryUpdate<'_>| {
-        let write = |bytes: &[u8], addr: u64| {
-            mem.write_slice(bytes, GuestAddress(addr))
-                .map_err(|e| snapshot::Error::BadStream { what: what.into(), reason: e.to_string() })
-        };
         match update {
-            MemoryUpdate::Data { guest_addr, bytes } => write(bytes, guest_addr)?,
-            MemoryUpdate::Zero { guest_addr, len, overwrites: true } => {
-                let zeros = vec![0u8; 1 << 20];
-                for off in (0..len).step_by(zeros.len()) {
-                    write(&zeros[..(len - off).min(zeros.len() as u64) as usize], guest_addr + off)?;
-                }
-            }
-            // Fresh memory is zero already, and stays unbacked.
-            MemoryUpdate::Zero { .. } => {}
             MemoryUpdate::Disk { disk, offset, bytes } => {
                 use std::os::unix::fs::FileExt;
                 let file = disks.get(disk).and_then(Option::as_ref).ok_or_else(|| {
@@ -211,13 +322,27 @@ fn read_stream<T>(
                 file.write_all_at(bytes, offset)
                     .map_err(|e| PersistError::Disk(format!("writing disk {disk}: {e}")))?;
             }
+            update => apply(mem, update, what)?,
         }
         Ok(())
     };
-    let (streamed, (mem, claimed, disks)) = if migration {
-        streamed::read_migration(input, what, prepare, fill)?
+    let join = |_: &mut (GuestMemory, T, Vec<Option<File>>)| match readers.borrow_mut().as_mut() {
+        Some(r) => r.join(),
+        None => Ok(Vec::new()),
+    };
+    let read = if is_migration {
+        streamed::read_migration(input, what, prepare, fill, join)
     } else {
-        streamed::read_snapshot(input, what, prepare, fill)?
+        streamed::read_snapshot(input, what, prepare, fill)
+    };
+    let (streamed, (mem, claimed, disks)) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(match readers.borrow().as_ref() {
+                Some(r) => r.stream_failed(e),
+                None => e,
+            })
+        }
     };
     // The disks as they arrived are durable before the destination says it is ready.
     for (i, file) in disks.iter().enumerate() {
@@ -491,12 +616,13 @@ pub fn restore<T>(
         }
         ResumeSource::Stream(mut input) => {
             let (streamed, mem, admitted) =
-                read_stream(&mut input, false, |m| Ok((admit(m, STREAM, opts, claim)?, Vec::new())))?;
+                read_stream(&mut input, None, |m| Ok((admit(m, STREAM, opts, claim)?, Vec::new())))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
             (state, mem, None, None, admitted)
         }
-        ResumeSource::Migration(mut input) => {
-            let (streamed, mem, admitted) = read_stream(&mut input, true, |m| {
+        ResumeSource::Migration(input) => {
+            let lanes = Some((input.lanes, input.stop_stream));
+            let (streamed, mem, admitted) = read_stream(input.stream, lanes, |m| {
                 check_vendor(m)?;
                 let admitted = admit(m, MIGRATION, opts, claim)?;
                 let disks = create_copied_disks(m, &admitted.0)?;
