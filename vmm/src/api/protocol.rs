@@ -213,6 +213,10 @@ impl Reply {
     }
 }
 
+fn one() -> u8 {
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,8 +245,4 @@ mod tests {
         let e = serde_json::to_string(&Reply::error(ErrorKind::Input, "no")).unwrap();
         assert_eq!(e, r#"{"ok":false,"error":"no","error_kind":"input"}"#);
     }
-}
-
-fn one() -> u8 {
-    1
 }

@@ -251,7 +251,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let setup = |e: std::io::Error| Failure::runtime(format!("connection from {peer}: {e}"));
     incoming.main.set_timeout(Some(args.timeout)).map_err(setup)?;
     let main_socket = incoming.main.handle().map_err(setup)?;
-    let mut lanes: Vec<(Box<dyn std::io::Read + Send>, persist::Stop)> = Vec::new();
+    let mut lanes: Vec<persist::LaneInput> = Vec::new();
     for lane in incoming.lanes {
         // A lane may idle while the VM's stream carries disks: the VM's stream's timeout
         // notices a source that went away, and then cuts the lanes.

@@ -106,7 +106,7 @@ impl Lanes {
         let mut waits = Vec::with_capacity(self.lanes.len());
         for (i, l) in self.lanes.iter().enumerate() {
             let (tx, rx) = sync_channel(1);
-            if !l.commands.as_ref().is_some_and(|c| c.send(Command::Flush(tx)).is_ok()) {
+            if l.commands.as_ref().is_none_or(|c| c.send(Command::Flush(tx)).is_err()) {
                 return Err(l.failure(i + 1));
             }
             waits.push(rx);

@@ -35,8 +35,8 @@ use crate::vstate::vcpu::ControlError;
 use crate::vstate::vm::VmError;
 
 pub use restore::{
-    inspect_stream, load_dir, memory_file_changed, restore, spawn_memory_loader, watch_memory_file, MemoryFile,
-    MigrationInput, Restored, ResumeOptions, ResumeSource, Stop,
+    inspect_stream, load_dir, memory_file_changed, restore, spawn_memory_loader, watch_memory_file, LaneInput,
+    MemoryFile, MigrationInput, Restored, ResumeOptions, ResumeSource, Stop,
 };
 pub use sink::{DirSink, Sink, StreamSink};
 pub use state::MachineState;

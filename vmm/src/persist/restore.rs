@@ -44,6 +44,8 @@ pub enum ResumeSource {
 
 /// Something that cuts a connection from another thread.
 pub type Stop = Box<dyn Fn() + Send + Sync>;
+/// One lane of a migration: its stream, and what cuts it.
+pub type LaneInput = (Box<dyn Read + Send>, Stop);
 
 /// A live migration as the restore reads it.
 pub struct MigrationInput {
@@ -53,7 +55,7 @@ pub struct MigrationInput {
     pub stop_stream: Stop,
     /// The other connections' lanes (`snapshot::streamed::read_lane`), read in parallel, each
     /// with what cuts it (the VM's stream failed).
-    pub lanes: Vec<(Box<dyn Read + Send>, Stop)>,
+    pub lanes: Vec<LaneInput>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -222,7 +224,7 @@ struct LaneReaders {
 impl LaneReaders {
     /// Starts reading every lane into `mem`; a lane that fails stops the VM's stream.
     fn start(
-        lanes: Vec<(Box<dyn Read + Send>, Stop)>,
+        lanes: Vec<LaneInput>,
         stop_stream: Stop,
         mem: &GuestMemory,
         layout: &snapshot::MemoryLayout,
@@ -297,7 +299,7 @@ impl LaneReaders {
 /// also gives the files the disks that travel with a migration go to (by disk number).
 fn read_stream<T>(
     input: impl Read,
-    migration: Option<(Vec<(Box<dyn Read + Send>, Stop)>, Stop)>,
+    migration: Option<(Vec<LaneInput>, Stop)>,
     before_memory: impl FnOnce(&Manifest) -> Result<(T, Vec<Option<File>>), PersistError>,
 ) -> Result<(StreamedSnapshot, GuestMemory, T), PersistError> {
     let what = if migration.is_some() { "the migration stream" } else { "stdin" };
