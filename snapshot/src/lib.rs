@@ -20,8 +20,8 @@ pub mod streamed;
 pub use chain::Chain;
 pub use dir::{Snapshot, SnapshotWriter};
 pub use manifest::{
-    CpuIdentity, DecodedManifest, DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, NetDescription,
-    SnapshotId, StateDigest, VcpuSummary, VmDescription, VsockDescription,
+    CpuIdentity, DecodedManifest, DeviceSummary, DiskCopy, DiskDescription, FileIdentity, GuestCpu, Manifest,
+    NetDescription, SnapshotId, StateDigest, VcpuSummary, VmDescription, VsockDescription,
 };
 pub use pages::{Extent, ExtentKind, MemoryData, MemoryLayout, MemorySource, PageKind, RegionLayout, StagedMemory};
 pub use progress::Progress;

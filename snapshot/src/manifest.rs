@@ -140,6 +140,17 @@ pub struct CpuIdentity {
     pub feature_words: Vec<u32>,
 }
 
+/// What a guest needs of the CPU it runs on: what a destination checks before it accepts a
+/// migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestCpu {
+    /// The guest's CPUID leaf 1 ECX/EDX and leaf 7.0 EBX/ECX/EDX feature words (as
+    /// [`CpuIdentity::feature_words`]).
+    pub feature_words: Vec<u32>,
+    /// Indices of the MSRs its vCPU state carries (KVM_GET_MSR_INDEX_LIST of its host).
+    pub msrs: Vec<u32>,
+}
+
 /// A vCPU at a glance, for `vmm inspect`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuSummary {
@@ -182,6 +193,9 @@ pub struct Manifest {
     pub vmm_version: String,
     pub vm: VmDescription,
     pub host_cpu: CpuIdentity,
+    /// What the guest needs of the CPU (a migration's manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpu: Option<GuestCpu>,
     pub vcpus: Vec<VcpuSummary>,
     pub devices: Vec<DeviceSummary>,
     pub state: StateDigest,
@@ -307,6 +321,7 @@ pub(crate) mod tests {
                 vsock: None,
             },
             host_cpu: CpuIdentity::default(),
+            guest_cpu: None,
             vcpus: vec![],
             devices: vec![],
             state: StateDigest { size: 3, checksum: 7, sections: vec![] },

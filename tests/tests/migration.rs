@@ -467,6 +467,51 @@ fn a_migration_over_several_connections_moves_the_guest_and_fails_safely() {
     drop(silent);
 }
 
+/// The destination checks what the guest needs of the CPU from the manifest, before any memory
+/// comes: a guest whose state carries an MSR this host's KVM cannot restore is refused (and the
+/// receiver exits 1), as is a peer that speaks another version of the protocol (the receiver
+/// waits on for a good one).
+#[test]
+fn the_destination_refuses_a_guest_its_cpu_cannot_run_before_any_memory() {
+    use snapshot::migration::{Message, PROTOCOL_VERSION};
+    let dir = TempDir::new("mig-cpu");
+    let vm = boot(&dir, "u0", "workload=idle");
+    let snap = dir.path().join("snap");
+    tests::snapshot(&sock(&dir, "u0"), &snap, &[]);
+    let bytes = std::fs::read(snap.join(snapshot::MANIFEST_FILE)).unwrap();
+    let mut manifest = snapshot::Manifest::decode(&bytes, "snap").unwrap().manifest;
+    manifest.state = snapshot::StateDigest::default();
+    manifest.memory.extents.clear();
+    manifest.memory.chunk_checksums.clear();
+    manifest.guest_cpu = Some(snapshot::GuestCpu { feature_words: vec![0; 5], msrs: vec![0x10, 0xdead_beef] });
+    drop(vm);
+
+    let listen = dir.path().join("d.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "u1", &sock(&dir, "u1"), &[]);
+    wait_path(&listen);
+    // Another protocol version: turned away, the receiver waits on.
+    let mut old = UnixStream::connect(&listen).unwrap();
+    Message::Hello { version: PROTOCOL_VERSION + 1, session: 1, lane: 0, lanes: 1 }.send(&mut old).unwrap();
+    match Message::receive(&mut old) {
+        Ok(Message::Refuse(why)) => assert!(why.contains("protocol"), "{why}"),
+        other => panic!("another protocol version: {other:?}"),
+    }
+    let mut conn = UnixStream::connect(&listen).unwrap();
+    Message::Hello { version: PROTOCOL_VERSION, session: 2, lane: 0, lanes: 1 }.send(&mut conn).unwrap();
+    let mut stream = snapshot::stream::StreamWriter::new(&mut conn, false).unwrap();
+    stream.manifest(&manifest.encode()).unwrap();
+    stream.flush().unwrap();
+    drop(stream);
+    match Message::receive(&mut conn) {
+        Ok(Message::Refuse(why)) => assert!(why.contains("MSR") && why.contains("0xdeadbeef"), "{why}"),
+        other => panic!("a guest needing an unknown MSR: {other:?}"),
+    }
+    let (status, _, stderr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("protocol") && stderr.contains("0xdeadbeef"), "{stderr}");
+    assert!(!Path::new(&sock(&dir, "u1")).exists(), "the destination left its control socket");
+}
+
 /// The destination's confirmation that it took over is lost: it runs the guest; the source,
 /// which cannot know, keeps it paused (never both running) and says so.
 #[test]

@@ -79,6 +79,8 @@ pub enum DirtyLogError {
 
 pub struct VmControl {
     pub config: VmConfig,
+    /// What the guest needs of the CPU (its CPUID features, the MSRs its state carries).
+    pub guest_cpu: snapshot::GuestCpu,
     pub vm: Vm,
     pub mem: GuestMemory,
     pub devices: Devices,
@@ -253,6 +255,7 @@ impl VmControl {
         let inner = Mutex::new(Inner { vcpus, state, api_log: None, tracking: None });
         Self {
             config,
+            guest_cpu: snapshot::GuestCpu::default(),
             vm,
             mem,
             devices,

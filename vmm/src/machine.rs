@@ -12,7 +12,7 @@ use crate::arch::x86_64::layout::{
     ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, IOAPIC_PINS, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE,
     VIRTIO_MMIO_START,
 };
-use crate::arch::x86_64::regs;
+use crate::arch::x86_64::{cpuid, regs};
 use crate::config::VmConfig;
 use crate::console;
 use crate::control::{DiffBase, VmControl};
@@ -404,6 +404,20 @@ impl Machine {
             self.devices.pause_workers();
         }
         let saver = StateSaver { msr_indices: Arc::new(self.vm.saveable_msrs()?), xsave_size: self.vm.xsave_size() };
+        // The CPUID every vCPU got (at boot, or from the snapshot), read before any runs.
+        let guest_cpuid = match self.vcpus.first() {
+            Some(v) => {
+                v.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|err| VcpuError { index: 0, call: "KVM_GET_CPUID2", err })?
+                    .as_slice()
+                    .to_vec()
+            }
+            None => Vec::new(),
+        };
+        let guest_cpu = snapshot::GuestCpu {
+            feature_words: cpuid::feature_words(&guest_cpuid).to_vec(),
+            msrs: saver.msr_indices.to_vec(),
+        };
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
             let (io, mmio) = (self.devices.io_bus.clone(), self.devices.mmio_bus.clone());
@@ -415,7 +429,8 @@ impl Machine {
             console::spawn_stdin_reader(self.devices.serial.clone(), self.exit_tx.clone())
                 .map_err(MachineError::Thread)?;
         }
-        let control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
+        let mut control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
+        control.guest_cpu = guest_cpu;
         if let Some(base) = diff_base {
             control.adopt_diff_base(base);
         }

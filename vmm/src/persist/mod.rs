@@ -419,6 +419,7 @@ pub fn migration_manifest(control: &VmControl, copied: &[(usize, u64)]) -> Manif
         vmm_version: env!("CARGO_PKG_VERSION").into(),
         vm: describe_vm(&control.config, copied, None),
         host_cpu: cpuid::host_cpu(),
+        guest_cpu: Some(control.guest_cpu.clone()),
         vcpus: Vec::new(),
         devices: Vec::new(),
         state: StateDigest::default(),
@@ -682,6 +683,7 @@ pub fn snapshot(
             vmm_version: env!("CARGO_PKG_VERSION").into(),
             vm: describe_vm(&control.config, &copied, diff_disks),
             host_cpu: cpuid::host_cpu(),
+            guest_cpu: None,
             vcpus: state
                 .vcpus
                 .iter()

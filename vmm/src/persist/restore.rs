@@ -626,6 +626,7 @@ pub fn restore<T>(
             let lanes = Some((input.lanes, input.stop_stream));
             let (streamed, mem, admitted) = read_stream(input.stream, lanes, |m| {
                 check_vendor(m)?;
+                check_guest_cpu(m)?;
                 let admitted = admit(m, MIGRATION, opts, claim)?;
                 let disks = create_copied_disks(m, &admitted.0)?;
                 Ok((admitted, disks))
@@ -701,6 +702,43 @@ fn check_vendor(manifest: &Manifest) -> Result<(), PersistError> {
     Ok(())
 }
 
+/// A migrating guest's CPU features must be offered here, and every MSR its state carries must
+/// be one this host's KVM restores: refused from the manifest, before any memory is sent.
+fn check_guest_cpu(manifest: &Manifest) -> Result<(), PersistError> {
+    let Some(guest) = &manifest.guest_cpu else {
+        return Err(PersistError::Inconsistent("the manifest does not say what the guest needs of the CPU".into()));
+    };
+    let kvm = kvm_ioctls::Kvm::new().map_err(|err| VmError::Kvm { call: "open /dev/kvm", err })?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
+    let saveable = kvm.get_msr_index_list().map_err(|err| VmError::Kvm { call: "KVM_GET_MSR_INDEX_LIST", err })?;
+    unsupported_cpu(guest, supported.as_slice(), saveable.as_slice())
+}
+
+fn unsupported_cpu(
+    guest: &snapshot::GuestCpu,
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+    saveable: &[u32],
+) -> Result<(), PersistError> {
+    let missing = cpuid::missing_feature_words(&guest.feature_words, supported);
+    if !missing.is_empty() {
+        return Err(PersistError::HostCpu(format!(
+            "the CPU lacks features the guest uses (CPUID {})",
+            missing.join(", ")
+        )));
+    }
+    let msrs: Vec<String> =
+        guest.msrs.iter().filter(|m| !saveable.contains(m)).map(|m| format!("{m:#x}")).take(8).collect();
+    if !msrs.is_empty() {
+        return Err(PersistError::HostCpu(format!(
+            "KVM here cannot restore MSRs the guest's state carries ({})",
+            msrs.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.
 pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
     let mut now = match std::fs::metadata(&file.path) {
@@ -763,4 +801,26 @@ pub fn spawn_memory_loader(control: Arc<VmControl>, load: Arc<MemoryLoad>) -> st
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_needing_an_msr_kvm_cannot_restore_is_refused() {
+        let words = cpuid::host_cpu().feature_words;
+        let guest = snapshot::GuestCpu { feature_words: words.clone(), msrs: vec![0x10, 0x174] };
+        assert!(unsupported_cpu(&guest, &[], &[0x10, 0x174, 0x175]).is_ok());
+        let err = unsupported_cpu(&guest, &[], &[0x10]).unwrap_err().to_string();
+        assert!(err.contains("0x174"), "{err}");
+        // A feature neither KVM nor the CPU offers (an unused bit of leaf 7 EDX).
+        let mut more = words;
+        more[4] |= 1 << 1;
+        if cpuid::host_cpu().feature_words[4] & (1 << 1) == 0 {
+            let guest = snapshot::GuestCpu { feature_words: more, msrs: vec![] };
+            let err = unsupported_cpu(&guest, &[], &[]).unwrap_err().to_string();
+            assert!(err.contains("7.edx=0x2"), "{err}");
+        }
+    }
 }

@@ -48,7 +48,7 @@ pub fn host_cpu() -> CpuIdentity {
 }
 
 /// CPUID feature words (leaf 1 ECX/EDX, leaf 7.0 EBX/ECX/EDX) of a CPUID table.
-fn feature_words(cpuid: &[kvm_cpuid_entry2]) -> [u32; 5] {
+pub fn feature_words(cpuid: &[kvm_cpuid_entry2]) -> [u32; 5] {
     let find = |f: u32| cpuid.iter().find(|e| e.function == f && e.index == 0);
     let (l1, l7) = (find(1), find(7));
     [
@@ -68,9 +68,14 @@ const NOT_FEATURES: [u32; 5] = [(1 << 31) | (1 << 27) | (1 << 24) | (1 << 21), 1
 /// (`supported`) nor natively (on PVM hosts the guest sees the host's own CPUID), as
 /// "leaf.register=bits" strings; empty if it can run here.
 pub fn missing_features(saved: &[kvm_cpuid_entry2], supported: &[kvm_cpuid_entry2]) -> Vec<String> {
+    missing_feature_words(&feature_words(saved), supported)
+}
+
+/// [`missing_features`] of a guest given by its feature words (`feature_words`).
+pub fn missing_feature_words(need: &[u32], supported: &[kvm_cpuid_entry2]) -> Vec<String> {
     let kvm = feature_words(supported);
     let raw = host_cpu().feature_words;
-    let need = feature_words(saved);
+    let need: Vec<u32> = (0..5).map(|w| need.get(w).copied().unwrap_or(0)).collect();
     (0..5)
         .filter_map(|w| {
             let have = kvm[w] | raw.get(w).copied().unwrap_or(0);
