@@ -1320,10 +1320,10 @@ def tls_args(d, side):
     return ["--tls-cert", str(d / f"{side}.pem"), "--tls-key", str(d / f"{side}.key"), "--tls-ca", str(d / "ca.pem")]
 
 
-def migrate_vmm(env, touched, mem, per_vcpu, rate, tls=False):
+def migrate_vmm(env, touched, mem, per_vcpu, rate, tls=False, connections=1):
     """Boots the guest, waits until it touched its memory, then `vmm migrate` to a `vmm receive`
-    on loopback TCP (plain, or TLS): the figures vmm migrate reports; the destination must show
-    guest progress."""
+    on loopback TCP (plain, or TLS; over `connections` connections): the figures vmm migrate
+    reports; the destination must show guest progress."""
     cmdline = MIGRATION_CMDLINE.format(per_vcpu=per_vcpu, rate=rate // 2)
     port = free_port()
     sock_a, sock_b = env.unique("vmm-mig-a"), env.unique("vmm-mig-b")
@@ -1337,7 +1337,8 @@ def migrate_vmm(env, touched, mem, per_vcpu, rate, tls=False):
             dst.expect(re.compile("waiting for a VM"), stream="err", timeout=BOOT_TIMEOUT)
             security = tls_args(tls_files(env), "src") if tls else ["--insecure"]
             out = run_command([str(env.vmm), "migrate", "--api-sock", str(sock_a), "--to",
-                               f"tcp:127.0.0.1:{port}", *security], SNAPSHOT_TIMEOUT)
+                               f"tcp:127.0.0.1:{port}", "--connections", str(connections), *security],
+                              SNAPSHOT_TIMEOUT)
             dst.expect(TICK_RE, timeout=TICK_TIMEOUT)
             dst.close(signal.SIGKILL)
         src.wait_exit(EXIT_GRACE)
@@ -1383,6 +1384,8 @@ def migrate_qemu(env, touched, mem, per_vcpu, rate):
 def migration_benchmark(env, runs, invocation):
     by_rate = {rate: (Series(f"vmm {rate} MiB/s"), Series(f"QEMU {rate} MiB/s")) for rate in MIGRATION_RATES}
     tls = Series("vmm TLS 100 MiB/s")
+    lanes = Series("vmm 4 connections 100 MiB/s")
+    tls_lanes = Series("vmm TLS 4 connections 100 MiB/s")
     by_size = {touched: (Series(f"vmm {touched} touched"), Series(f"QEMU {touched} touched"))
                for touched, _, _ in MIGRATION_SIZES[1:]}
     base_touched, base_mem, base_per_vcpu = MIGRATION_SIZES[0]
@@ -1392,6 +1395,8 @@ def migration_benchmark(env, runs, invocation):
             v.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, rate)
             q.run(migrate_qemu, env, base_touched, base_mem, base_per_vcpu, rate)
         tls.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, 100, True)
+        lanes.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, 100, False, 4)
+        tls_lanes.run(migrate_vmm, env, base_touched, base_mem, base_per_vcpu, 100, True, 4)
         for touched, mem, per_vcpu in MIGRATION_SIZES[1:]:
             v, q = by_size[touched]
             v.run(migrate_vmm, env, touched, mem, per_vcpu, 20)
@@ -1405,10 +1410,11 @@ def migration_benchmark(env, runs, invocation):
     rows = [row(f"{base_touched} touched, {rate} MiB/s", v, q) for rate, (v, q) in by_rate.items()]
     rows += [row(f"{touched} touched ({mem} guest), 20 MiB/s", *by_size[touched]) for touched, mem, _ in MIGRATION_SIZES[1:]]
     plain = by_rate[100][0]
-    tls_row = [("100 MiB/s", plain.cell("total_ms"), tls.cell("total_ms"), ratio(tls, plain, "total_ms"),
-                plain.cell("downtime_ms"), tls.cell("downtime_ms"))]
+    tls_rows = [(label, s.cell("total_ms"), ratio(s, plain, "total_ms"), s.cell("downtime_ms"), s.cell("ratio", 2))
+                for label, s in (("plain, 1", plain), ("plain, 4", lanes), ("TLS, 1", tls), ("TLS, 4", tls_lanes))]
     plot = plot_migration(by_rate)
-    every = [*[s for pair in by_rate.values() for s in pair], tls, *[s for pair in by_size.values() for s in pair]]
+    every = [*[s for pair in by_rate.values() for s in pair], tls, lanes, tls_lanes,
+             *[s for pair in by_size.values() for s in pair]]
     failures = [n for s in every if (n := s.failure_note(runs))]
     sock = env.tmp / "vm.sock"
     argvs = [env.show(env.vmm_run(MIGRATION_CMDLINE.format(per_vcpu="128M", rate=10), "1G", 2, sock)) +
@@ -1435,10 +1441,11 @@ def migration_benchmark(env, runs, invocation):
                "QEMU downtime (ms)", "vmm bytes ÷ touched", "QEMU bytes ÷ touched", "vmm rounds",
                "vmm throttle (%)"), rows),
         "Targets: downtime < 10 ms at 100 MiB/s; bytes ≤ 1.2× touched; total ≤ QEMU's.",
-        "**TLS cost** (vmm, 256 MiB touched, 100 MiB/s; TLS 1.3 with both certificates checked, "
-        "rustls with the ring provider):",
-        table(("dirty rate", "plain total (ms)", "TLS total (ms)", "TLS/plain", "plain downtime (ms)",
-               "TLS downtime (ms)"), tls_row),
+        "**TLS and connections** (vmm, 256 MiB touched, 100 MiB/s; TLS 1.3 with both certificates "
+        "checked, rustls with the ring provider; `--connections 4` spreads memory over four "
+        "connections, a thread each — on this 2-core host they share two cores with the guest's "
+        "two vCPUs and the receiver):",
+        table(("security, connections", "total (ms)", "÷ plain, 1", "downtime (ms)", "bytes ÷ touched"), tls_rows),
         f"![migration benchmarks]({plot})" if plot else "(no plot: matplotlib missing)",
         "Failed runs: " + ("none." if not failures else "\n\n- " + "\n- ".join(failures)),
         commands_block(invocation, argvs),
