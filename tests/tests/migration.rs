@@ -751,6 +751,22 @@ fn disks_travel_with_copy_disks_while_the_guest_writes_them() {
     disk_rounds(&mut shared, "after the shared-storage migration");
     vm = shared;
 
+    // A --copy-disks migration cut while the disk is on its way: the destination removes the
+    // file it created for it, and the guest runs on at the source.
+    let listen = dir.path().join("f.sock");
+    let via = dir.path().join("f-relay.sock");
+    let failed = receive(&format!("unix:{}", listen.display()), "kf", &sock(&dir, "kf"), &["--timeout", "5s"]);
+    wait_path(&listen);
+    let relay = relay(&via, listen.clone(), Fault::CutForward(24 << 20));
+    let (status, _, err) = migrate(&sock(&dir, "ks"), &format!("unix:{}", via.display()), &["--copy-disks"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let (status, _, derr) = failed.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{derr}");
+    relay.join().unwrap();
+    let partial = tests::test_state_dir().join("vmm").join("kf").join("disk0.img");
+    assert!(!partial.exists(), "a failed migration left {}", partial.display());
+    disk_rounds(&mut vm, "the source after the failed --copy-disks migration");
+
     // To the destination's state directory.
     let listen = dir.path().join("a.sock");
     let mut dst = receive(&format!("unix:{}", listen.display()), "k1", &sock(&dir, "k1"), &[]);

@@ -355,10 +355,32 @@ fn read_stream<T>(
     Ok((streamed, mem, claimed))
 }
 
+/// Files a restore created, removed unless it succeeds.
+#[derive(Default)]
+struct Created(Vec<PathBuf>);
+
+impl Created {
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// The files a migration's copied disks are written to (those the manifest says travel with
 /// it): the `--disk` the user gave for it, or a fresh file in the VM's state directory,
-/// created at the disk's size. One another VM runs on is refused.
-fn create_copied_disks(manifest: &Manifest, config: &VmConfig) -> Result<Vec<Option<File>>, PersistError> {
+/// created at the disk's size (and noted in `created`). One another VM runs on is refused.
+fn create_copied_disks(
+    manifest: &Manifest,
+    config: &VmConfig,
+    created: &mut Created,
+) -> Result<Vec<Option<File>>, PersistError> {
     let mut files = Vec::new();
     for (d, target) in manifest.vm.disks.iter().zip(&config.disks) {
         let Some(copy) = &d.copy else {
@@ -375,6 +397,7 @@ fn create_copied_disks(manifest: &Manifest, config: &VmConfig) -> Result<Vec<Opt
                 .map_err(|e| io("cannot create its directory", e))?;
         }
         use std::os::unix::fs::OpenOptionsExt;
+        let existed = path.exists();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -383,6 +406,9 @@ fn create_copied_disks(manifest: &Manifest, config: &VmConfig) -> Result<Vec<Opt
             .mode(0o600)
             .open(path)
             .map_err(|e| io("cannot open it", e))?;
+        if !existed {
+            created.0.push(path.clone());
+        }
         if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
             return Err(PersistError::Machine(MachineError::Disk(BlockError::InUse(path.display().to_string()))));
         }
@@ -605,6 +631,8 @@ pub fn restore<T>(
 ) -> Result<(Restored, T), PersistError> {
     let streamed = !matches!(source, ResumeSource::Dir(_));
     let mut hot = Vec::new();
+    // Disk files a failed migration created go with it.
+    let mut created = Created::default();
     let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
             let (chain, state) = load_dir(&dir, opts.verify)?;
@@ -628,7 +656,7 @@ pub fn restore<T>(
                 check_vendor(m)?;
                 check_guest_cpu(m)?;
                 let admitted = admit(m, MIGRATION, opts, claim)?;
-                let disks = create_copied_disks(m, &admitted.0)?;
+                let disks = create_copied_disks(m, &admitted.0, &mut created)?;
                 Ok((admitted, disks))
             })?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
@@ -686,6 +714,7 @@ pub fn restore<T>(
     if let Some(tell) = took_over.take() {
         tell();
     }
+    created.keep();
     Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
 }
 
