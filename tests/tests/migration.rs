@@ -654,6 +654,7 @@ fn bad_migration_arguments_are_refused() {
         (&["migrate", "--api-sock", &s, "--to", &nowhere, "--connections", "17"], 2, "--connections"),
         (&["receive", "--listen", "tcp:127.0.0.1:0"], 2, "--insecure"),
         (&["receive", "--listen", "nowhere"], 2, "--listen"),
+        (&["receive", "--listen", &nowhere, "--net", "tap=vmmnotap0"], 2, "does not exist"),
         (&["receive", "--listen", &format!("unix:{s}")], 1, "cannot listen"),
         (&["migrate", "--api-sock", &s, "--cancel"], 2, "no snapshot or migration"),
     ];

@@ -225,6 +225,12 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         check_name(name)?;
     }
     let endpoint: Endpoint = args.listen.parse().map_err(|e: String| Failure::bad_input(format!("--listen: {e}")))?;
+    // A TAP that is not there is the user's to fix now, not after the whole VM came (whether it
+    // is free is known only then: on one host, the source holds it until the hand-over).
+    for net in &args.nets {
+        vmm::devices::virtio::net::tap::check_exists(&net.tap)
+            .map_err(|e| Failure::bad_input(format!("--net: {e}")))?;
+    }
     let security = security_of(&args.tls);
     let transport_failure = |e: TransportError| {
         if e.is_bad_input() {

@@ -52,18 +52,24 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
+/// Checks that a network device `name` exists in this thread's network namespace (not through
+/// /sys, which shows the namespace it was mounted in).
+pub fn check_exists(name: &str) -> Result<(), TapError> {
+    check_name(name)?;
+    let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.to_string()))?;
+    // SAFETY: a NUL-terminated string that lives for the call.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+        return Err(TapError::Missing(name.to_string()));
+    }
+    Ok(())
+}
+
 impl Tap {
     /// Attaches to the existing TAP device `name`. It is never created here: a TAP that vmm
     /// made on the fly would vanish with the process, and with it the host's configuration of it.
     pub fn open(name: &str) -> Result<Self, TapError> {
-        check_name(name)?;
-        // TUNSETIFF would create a missing device; look it up first, in this thread's network
-        // namespace (not through /sys, which shows the namespace it was mounted in).
-        let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.to_string()))?;
-        // SAFETY: a NUL-terminated string that lives for the call.
-        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-            return Err(TapError::Missing(name.to_string()));
-        }
+        // TUNSETIFF would create a missing device: look it up first.
+        check_exists(name)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
