@@ -512,6 +512,67 @@ fn the_destination_refuses_a_guest_its_cpu_cannot_run_before_any_memory() {
     assert!(!Path::new(&sock(&dir, "u1")).exists(), "the destination left its control socket");
 }
 
+/// A VM that checkpoints every 100 ms migrates three times (a checkpoint under way is waited
+/// for: the migration is never refused as busy), and each destination goes on checkpointing
+/// into its own `--checkpoint-dir`, whose newest checkpoint verifies.
+#[test]
+fn periodic_checkpoints_go_on_across_migrations() {
+    let dir = TempDir::new("mig-ck");
+    let ck = |i: usize| {
+        let d = dir.path().join(format!("ck{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        d.display().to_string()
+    };
+    let every = ["--checkpoint-every", "100ms"];
+    let ck0 = ck(0);
+    let mut vm = Vmm::testguest(
+        WORKLOAD,
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "256M",
+            "--name",
+            "p0",
+            "--api-sock",
+            &sock(&dir, "p0"),
+            "--checkpoint-dir",
+            &ck0,
+            every[0],
+            every[1],
+        ],
+    );
+    vm.wait_for("testguest: tick", T);
+    for i in 1..=3 {
+        let (from, to) = (format!("p{}", i - 1), format!("p{i}"));
+        let listen = dir.path().join(format!("in{i}.sock"));
+        let cki = ck(i);
+        let mut dst = receive(
+            &format!("unix:{}", listen.display()),
+            &to,
+            &sock(&dir, &to),
+            &["--checkpoint-dir", &cki, every[0], every[1]],
+        );
+        wait_path(&listen);
+        let (status, _, err) = migrate(&sock(&dir, &from), &format!("unix:{}", listen.display()), &[]);
+        assert!(status.success(), "migration {i}: {err}");
+        let _ = vm.wait_exit(T);
+        assert_progress(&mut dst, &format!("after migration {i}"));
+        let latest = Path::new(&cki).join("latest");
+        let deadline = Instant::now() + T;
+        while std::fs::read_link(&latest).is_err() {
+            assert!(Instant::now() < deadline, "destination {i} never checkpointed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm = dst;
+    }
+    vm.kill();
+    // Each VM's checkpoints, once it no longer writes them.
+    for i in 0..=3 {
+        vmm_ok(&["verify", dir.path().join(format!("ck{i}/latest")).to_str().unwrap()]);
+    }
+}
+
 /// The destination's confirmation that it took over is lost: it runs the guest; the source,
 /// which cannot know, keeps it paused (never both running) and says so.
 #[test]
@@ -655,6 +716,11 @@ fn bad_migration_arguments_are_refused() {
         (&["receive", "--listen", "tcp:127.0.0.1:0"], 2, "--insecure"),
         (&["receive", "--listen", "nowhere"], 2, "--listen"),
         (&["receive", "--listen", &nowhere, "--net", "tap=vmmnotap0"], 2, "does not exist"),
+        (
+            &["receive", "--listen", &nowhere, "--checkpoint-dir", "/etc/hostname", "--checkpoint-every", "1s"],
+            2,
+            "not a directory",
+        ),
         (&["receive", "--listen", &format!("unix:{s}")], 1, "cannot listen"),
         (&["migrate", "--api-sock", &s, "--cancel"], 2, "no snapshot or migration"),
     ];

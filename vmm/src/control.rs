@@ -319,9 +319,18 @@ impl VmControl {
         self.start(Job::default())
     }
 
-    /// Registers a migration, or fails if a snapshot or a migration runs.
-    pub fn start_migration(&self) -> Result<Arc<Job>, Busy> {
-        self.start(Job::migration())
+    /// Registers a migration, or fails if a migration runs. A snapshot under way (a periodic
+    /// checkpoint, say) is waited for, up to `wait`.
+    pub fn start_migration(&self, wait: std::time::Duration) -> Result<Arc<Job>, Busy> {
+        let since = std::time::Instant::now();
+        loop {
+            match self.start(Job::migration()) {
+                Err(Busy(kind)) if kind != "migration" && since.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
     }
 
     fn start(&self, new: Job) -> Result<Arc<Job>, Busy> {

@@ -216,6 +216,8 @@ pub struct ReceiveArgs {
     pub disks: Vec<DiskConfig>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 #[derive(clap::Args)]

@@ -299,7 +299,7 @@ fn start_migration(
         copy_disks,
         connections,
     };
-    let job = control.start_migration().map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
+    let job = control.start_migration(opts.timeout).map_err(|e| (ErrorKind::Runtime, e.to_string()))?;
     Ok((job, opts))
 }
 

@@ -221,6 +221,9 @@ fn security_of(tls: &crate::TlsArgs) -> Option<Security> {
 
 /// `vmm receive`: waits for one migrated VM, takes it over from its source, and runs it.
 pub fn receive(args: ReceiveArgs) -> CmdResult {
+    // Checkpoints go on at the destination: their directory is checked and locked before
+    // anything is received.
+    let checkpoint = checkpoint_config(&args.checkpoint)?;
     if let Some(name) = &args.name {
         check_name(name)?;
     }
@@ -359,7 +362,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         paused: args.paused || keep_paused.get(),
         lazy: false,
         hot: Vec::new(),
-        checkpoint: None,
+        checkpoint,
         memory_file: None,
         stdin_input: true,
         refresh_agent,
