@@ -193,6 +193,11 @@ pub struct Manifest {
     pub vmm_version: String,
     pub vm: VmDescription,
     pub host_cpu: CpuIdentity,
+    /// The boot id of the host the snapshot was taken on (`/proc/sys/kernel/random/boot_id`): a
+    /// stream or migration resumed on that very host may wait for its source to let go of the
+    /// TAPs and disks they share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_boot: Option<String>,
     /// What the guest needs of the CPU (a migration's manifest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_cpu: Option<GuestCpu>,
@@ -321,6 +326,7 @@ pub(crate) mod tests {
                 vsock: None,
             },
             host_cpu: CpuIdentity::default(),
+            host_boot: None,
             guest_cpu: None,
             vcpus: vec![],
             devices: vec![],

@@ -834,6 +834,26 @@ fn disks_travel_with_copy_disks_while_the_guest_writes_them() {
     assert!(!partial.exists(), "a failed migration left {}", partial.display());
     disk_rounds(&mut vm, "the source after the failed --copy-disks migration");
 
+    // A destination disk another VM of this host (not the source) runs on: refused before the
+    // hand-over, never waited for; the guest runs on at the source.
+    let other = dir.path().join("other.img");
+    std::fs::File::create(&other).unwrap().set_len(DISK_BYTES).unwrap();
+    let holder = Vmm::testguest(
+        "workload=idle",
+        &["--mem", "64M", "--disk", other.to_str().unwrap(), "--name", "kz", "--api-sock", &sock(&dir, "kz")],
+    );
+    let listen = dir.path().join("z.sock");
+    let busy =
+        receive(&format!("unix:{}", listen.display()), "kb", &sock(&dir, "kb"), &["--disk", other.to_str().unwrap()]);
+    wait_path(&listen);
+    let (status, _, err) = migrate(&sock(&dir, "ks"), &format!("unix:{}", listen.display()), &[]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    let (status, _, derr) = busy.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{derr}");
+    disk_rounds(&mut vm, "the source after a destination disk held by another VM");
+    drop(holder);
+
     // To the destination's state directory.
     let listen = dir.path().join("a.sock");
     let mut dst = receive(&format!("unix:{}", listen.display()), "k1", &sock(&dir, "k1"), &[]);

@@ -419,12 +419,18 @@ pub fn migration_manifest(control: &VmControl, copied: &[(usize, u64)]) -> Manif
         vmm_version: env!("CARGO_PKG_VERSION").into(),
         vm: describe_vm(&control.config, copied, None),
         host_cpu: cpuid::host_cpu(),
+        host_boot: host_boot_id(),
         guest_cpu: Some(control.guest_cpu.clone()),
         vcpus: Vec::new(),
         devices: Vec::new(),
         state: StateDigest::default(),
         memory: memory::layout_of(&control.mem),
     }
+}
+
+/// This boot of this host (`/proc/sys/kernel/random/boot_id`), if the kernel says.
+pub fn host_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
 }
 
 /// The encoded machine state of a paused VM: VM-wide state first (interrupts the PIT delivers
@@ -683,6 +689,7 @@ pub fn snapshot(
             vmm_version: env!("CARGO_PKG_VERSION").into(),
             vm: describe_vm(&control.config, &copied, diff_disks),
             host_cpu: cpuid::host_cpu(),
+            host_boot: host_boot_id(),
             guest_cpu: None,
             vcpus: state
                 .vcpus

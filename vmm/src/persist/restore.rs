@@ -629,8 +629,9 @@ pub fn restore<T>(
     handover: impl FnOnce() -> Result<(), PersistError>,
     took_over: impl FnOnce(),
 ) -> Result<(Restored, T), PersistError> {
-    let streamed = !matches!(source, ResumeSource::Dir(_));
     let mut hot = Vec::new();
+    // A stream's or migration's source on this host, and what it ran on.
+    let mut source_here = None;
     // Disk files a failed migration created go with it.
     let mut created = Created::default();
     let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
@@ -648,6 +649,7 @@ pub fn restore<T>(
             let (streamed, mem, admitted) =
                 read_stream(&mut input, None, |m| Ok((admit(m, STREAM, opts, claim)?, Vec::new())))?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
+            source_here = on_this_host(&streamed.manifest);
             (state, mem, None, None, admitted)
         }
         ResumeSource::Migration(input) => {
@@ -660,6 +662,7 @@ pub fn restore<T>(
                 Ok((admitted, disks))
             })?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
+            source_here = on_this_host(&streamed.manifest);
             (state, mem, None, None, admitted)
         }
     };
@@ -667,10 +670,11 @@ pub fn restore<T>(
     let vm = machine::create_vm(&config)?;
     check_host_cpu(&vm, &state.vcpus[0])?;
     tracing::debug!("restore: VM created in {:?}", t.elapsed());
-    // Backends another VM of this host holds (the source of a stream or of a migration, which
-    // lets go of them once it stopped) are waited for after the hand-over.
+    // Backends the source of a stream or of a migration on this host holds (it lets go of them
+    // once it stopped) are waited for after the hand-over; ones any other VM holds refuse the
+    // VM now, while its source can keep it.
     let backends = match Backends::open(&config) {
-        Err(e) if streamed && Backends::in_use(&e) => None,
+        Err(e) if source_here.as_ref().is_some_and(|vm| held_by(vm, &e)) => None,
         other => Some(other?),
     };
     tracing::debug!("restore: backends opened at {:?}", t.elapsed());
@@ -716,6 +720,28 @@ pub fn restore<T>(
     }
     created.keep();
     Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
+}
+
+/// What the source of a stream or migration ran on, if it runs on this host (this boot of it).
+fn on_this_host(manifest: &Manifest) -> Option<snapshot::VmDescription> {
+    let here = super::host_boot_id()?;
+    (manifest.host_boot.as_deref() == Some(here.as_str())).then(|| manifest.vm.clone())
+}
+
+/// Whether `err` says a backend is in use that the VM described by `vm` runs on itself (the same
+/// TAP name, disk file or vsock socket).
+fn held_by(vm: &snapshot::VmDescription, err: &MachineError) -> bool {
+    let same_file = |a: &str, b: &str| {
+        a == b || matches!((Path::new(a).canonicalize(), Path::new(b).canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    match err {
+        MachineError::Tap(crate::devices::virtio::net::TapError::InUse(name)) => vm.nets.iter().any(|n| &n.tap == name),
+        MachineError::Disk(BlockError::InUse(path)) => vm.disks.iter().any(|d| same_file(&d.path, path)),
+        MachineError::Vsock(crate::devices::virtio::vsock::VsockError::InUse(uds)) => {
+            vm.vsock.as_ref().is_some_and(|v| same_file(&v.uds, uds))
+        }
+        _ => false,
+    }
 }
 
 /// A guest cannot move to a CPU of another vendor (its CPUID, MSRs and microcode-visible
