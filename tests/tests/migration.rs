@@ -642,6 +642,25 @@ fn a_stopped_source_makes_the_receiver_give_up_in_time() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert_progress(&mut vm, "the source after SIGCONT");
 
+    // A receiver told to stop (SIGTERM) while the VM arrives: it discards it and leaves neither
+    // its listening socket nor the VM's control socket behind; the source runs on.
+    let dst = receive(&format!("unix:{}", listen.display()), "s1", &sock(&dir, "s1"), &[]);
+    wait_path(&listen);
+    let src = sock(&dir, "s0");
+    let to = format!("unix:{}", listen.display());
+    let migration = std::thread::spawn(move || migrate(&src, &to, &["--bandwidth", "32M"]));
+    wait_copying(&sock(&dir, "s0"));
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(dst.pid() as i32, libc::SIGTERM) };
+    let (status, _, derr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{derr}");
+    assert!(derr.contains("interrupted"), "{derr}");
+    assert!(!Path::new(&sock(&dir, "s1")).exists(), "the receiver left the VM's control socket");
+    assert!(!listen.exists(), "the receiver left its listening socket");
+    let (status, _, err) = migration.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_progress(&mut vm, "the source after its receiver was stopped");
+
     let mut dst = receive(&format!("unix:{}", listen.display()), "s1", &sock(&dir, "s1"), &[]);
     wait_path(&listen);
     let (status, _, err) = migrate(&sock(&dir, "s0"), &format!("unix:{}", listen.display()), &[]);

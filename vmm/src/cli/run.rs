@@ -249,7 +249,8 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     };
     eprintln!("vmm: waiting for a VM on {shown}");
     let receiving = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    stop_receiving_on_signal(receiving.clone(), &endpoint)
+    let claimed_socket = Arc::new(std::sync::Mutex::new(None));
+    stop_receiving_on_signal(receiving.clone(), &endpoint, claimed_socket.clone())
         .map_err(|e| Failure::runtime(format!("cannot start threads: {e}")))?;
     // A peer that fails the TLS handshake (no certificate of the CA) or is no migration is turned
     // away and the next one awaited: it never got to send anything.
@@ -286,6 +287,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
             message: f.message,
             bad_input: f.code == super::EXIT_BAD_INPUT,
         })?;
+        *claimed_socket.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.clone());
         // `status` answers while the VM arrives.
         let status = vmm::api::protocol::Status {
             name: name.to_string(),
@@ -373,7 +375,11 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
 
 /// Ends a `vmm receive` on SIGINT, SIGTERM or SIGHUP while no VM runs yet (a partial one is
 /// discarded: its source keeps the guest); once the VM runs, the signal is the VM's to handle.
-fn stop_receiving_on_signal(receiving: Arc<std::sync::atomic::AtomicBool>, endpoint: &Endpoint) -> std::io::Result<()> {
+fn stop_receiving_on_signal(
+    receiving: Arc<std::sync::atomic::AtomicBool>,
+    endpoint: &Endpoint,
+    claimed_socket: Arc<std::sync::Mutex<Option<PathBuf>>>,
+) -> std::io::Result<()> {
     let listen = match endpoint {
         Endpoint::Unix(path) => Some(path.clone()),
         Endpoint::Tcp { .. } => None,
@@ -382,6 +388,10 @@ fn stop_receiving_on_signal(receiving: Arc<std::sync::atomic::AtomicBool>, endpo
         let Some(signal) = vmm::exit::wait_termination_signal() else { return };
         if receiving.load(std::sync::atomic::Ordering::SeqCst) {
             if let Some(path) = listen {
+                let _ = std::fs::remove_file(path);
+            }
+            // The control socket of a VM that was arriving goes with it.
+            if let Some(path) = claimed_socket.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = std::fs::remove_file(path);
             }
             eprintln!("vmm: interrupted (signal {signal}); no VM was received");
