@@ -429,6 +429,22 @@ fn a_migration_over_several_connections_moves_the_guest_and_fails_safely() {
         assert_progress(&mut vm, &format!("the source after {fault:?}"));
     }
 
+    // Cancelled mid-copy: the destination hears why on the first connection, whatever the
+    // others show as the source cuts them.
+    let listen = dir.path().join("cancel.sock");
+    let dst = receive(&format!("unix:{}", listen.display()), "c9", &sock(&dir, "c9"), &[]);
+    wait_path(&listen);
+    let (src, to) = (sock(&dir, "c0"), format!("unix:{}", listen.display()));
+    let migration = std::thread::spawn(move || migrate(&src, &to, &["--connections", "4", "--bandwidth", "32M"]));
+    wait_copying(&sock(&dir, "c0"));
+    vmm_ok(&["migrate", "--api-sock", &sock(&dir, "c0"), "--cancel"]);
+    let (status, _, err) = migration.join().unwrap();
+    assert_ne!(status.code(), Some(0), "{err}");
+    let (status, _, derr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{derr}");
+    assert!(derr.contains("cancel"), "the destination did not hear why: {derr}");
+    assert_progress(&mut vm, "the source after a cancel");
+
     let listen = dir.path().join("ok.sock");
     let mut dst = receive(&format!("unix:{}", listen.display()), "c1", &sock(&dir, "c1"), &[]);
     wait_path(&listen);
@@ -735,6 +751,7 @@ fn bad_migration_arguments_are_refused() {
         (&["receive", "--listen", "tcp:127.0.0.1:0"], 2, "--insecure"),
         (&["receive", "--listen", "nowhere"], 2, "--listen"),
         (&["receive", "--listen", &nowhere, "--net", "tap=vmmnotap0"], 2, "does not exist"),
+        (&["receive", "--listen", &nowhere, "--disk", "/nonexistent/dir/x.img"], 2, "no directory"),
         (
             &["receive", "--listen", &nowhere, "--checkpoint-dir", "/etc/hostname", "--checkpoint-every", "1s"],
             2,

@@ -44,6 +44,8 @@ pub struct VmConfig {
 pub enum ConfigError {
     #[error("invalid size '{0}': expected a number with an optional K, M or G suffix")]
     BadSize(String),
+    #[error("size '{0}' is too large")]
+    SizeTooLarge(String),
     #[error("--mem {0} is too small: at least 64 MiB is needed")]
     MemTooSmall(String),
     #[error("--mem {0} is too large: at most 1 TiB")]
@@ -76,14 +78,20 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
-    let value: u64 = num.parse().map_err(|_| bad())?;
+    let value: u64 = match num.parse() {
+        Ok(v) => v,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+            return Err(ConfigError::SizeTooLarge(text.to_string()))
+        }
+        Err(_) => return Err(bad()),
+    };
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => 20,
         "k" | "kb" | "kib" => 10,
         "g" | "gb" | "gib" => 30,
         _ => return Err(bad()),
     };
-    value.checked_mul(1 << shift).ok_or_else(bad)
+    value.checked_mul(1 << shift).ok_or_else(|| ConfigError::SizeTooLarge(text.to_string()))
 }
 
 /// Parses and checks the guest memory size.

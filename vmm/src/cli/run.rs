@@ -234,6 +234,17 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
         vmm::devices::virtio::net::tap::check_exists(&net.tap)
             .map_err(|e| Failure::bad_input(format!("--net: {e}")))?;
     }
+    // A disk file may be created (with --copy-disks at the source), never its directory.
+    for disk in &args.disks {
+        let parent = disk.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !disk.path.exists() && !parent.is_dir() {
+            return Err(Failure::bad_input(format!(
+                "--disk {}: there is no directory {}",
+                disk.path.display(),
+                parent.display()
+            )));
+        }
+    }
     let security = security_of(&args.tls);
     let transport_failure = |e: TransportError| {
         if e.is_bad_input() {

@@ -53,6 +53,17 @@ pub fn write_range<W: Write>(
     Ok(data)
 }
 
+/// Says why sending failed: a write the socket timeout ended means the destination stopped
+/// reading (the bare error would be "resource temporarily unavailable").
+pub fn describe(e: &StreamError) -> String {
+    match e {
+        StreamError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            "the destination took nothing for --timeout".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Splits ranges into pieces that do not cross a multiple of `piece` bytes.
 pub fn split_aligned(ranges: &[(u64, u64)], piece: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();

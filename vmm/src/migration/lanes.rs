@@ -209,25 +209,28 @@ fn run(
     while let Ok(command) = commands.recv() {
         let done = match command {
             Command::Send { addr, len } => frames::write_range(&mut writer, mem, &mut buf, addr, len as usize)
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e {
+                    frames::FramesError::Stream(e) => frames::describe(&e),
+                    e => e.to_string(),
+                })
                 .map(|data| {
                     counters.memory_bytes.fetch_add(data, Ordering::Relaxed);
                     len
                 }),
-            Command::Zero { addr, len } => writer.zero(addr, len).map(|()| len).map_err(|e| e.to_string()),
+            Command::Zero { addr, len } => writer.zero(addr, len).map(|()| len).map_err(|e| frames::describe(&e)),
             Command::Flush(answer) => {
                 let _ = answer.send(());
                 continue;
             }
             Command::End => {
                 if let Err(e) = writer.end() {
-                    fail(e.to_string());
+                    fail(frames::describe(&e));
                 }
                 counters.bytes.store(writer.bytes_written(), Ordering::Relaxed);
                 return;
             }
         };
-        let done = done.and_then(|len| writer.flush().map(|()| len).map_err(|e| e.to_string()));
+        let done = done.and_then(|len| writer.flush().map(|()| len).map_err(|e| frames::describe(&e)));
         counters.bytes.store(writer.bytes_written(), Ordering::Relaxed);
         match done {
             Ok(len) => {

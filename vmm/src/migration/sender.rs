@@ -148,7 +148,7 @@ struct Sender<'a> {
 }
 
 fn link(during: &'static str) -> impl Fn(StreamError) -> MigrateError {
-    move |e| MigrateError::Link { during, err: e.to_string() }
+    move |e| MigrateError::Link { during, err: frames::describe(&e) }
 }
 
 fn message_error(during: &'static str) -> impl Fn(MessageError) -> MigrateError {

@@ -243,9 +243,19 @@ impl LaneReaders {
                 .spawn(move || match streamed::read_lane(input, &what, &layout, |u| apply(&mem, u, &what)) {
                     Ok(pages) => Some(pages),
                     Err(e) => {
+                        // A lane cut short: its source went away or gave up, which the VM's
+                        // stream says itself (with the reason, if it gave one). Bad data on it
+                        // dooms the migration at once.
+                        let cut = matches!(
+                            &e,
+                            snapshot::Error::Stream { err, .. }
+                                if err.is_truncated() || matches!(err, snapshot::stream::StreamError::Io(_))
+                        );
                         if !stream_failed.load(Ordering::Acquire) {
                             failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e.into());
-                            stop_stream();
+                            if !cut {
+                                stop_stream();
+                            }
                         }
                         None
                     }
