@@ -16,6 +16,8 @@ use super::transport::{Connection, Listener, Pending, TransportError};
 const MAX_GREETING: usize = 64;
 /// How long one look at the listener waits before the arrivals are looked at.
 const POLL: Duration = Duration::from_millis(50);
+/// The same while peers are being greeted.
+const GREETING_POLL: Duration = Duration::from_millis(1);
 
 /// The connections of one incoming migration.
 pub struct Incoming {
@@ -54,6 +56,10 @@ pub fn accept_migration(
     let greeting = Arc::new(AtomicUsize::new(0));
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     loop {
+        // While peers are being greeted, their results are looked at often: a migration must
+        // not wait a whole poll for its hello to be taken in. (Read before the results are: a
+        // greeting counted as done has sent its result.)
+        let wait = if greeting.load(Ordering::Acquire) > 0 { GREETING_POLL } else { POLL };
         while let Ok(arrived) = rx.try_recv() {
             let g = match arrived {
                 Ok(g) => g,
@@ -89,7 +95,7 @@ pub fn accept_migration(
             }
             waiting
         });
-        let Some(pending) = listener.accept(POLL)? else { continue };
+        let Some(pending) = listener.accept(wait)? else { continue };
         if greeting.load(Ordering::Acquire) >= MAX_GREETING {
             refused(&format!("refused a connection from {}: too many peers connecting at once", pending.peer()));
             continue;
