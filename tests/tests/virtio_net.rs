@@ -12,10 +12,16 @@ const T: Duration = Duration::from_secs(60);
 const ECHO_PORT: u16 = 7;
 
 fn boot(dir: &TempDir, name: &str, tap: &str) -> (Vmm, String, String) {
+    boot_with(dir, name, tap, &[])
+}
+
+fn boot_with(dir: &TempDir, name: &str, tap: &str, extra: &[&str]) -> (Vmm, String, String) {
     let sock = dir.path().join(format!("{name}.sock")).display().to_string();
     let net = format!("tap={tap}");
     let cmdline = format!("workload=net net.ip={GUEST_IP}");
-    let mut vm = Vmm::testguest(&cmdline, &["--net", &net, "--name", name, "--api-sock", &sock]);
+    let mut args = vec!["--net", &net, "--name", name, "--api-sock", &sock];
+    args.extend_from_slice(extra);
+    let mut vm = Vmm::testguest(&cmdline, &args);
     let ready = vm.wait_for("testguest: net ready", T);
     let mac =
         ready.split_whitespace().find_map(|w| w.strip_prefix("mac=")).expect("mac= in the ready line").to_string();
@@ -124,10 +130,36 @@ fn resume_on_another_tap_is_announced() {
 fn udp_stream_survives_live_migration_to_another_tap_and_back() {
     netns::private_network(&["tap0", "tap1"]);
     let dir = TempDir::new("net-migrate");
-    let (vm, sock, mac) = boot(&dir, "net-mig-0", "tap0");
+    // A disk too, on shared storage: on this one host, each destination waits for its source
+    // to let go of it (and of the TAP, on the way back).
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let (vm, sock, mac) = boot_with(&dir, "net-mig-0", "tap0", &["--disk", disk.to_str().unwrap()]);
     let (client, handle) = SeqClient::start();
     client.wait_for(200, T, "before the migration");
     let mut source = (vm, sock);
+    // A TAP another process holds (not the source), while the disk is the source's: the
+    // destination refuses the VM before the hand-over (it waits only for what the source
+    // holds), and the guest answers on from the source.
+    netns::add_tap("tap2");
+    let held = hold_tap("tap2");
+    let listen = dir.path().join("busy.sock");
+    let listen_arg = format!("unix:{}", listen.display());
+    let busy_sock = dir.path().join("busy-vm.sock").display().to_string();
+    let busy = Vmm::spawn(&["receive", "--listen", &listen_arg, "--net", "tap=tap2", "--api-sock", &busy_sock]);
+    let deadline = Instant::now() + T;
+    while !listen.exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, _, err) = vmm_cmd(&["migrate", "--api-sock", &source.1, "--to", &listen_arg]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    let (status, _, derr) = busy.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{derr}");
+    let after = client.answered.load(Ordering::Relaxed);
+    client.wait_for(after + 100, T, "from the source after a refused migration");
+    drop(held);
     for (i, tap) in ["tap1", "tap0"].into_iter().enumerate() {
         let name = format!("net-mig-{}", i + 1);
         let dst_sock = dir.path().join(format!("{name}.sock")).display().to_string();
@@ -159,6 +191,22 @@ fn udp_stream_survives_live_migration_to_another_tap_and_back() {
     }
     client.finish(handle);
     source.0.kill();
+}
+
+/// Attaches this process to TAP `name` (TUNSETIFF), as another VM would: held until dropped.
+fn hold_tap(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").unwrap();
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call; `tun` is open.
+    let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
+    assert_eq!(ret, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    tun
 }
 
 fn refused(args: &[&str], expect: &str) {

@@ -246,6 +246,47 @@ impl Backends {
         Ok(Self { disks, nets, vsock })
     }
 
+    /// Opens every backend of the configuration, except that one `held` says is held by a VM
+    /// that will let go of it (the source of a migration on this host) does not stop the others
+    /// from being checked: None then (whatever was opened is let go again, to be opened once
+    /// the holder let go). Any other error is returned.
+    pub fn open_unless_held(
+        config: &VmConfig,
+        held: impl Fn(&MachineError) -> bool,
+    ) -> Result<Option<Self>, MachineError> {
+        let mut waiting = false;
+        let mut check = |e: MachineError| {
+            if held(&e) {
+                waiting = true;
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
+        let mut disks = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            match Block::open(&d.path, d.read_only, i) {
+                Ok(b) => disks.push(b),
+                Err(e) => check(e.into())?,
+            }
+        }
+        let mut nets = Vec::new();
+        for n in &config.nets {
+            match Tap::open(&n.tap) {
+                Ok(tap) => nets.push(Net::new(tap, n.mac)),
+                Err(e) => check(e.into())?,
+            }
+        }
+        let vsock = match config.vsock.as_ref().map(|v| Vsock::new(v.cid, &v.uds)).transpose() {
+            Ok(v) => v,
+            Err(e) => {
+                check(e.into())?;
+                None
+            }
+        };
+        Ok((!waiting).then_some(Self { disks, nets, vsock }))
+    }
+
     /// True for the error of a backend another VM holds (which may let go of it soon).
     pub fn in_use(err: &MachineError) -> bool {
         matches!(

@@ -190,7 +190,7 @@ impl Sender<'_> {
                 }
                 lane => self.lanes.send(lane, at, n, zero).map_err(|err| MigrateError::Link { during, err })?,
             }
-            self.pace();
+            self.pace()?;
         }
         Ok(())
     }
@@ -206,14 +206,16 @@ impl Sender<'_> {
         self.lanes.flush().map_err(|err| MigrateError::Link { during, err })
     }
 
-    /// Holds the sender back to the bandwidth limit.
-    fn pace(&self) {
+    /// Holds the sender back to the bandwidth limit (a cancel ends the wait).
+    fn pace(&self) -> Result<(), MigrateError> {
         if let Some(limit) = self.bandwidth {
             let due = Duration::from_secs_f64(self.bytes_written() as f64 / limit as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
+            while let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                self.job.progress.check().map_err(PersistError::from)?;
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
             }
         }
+        Ok(())
     }
 
     /// Sends every page of `dirty`; with a throttle, the guest is held paused while `throttle`%
@@ -329,8 +331,11 @@ pub fn migrate(
             // The guest is ours again: what was sent is unsaved still.
             control.layer_failed(&taken);
             sender.disks.give_back(control);
-            // A cancel cuts the connection: the broken link is its doing, not the reason.
+            // A cancel may have cut the connection: the broken link is its doing, not the reason.
+            // The destination hears why if the link still takes it.
             if job.progress.check().is_err() {
+                let _ = sender.writer.abandon("the migration was cancelled at the source");
+                sender.lanes.cut();
                 return Err(PersistError::from(snapshot::Error::Cancelled).into());
             }
             // A destination that refused the stream (a corrupt frame, say) said why before it
@@ -595,6 +600,9 @@ fn finish(
     Ok(report)
 }
 
+/// How long a cancelled sender gets to stop by itself before its connections are cut.
+const CANCEL_GRACE: Duration = Duration::from_millis(500);
+
 /// Cuts the connection when the job is cancelled.
 struct CancelWatch {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -609,7 +617,15 @@ impl CancelWatch {
         let _ = std::thread::Builder::new().name("migrate-cancel".into()).spawn(move || {
             while !flag.load(Ordering::Acquire) {
                 if job.progress.check().is_err() {
-                    sockets.iter().for_each(SocketHandle::cut);
+                    // The sender notices by itself between pieces and tells the destination
+                    // why; one blocked on a full socket is cut loose.
+                    let grace = Instant::now();
+                    while !flag.load(Ordering::Acquire) && grace.elapsed() < CANCEL_GRACE {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if !flag.load(Ordering::Acquire) {
+                        sockets.iter().for_each(SocketHandle::cut);
+                    }
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -683,9 +683,9 @@ pub fn restore<T>(
     // Backends the source of a stream or of a migration on this host holds (it lets go of them
     // once it stopped) are waited for after the hand-over; ones any other VM holds refuse the
     // VM now, while its source can keep it.
-    let backends = match Backends::open(&config) {
-        Err(e) if source_here.as_ref().is_some_and(|vm| held_by(vm, &e)) => None,
-        other => Some(other?),
+    let backends = match &source_here {
+        Some(vm) => Backends::open_unless_held(&config, |e| held_by(vm, e))?,
+        None => Some(Backends::open(&config)?),
     };
     tracing::debug!("restore: backends opened at {:?}", t.elapsed());
     handover()?;
