@@ -197,20 +197,14 @@ fn guest_agent_freezes_and_thaws_a_real_ext4() {
     assert_eq!(code, 0, "the disk is not clean after the guest unmounted it:\n{report}");
 }
 
-/// A TCP connection between the guest (virtio-net, Linux's driver) and the host outlives a
-/// snapshot, a SIGKILL of the VM and a resume on the same TAP: the guest's stream goes on with no
-/// byte lost, repeated or reordered (the guest checks every echo) on the very same connection
-/// (the host's server accepts only one).
-#[test]
-#[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
-fn tcp_stream_survives_snapshot_kill_resume() {
+/// A TCP echo server on the bridge (10.0.0.1:7000) for `vmm-tcp-stream`: one connection, echoed
+/// for ever; returns the count of bytes echoed. Call it from the test's thread: the server then
+/// runs in its network namespace.
+fn echo_server() -> std::sync::Arc<std::sync::atomic::AtomicU64> {
     use std::io::{Read, Write};
-    require_hardware_kvm();
-    tests::netns::private_network(&["tap0"]);
     let listener = std::net::TcpListener::bind("10.0.0.1:7000").expect("listen on the bridge");
     let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = echoed.clone();
-    // Spawned from the test's thread: in its network namespace. One connection, echoed forever.
     std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("the guest connects");
         let mut buf = [0u8; 4096];
@@ -221,6 +215,19 @@ fn tcp_stream_survives_snapshot_kill_resume() {
             counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
     });
+    echoed
+}
+
+/// A TCP connection between the guest (virtio-net, Linux's driver) and the host outlives a
+/// snapshot, a SIGKILL of the VM and a resume on the same TAP: the guest's stream goes on with no
+/// byte lost, repeated or reordered (the guest checks every echo) on the very same connection
+/// (the host's server accepts only one).
+#[test]
+#[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
+fn tcp_stream_survives_snapshot_kill_resume() {
+    require_hardware_kvm();
+    tests::netns::private_network(&["tap0"]);
+    let echoed = echo_server();
     let dir = TempDir::new("linux-tcp");
     let s = sock(&dir);
     let cmdline = &running("vmm-tcp-stream");
@@ -252,22 +259,9 @@ fn tcp_stream_survives_snapshot_kill_resume() {
 #[test]
 #[ignore = "needs a guest kernel that runs (hardware KVM or tests/nested.sh)"]
 fn tcp_stream_survives_live_migration_there_and_back() {
-    use std::io::{Read, Write};
     require_hardware_kvm();
     tests::netns::private_network(&["tap0", "tap1"]);
-    let listener = std::net::TcpListener::bind("10.0.0.1:7000").expect("listen on the bridge");
-    let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = echoed.clone();
-    std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().expect("the guest connects");
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = conn.read(&mut buf) {
-            if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
+    let echoed = echo_server();
     let dir = TempDir::new("linux-migrate");
     let sock_of = |name: &str| dir.path().join(format!("{name}.sock")).display().to_string();
     let cmdline = &running("vmm-tcp-stream");

@@ -238,12 +238,8 @@ impl Backends {
     /// Opens every backend of the configuration (before KVM is touched, so bad input is
     /// reported as such).
     pub fn open(config: &VmConfig) -> Result<Self, MachineError> {
-        let disks = config.disks.iter().enumerate().map(|(i, d)| Block::open(&d.path, d.read_only, i));
-        let disks = disks.collect::<Result<Vec<_>, _>>()?;
-        let nets = config.nets.iter().map(|n| Tap::open(&n.tap).map(|tap| Net::new(tap, n.mac)));
-        let nets = nets.collect::<Result<Vec<_>, _>>()?;
-        let vsock = config.vsock.as_ref().map(|v| Vsock::new(v.cid, &v.uds)).transpose()?;
-        Ok(Self { disks, nets, vsock })
+        let opened = Self::open_unless_held(config, |_| false)?;
+        Ok(opened.expect("no backend is waited for when none counts as held"))
     }
 
     /// Opens every backend of the configuration, except that one `held` says is held by a VM

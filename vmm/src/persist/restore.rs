@@ -430,16 +430,21 @@ fn create_copied_disks(
     Ok(files)
 }
 
-/// Refuses a snapshot whose guest was given CPU features this host cannot offer.
-fn check_host_cpu(vm: &crate::vstate::vm::Vm, saved: &VcpuState) -> Result<(), PersistError> {
-    let supported =
-        vm.kvm.get_supported_cpuid(256).map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
-    let missing = cpuid::missing_features(&saved.cpuid, supported.as_slice());
+/// The refusal of a guest given CPU features this host cannot offer (`missing`, as
+/// `cpuid::missing_features` names them), if any.
+fn lacking_features(missing: Vec<String>) -> Result<(), PersistError> {
     if missing.is_empty() {
         Ok(())
     } else {
         Err(PersistError::HostCpu(format!("the CPU lacks features the guest uses (CPUID {})", missing.join(", "))))
     }
+}
+
+/// Refuses a snapshot whose guest was given CPU features this host cannot offer.
+fn check_host_cpu(vm: &crate::vstate::vm::Vm, saved: &VcpuState) -> Result<(), PersistError> {
+    let supported =
+        vm.kvm.get_supported_cpuid(256).map_err(|err| VmError::Kvm { call: "KVM_GET_SUPPORTED_CPUID", err })?;
+    lacking_features(cpuid::missing_features(&saved.cpuid, supported.as_slice()))
 }
 
 /// Refuses disks that changed since the snapshot (unless told otherwise): those the snapshot
@@ -786,13 +791,7 @@ fn unsupported_cpu(
     supported: &[kvm_bindings::kvm_cpuid_entry2],
     saveable: &[u32],
 ) -> Result<(), PersistError> {
-    let missing = cpuid::missing_feature_words(&guest.feature_words, supported);
-    if !missing.is_empty() {
-        return Err(PersistError::HostCpu(format!(
-            "the CPU lacks features the guest uses (CPUID {})",
-            missing.join(", ")
-        )));
-    }
+    lacking_features(cpuid::missing_feature_words(&guest.feature_words, supported))?;
     let msrs: Vec<String> =
         guest.msrs.iter().filter(|m| !saveable.contains(m)).map(|m| format!("{m:#x}")).take(8).collect();
     if !msrs.is_empty() {
