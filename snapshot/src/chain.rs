@@ -173,6 +173,58 @@ impl Chain {
     }
 }
 
+/// Guest memory as a chain's newest layer holds it, read page by page from the layers' page
+/// files (`Chain::reader`).
+pub struct ChainReader<'a> {
+    chain: &'a Chain,
+    files: Vec<File>,
+    /// Per page (see `Chain::owners`): the newest layer that holds it, if any.
+    owners: Vec<Option<(u16, ExtentKind)>>,
+}
+
+impl Chain {
+    /// Opens every layer's page file for reading guest memory as the newest layer holds it.
+    pub fn reader(&self) -> Result<ChainReader<'_>> {
+        let files = self
+            .layers
+            .iter()
+            .map(|l| File::open(l.memory_path()).map_err(io_err(&l.memory_path())))
+            .collect::<Result<_>>()?;
+        Ok(ChainReader { chain: self, files, owners: self.owners() })
+    }
+}
+
+impl ChainReader<'_> {
+    /// Reads the guest memory at `guest_addr` into `buf`; both page aligned, and the range
+    /// inside one region of the layout. Each run of pages one layer gives is one read.
+    pub fn read(&self, guest_addr: u64, buf: &mut [u8]) -> Result<()> {
+        let layout = &self.chain.top().manifest.memory;
+        let page = layout.page_size as usize;
+        let first = page_index(layout, guest_addr);
+        let pages = buf.len() / page;
+        // Where page i comes from: a layer's file (the oldest's when no layer says), or zeros.
+        let source = |i: usize| match self.owners[first + i] {
+            Some((_, ExtentKind::Zero)) => None,
+            Some((layer, _)) => Some(layer as usize),
+            None => Some(0),
+        };
+        let mut i = 0;
+        while i < pages {
+            let from = source(i);
+            let end = (i + 1..pages).find(|&j| source(j) != from).unwrap_or(pages);
+            let piece = &mut buf[i * page..end * page];
+            match from {
+                Some(layer) => {
+                    read_memory(&self.chain.layers[layer], &self.files[layer], guest_addr + (i * page) as u64, piece)?
+                }
+                None => piece.fill(0),
+            }
+            i = end;
+        }
+        Ok(())
+    }
+}
+
 /// A run of pages one layer of a chain gives: data (read it from that layer's page file) or zeros.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Overlay {
@@ -416,6 +468,14 @@ mod tests {
             overlays,
             vec![page(4096, 2, ExtentKind::Data), page(8192, 1, ExtentKind::Zero), page(5 * 4096, 2, ExtentKind::Data)]
         );
+        // Read through the chain, whole or in runs that cross layers: the newest memory.
+        let reader = chain.reader().unwrap();
+        let mut read = vec![0xaau8; MEM];
+        reader.read(0, &mut read).unwrap();
+        assert!(read == mem, "the chain reads other than its newest layer's memory");
+        let mut piece = vec![0xaau8; 3 * 4096];
+        reader.read(4096, &mut piece).unwrap();
+        assert!(piece == mem[4096..4 * 4096]);
         let full = dir.path().join("full");
         merge(&chain, &full, false, &Progress::default()).unwrap();
         let merged = Snapshot::open(&full).unwrap();

@@ -51,6 +51,12 @@ struct Tracking {
     /// None until the first snapshot that started the tracking is durable.
     base: Option<DiffBase>,
     since: DirtyPages,
+    /// KVM's dirty log records into `since`.
+    logging: bool,
+    /// `since` lacks what was written before the log started: a VM resumed from `base` runs
+    /// without the log until it needs it (see `vstate::compare`), and its first diff compares
+    /// memory with `base` to find those pages (`find_unlogged_writes`).
+    unlogged: bool,
 }
 
 struct Inner {
@@ -65,8 +71,16 @@ struct Inner {
 impl Inner {
     /// KVM's dirty log is on for every memory slot.
     fn logging(&self) -> bool {
-        self.api_log.is_some() || self.tracking.is_some()
+        self.api_log.is_some() || self.tracking.as_ref().is_some_and(|t| t.logging)
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnloggedError {
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    #[error("the VM's last snapshot {dir} cannot be a diff's parent any more ({why}): take a full snapshot")]
+    BaseGone { dir: String, why: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,16 +389,53 @@ impl VmControl {
         self.ensure_tracking(&mut lock(&self.inner)).map(|_| ())
     }
 
-    /// Starts the record if none is kept; true if it starts now (it holds nothing yet).
+    /// Starts the record if none is kept, and KVM's log for it; true if the record starts now
+    /// (it holds nothing yet).
     fn ensure_tracking(&self, inner: &mut Inner) -> Result<bool, VmError> {
-        if inner.tracking.is_some() {
+        if inner.tracking.as_ref().is_some_and(|t| t.logging) {
             return Ok(false);
         }
         if !inner.logging() {
             self.vm.set_dirty_logging(&self.mem, true)?;
         }
-        inner.tracking = Some(Tracking::default());
-        Ok(true)
+        let tracking = inner.tracking.get_or_insert_with(Tracking::default);
+        let new = !tracking.unlogged;
+        tracking.logging = true;
+        Ok(new)
+    }
+
+    /// Completes the record of a VM resumed without KVM's dirty log: starts the log, then adds
+    /// the pages that differ from the snapshot it was resumed from (read once, while the guest
+    /// runs). A no-op when the record is complete. Needed before a diff.
+    pub fn find_unlogged_writes(&self) -> Result<(), UnloggedError> {
+        let base = {
+            let mut inner = lock(&self.inner);
+            self.ensure_tracking(&mut inner)?;
+            match inner.tracking.as_ref() {
+                Some(Tracking { unlogged: true, base: Some(base), .. }) => base.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let gone = |why: String| UnloggedError::BaseGone { dir: base.dir.display().to_string(), why };
+        let chain = snapshot::Chain::open(&base.dir).map_err(|e| gone(e.to_string()))?;
+        if chain.top().id != base.id {
+            return Err(gone("another snapshot replaced it".into()));
+        }
+        let start = std::time::Instant::now();
+        let written = crate::vstate::compare::pages_differing(&self.mem, self.memory_detached(), &chain)
+            .map_err(|e| gone(e.to_string()))?;
+        tracing::info!(
+            "{} pages differ from {} ({} ms to compare)",
+            written.count(),
+            base.dir.display(),
+            start.elapsed().as_millis()
+        );
+        let mut inner = lock(&self.inner);
+        if let Some(tracking) = inner.tracking.as_mut().filter(|t| t.unlogged && t.base.as_ref() == Some(&base)) {
+            tracking.since.add(&written);
+            tracking.unlogged = false;
+        }
+        Ok(())
     }
 
     /// Takes the pages written since the VM's last snapshot, or since the previous take, from the
@@ -404,10 +455,12 @@ impl VmControl {
         Ok(inner.tracking.as_ref().map(|t| t.since.count()))
     }
 
-    /// Later diffs are diffs of `base`, which the memory equaled when KVM's dirty log was started
-    /// (`Machine::start`, before the vCPUs ran): the log holds every page written since.
-    pub(crate) fn adopt_diff_base(&self, base: DiffBase) {
-        lock(&self.inner).tracking = Some(Tracking { base: Some(base), since: DirtyPages::default() });
+    /// Later diffs are diffs of `base`, which the memory equaled when the vCPUs started: with
+    /// `logged`, KVM's dirty log was on from then and holds every page written since; without,
+    /// the first diff finds them by comparison (`find_unlogged_writes`).
+    pub(crate) fn adopt_diff_base(&self, base: DiffBase, logged: bool) {
+        lock(&self.inner).tracking =
+            Some(Tracking { base: Some(base), since: DirtyPages::default(), logging: logged, unlogged: !logged });
     }
 
     /// The snapshot a diff taken now would be a diff of.
@@ -415,10 +468,12 @@ impl VmControl {
         lock(&self.inner).tracking.as_ref().and_then(|t| t.base.clone())
     }
 
-    /// The layer `begin_layer` started is durable at `base`: later diffs are diffs of it.
+    /// The layer `begin_layer` started is durable at `base`: later diffs are diffs of it. The
+    /// log was on from that pause (`begin_layer`), so the record is complete.
     pub fn layer_committed(&self, base: DiffBase) {
         if let Some(tracking) = lock(&self.inner).tracking.as_mut() {
             tracking.base = Some(base);
+            tracking.unlogged = false;
         }
     }
 

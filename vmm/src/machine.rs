@@ -317,7 +317,7 @@ impl Machine {
         let backends = Backends::open(&config)?;
         let vm = create_vm(&config)?;
         let mem = create_guest_memory(config.mem_bytes)?;
-        let (machine, virtio_devices) = Self::assemble(config, vm, mem, backends, None, false)?;
+        let (machine, virtio_devices) = Self::assemble(config, vm, mem, backends, None)?;
         let config = &machine.config;
         let mem = &machine.mem;
 
@@ -354,9 +354,8 @@ impl Machine {
         mem: GuestMemory,
         backends: Backends,
         saved_vm: Option<&VmState>,
-        log_dirty: bool,
     ) -> Result<(Self, Vec<MmioDeviceInfo>), MachineError> {
-        vm.register_memory(&mem, log_dirty)?;
+        vm.register_memory(&mem)?;
         vm.create_irqchip()?;
         if let Some(vm_state) = saved_vm {
             vm.restore_irqchips(vm_state)?;
@@ -428,9 +427,9 @@ impl Machine {
 
     /// Starts every vCPU (paused first, if asked) and the console; `stdin_input`: the host's
     /// stdin is the serial port's input (not when stdin carried a snapshot stream). `diff_base`:
-    /// the snapshot the memory equals (a resumed VM), which later diffs are diffs of: its memory
-    /// was registered with KVM's dirty log on (`assemble`), so what is written from the first
-    /// instruction on is recorded.
+    /// the snapshot the memory equals (a resumed VM), which later diffs are diffs of. It runs
+    /// without KVM's dirty log; its first diff finds what it wrote by comparison
+    /// (`VmControl::find_unlogged_writes`).
     pub fn start(
         self,
         paused: bool,
@@ -469,7 +468,7 @@ impl Machine {
         let mut control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
         control.guest_cpu = guest_cpu;
         if let Some(base) = diff_base {
-            control.adopt_diff_base(base);
+            control.adopt_diff_base(base, false);
         }
         Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
     }

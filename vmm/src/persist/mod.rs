@@ -25,7 +25,7 @@ use snapshot::{StateDigest, VcpuSummary, VmDescription};
 use crate::agent::{self, Agent, AgentError};
 use crate::arch::x86_64::cpuid;
 use crate::config::VmConfig;
-use crate::control::{DiffBase, VmControl};
+use crate::control::{DiffBase, UnloggedError, VmControl};
 use crate::devices::bus::lock;
 use crate::devices::virtio::disk_copy::{DiskCopier, CHUNK_BYTES};
 use crate::machine::MachineError;
@@ -574,6 +574,13 @@ pub fn snapshot(
         check_not_an_ancestor(control, dest)?;
     }
     let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
+    if parent.is_some() {
+        job.set_phase("finding the pages written since the resume");
+        control.find_unlogged_writes().map_err(|e| match e {
+            UnloggedError::Kvm(e) => PersistError::from(e),
+            UnloggedError::BaseGone { dir, why } => PersistError::DiffBaseGone { dir, why },
+        })?;
+    }
     let mut layer: Option<Layer> = None;
     if dest.is_some() && !opts.stop {
         control.start_tracking()?;

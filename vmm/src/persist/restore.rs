@@ -716,9 +716,7 @@ pub fn restore<T>(
         },
     };
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
-    // A VM resumed from a directory records what it writes from the start (later diffs are
-    // diffs of that snapshot).
-    let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm), diff_base.is_some())?;
+    let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm))?;
     machine.devices.restore(&state.devices)?;
     // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
     machine.vm.restore_clock(&state.vm)?;

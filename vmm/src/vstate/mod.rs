@@ -1,5 +1,6 @@
 //! KVM objects: guest memory and its dirty log, the VM (memory slots, irqchip, PIT) and the vCPUs.
 
+pub mod compare;
 pub mod dirty;
 pub mod load;
 pub mod memory;

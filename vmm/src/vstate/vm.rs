@@ -57,14 +57,10 @@ impl Vm {
         self.kvm.get_max_vcpus()
     }
 
-    /// Registers every guest memory region as a KVM memory slot, with KVM's dirty log on if
-    /// `log_dirty`: set at creation, it costs nothing; switched on later, KVM write-protects the
-    /// whole slot (milliseconds, which a snapshot would otherwise spend with the guest paused).
-    pub fn register_memory(&self, mem: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
-        if log_dirty {
-            dirty::clear_vmm_writes(mem);
-        }
-        self.set_slots(mem, if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    /// Registers every guest memory region as a KVM memory slot, without dirty log (see
+    /// `set_dirty_logging`).
+    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+        self.set_slots(mem, 0)
     }
 
     /// (Re)registers each region of `mem` as slot i with `flags`; changing only the flags of a
