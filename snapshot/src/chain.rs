@@ -173,13 +173,15 @@ impl Chain {
     }
 }
 
-/// Guest memory as a chain's newest layer holds it, read page by page from the layers' page
-/// files (`Chain::reader`).
+/// Guest memory as a chain's newest layer holds it, read from the layers' page files
+/// (`Chain::reader`), by guest address or by checksum chunk.
 pub struct ChainReader<'a> {
     chain: &'a Chain,
     files: Vec<File>,
     /// Per page (see `Chain::owners`): the newest layer that holds it, if any.
     owners: Vec<Option<(u16, ExtentKind)>>,
+    /// The layout's chunks (`MemoryLayout::chunks`).
+    chunks: Vec<(u64, u64, u64)>,
 }
 
 impl Chain {
@@ -190,7 +192,8 @@ impl Chain {
             .iter()
             .map(|l| File::open(l.memory_path()).map_err(io_err(&l.memory_path())))
             .collect::<Result<_>>()?;
-        Ok(ChainReader { chain: self, files, owners: self.owners() })
+        let chunks = self.top().manifest.memory.chunks().collect();
+        Ok(ChainReader { chain: self, files, owners: self.owners(), chunks })
     }
 }
 
@@ -220,6 +223,95 @@ impl ChainReader<'_> {
                 None => piece.fill(0),
             }
             i = end;
+        }
+        Ok(())
+    }
+
+    /// The chunks guest memory is read in: (guest address, page file offset, bytes), in the
+    /// order of every layer's `chunk_checksums`.
+    pub fn chunks(&self) -> &[(u64, u64, u64)] {
+        &self.chunks
+    }
+
+    /// Whether any page of chunk `chunk` holds data (else it is all zero).
+    pub fn chunk_has_data(&self, chunk: usize) -> bool {
+        let layout = &self.chain.top().manifest.memory;
+        let (guest_addr, _, len) = self.chunks[chunk];
+        let first = page_index(layout, guest_addr);
+        self.owners[first..first + (len / layout.page_size) as usize]
+            .iter()
+            .any(|o| !matches!(o, Some((_, ExtentKind::Zero))))
+    }
+
+    /// The one layer whose page file holds chunk `chunk` exactly as the chain gives it, and its
+    /// file: every page of the chunk is that layer's data, or (the oldest layer's) zero, which
+    /// its file holds as a hole. None when the chunk takes pages from several layers.
+    pub fn chunk_source(&self, chunk: usize) -> Option<(usize, &File)> {
+        let layout = &self.chain.top().manifest.memory;
+        let (guest_addr, _, len) = self.chunks[chunk];
+        let first = page_index(layout, guest_addr);
+        let owners = &self.owners[first..first + (len / layout.page_size) as usize];
+        let layer = owners.first()?.map_or(0, |(l, _)| l as usize);
+        owners
+            .iter()
+            .all(|o| match o {
+                Some((l, kind)) => *l as usize == layer && (layer == 0 || *kind == ExtentKind::Data),
+                None => layer == 0,
+            })
+            .then(|| (layer, &self.files[layer]))
+    }
+
+    /// Reads chunk `chunk` of guest memory into `buf` (at least the chunk's length). With
+    /// `verify`, every layer it takes pages from is checked first against its checksum of the
+    /// chunk, computed over what that layer gives (its data pages; zeros elsewhere): nothing
+    /// unchecked is returned.
+    pub fn read_chunk(&self, chunk: usize, buf: &mut [u8], verify: bool) -> Result<()> {
+        let layout = &self.chain.top().manifest.memory;
+        let (guest_addr, offset, len) = self.chunks[chunk];
+        let buf = &mut buf[..len as usize];
+        if !verify {
+            return self.read(guest_addr, buf);
+        }
+        let page = layout.page_size as usize;
+        let first = page_index(layout, guest_addr);
+        let owners = &self.owners[first..first + len as usize / page];
+        let mut layers: Vec<usize> = owners
+            .iter()
+            .map(|o| match o {
+                Some((l, _)) => *l as usize,
+                None => 0,
+            })
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        let mut layer_buf = vec![0u8; len as usize];
+        for l in layers {
+            let snap = &self.chain.layers[l];
+            // What the layer gives: its data pages; zeros where its map says zero or parent.
+            let kinds = snap.manifest.memory.kinds_of(guest_addr, len / layout.page_size);
+            if kinds.contains(&ExtentKind::Data) {
+                self.files[l].read_exact_at(&mut layer_buf, offset).map_err(io_err(&snap.memory_path()))?;
+                for (p, kind) in kinds.iter().enumerate() {
+                    if *kind != ExtentKind::Data {
+                        layer_buf[p * page..(p + 1) * page].fill(0);
+                    }
+                }
+            } else {
+                layer_buf.fill(0);
+            }
+            let want = snap.manifest.memory.chunk_checksums.get(chunk).copied();
+            if want != Some(crate::digest::checksum(&layer_buf)) {
+                return Err(Error::MemoryChecksum { chunk, guest_addr });
+            }
+            for (p, owner) in owners.iter().enumerate() {
+                if owner.map_or(0, |(o, _)| o as usize) == l {
+                    let bytes = &mut buf[p * page..(p + 1) * page];
+                    match owner {
+                        Some((_, ExtentKind::Zero)) => bytes.fill(0),
+                        _ => bytes.copy_from_slice(&layer_buf[p * page..(p + 1) * page]),
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -476,6 +568,26 @@ mod tests {
         let mut piece = vec![0xaau8; 3 * 4096];
         reader.read(4096, &mut piece).unwrap();
         assert!(piece == mem[4096..4 * 4096]);
+        // By chunk, checked against each layer's checksums or not: the same.
+        for verify in [false, true] {
+            let mut by_chunk = vec![0xaau8; MEM];
+            for (i, &(addr, _, len)) in reader.chunks().iter().enumerate() {
+                reader.read_chunk(i, &mut by_chunk[addr as usize..(addr + len) as usize], verify).unwrap();
+            }
+            assert!(by_chunk == mem, "chunks read (verify: {verify}) are not the newest memory");
+        }
+        assert!(reader.chunk_has_data(0) && !reader.chunk_has_data(1));
+        // Chunk 0 takes pages from all three layers; chunk 1 only from the base (zeros).
+        assert!(reader.chunk_source(0).is_none());
+        assert_eq!(reader.chunk_source(1).map(|(l, _)| l), Some(0));
+        // A byte of a layer's data changed: its chunk fails its check, and only with verify.
+        let f = std::fs::OpenOptions::new().write(true).open(d2.memory_path()).unwrap();
+        f.write_all_at(&[9], 5 * 4096 + 7).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        assert!(matches!(reader.read_chunk(0, &mut chunk, true), Err(Error::MemoryChecksum { chunk: 0, .. })));
+        reader.read_chunk(0, &mut chunk, false).unwrap();
+        assert_eq!(chunk[5 * 4096 + 7], 9);
+        f.write_all_at(&[5], 5 * 4096 + 7).unwrap();
         let full = dir.path().join("full");
         merge(&chain, &full, false, &Progress::default()).unwrap();
         let merged = Snapshot::open(&full).unwrap();

@@ -133,6 +133,19 @@ impl MemoryLayout {
         self.regions.iter().map(|r| r.size.div_ceil(self.chunk_size)).sum()
     }
 
+    /// The extent kind of each of `pages` pages from `guest_addr` (the extents tile the regions:
+    /// `validate`).
+    pub fn kinds_of(&self, guest_addr: u64, pages: u64) -> Vec<ExtentKind> {
+        let end = guest_addr + pages * self.page_size;
+        let from = self.extents.partition_point(|e| e.guest_addr + e.len <= guest_addr);
+        let mut out = Vec::with_capacity(pages as usize);
+        for e in self.extents[from..].iter().take_while(|e| e.guest_addr < end) {
+            let (start, stop) = (e.guest_addr.max(guest_addr), (e.guest_addr + e.len).min(end));
+            out.extend(std::iter::repeat_n(e.kind, ((stop - start) / self.page_size) as usize));
+        }
+        out
+    }
+
     /// Every chunk as (guest address, file offset, length), in checksum order.
     pub fn chunks(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
         self.regions.iter().flat_map(move |r| {

@@ -15,7 +15,7 @@ use crate::exit::{ExitReason, ExitSender};
 use crate::machine::Devices;
 use crate::persist::Job;
 use crate::vstate::dirty::DirtyPages;
-use crate::vstate::load::MemoryLoad;
+use crate::vstate::load::{LoadFailure, MemoryLoad};
 use crate::vstate::vcpu::{ControlError, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{Vm, VmError, VmState};
@@ -81,6 +81,8 @@ pub enum UnloggedError {
     Kvm(#[from] VmError),
     #[error("the VM's last snapshot {dir} cannot be a diff's parent any more ({why}): take a full snapshot")]
     BaseGone { dir: String, why: String },
+    #[error(transparent)]
+    Load(#[from] LoadFailure),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +140,7 @@ impl PausedVm<'_> {
     /// Guest memory as byte slices, valid while the machine stays paused, with where each page
     /// is (see `vstate::memory::page_kinds`).
     pub fn memory(&self) -> Vec<MemorySource<'_>> {
-        let kinds = crate::vstate::memory::page_kinds(&self.control.mem, self.control.memory_detached());
+        let kinds = crate::vstate::memory::page_kinds(&self.control.mem, self.control.memory_loaded());
         self.control
             .mem
             .iter()
@@ -150,8 +152,7 @@ impl PausedVm<'_> {
                 // that write guest memory (virtio) run only on vCPU threads, so nothing writes
                 // to the memory while the slices, tied to the guard's lifetime, exist.
                 let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
-                let backing = region.file_offset().map(|fo| (fo.file(), fo.start()));
-                MemorySource { guest_addr: region.start_addr().0, bytes, kinds, backing }
+                MemorySource { guest_addr: region.start_addr().0, bytes, kinds, backing: None }
             })
             .collect()
     }
@@ -416,13 +417,14 @@ impl VmControl {
                 _ => return Ok(()),
             }
         };
+        self.finish_memory_load()?;
         let gone = |why: String| UnloggedError::BaseGone { dir: base.dir.display().to_string(), why };
         let chain = snapshot::Chain::open(&base.dir).map_err(|e| gone(e.to_string()))?;
         if chain.top().id != base.id {
             return Err(gone("another snapshot replaced it".into()));
         }
         let start = std::time::Instant::now();
-        let written = crate::vstate::compare::pages_differing(&self.mem, self.memory_detached(), &chain)
+        let written = crate::vstate::compare::pages_differing(&self.mem, self.memory_loaded(), &chain)
             .map_err(|e| gone(e.to_string()))?;
         tracing::info!(
             "{} pages differ from {} ({} ms to compare)",
@@ -523,22 +525,19 @@ impl VmControl {
         Ok(())
     }
 
-    /// Whether the memory once mapped from a snapshot holds nothing of its file any more.
-    pub fn memory_detached(&self) -> bool {
-        self.memory_load.get().is_some_and(|l| l.is_independent())
+    /// Whether no load of memory from a snapshot is under way (`vstate::load`): every page of
+    /// guest memory is the VM's own.
+    pub fn memory_loaded(&self) -> bool {
+        self.memory_load.get().is_none_or(|l| l.is_independent())
     }
 
-    /// Brings the snapshot's memory in (`vstate::load`) and then, the guest paused for a moment,
-    /// detaches the VM from the file. Returns whether the VM is independent of it now.
-    pub fn load_memory(&self, load: &MemoryLoad) -> std::io::Result<bool> {
-        crate::vstate::load::populate(&self.mem, load)?;
-        let paused = self.pause_for().map_err(|e| std::io::Error::other(e.to_string()))?;
-        let detached = crate::vstate::load::detach_from_file(&self.mem)?;
-        if detached {
-            load.independent.store(true, Ordering::Release);
+    /// Brings in every page of a resumed VM's memory still in its snapshot, and waits for it:
+    /// what reads all of guest memory does it first, while the guest runs.
+    pub fn finish_memory_load(&self) -> Result<(), LoadFailure> {
+        match self.memory_load.get() {
+            Some(load) => load.finish(),
+            None => Ok(()),
         }
-        drop(paused);
-        Ok(detached)
     }
 
     /// A handle to end the VM from elsewhere (signals).

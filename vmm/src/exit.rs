@@ -17,6 +17,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The VM cannot go on: triple fault, KVM internal error, a failed KVM call.
     Fatal(String),
+    /// The snapshot a VM was resumed from proved damaged while its memory came in.
+    BadSnapshot(String),
 }
 
 impl ExitReason {
@@ -24,6 +26,7 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::Fatal(_) => 1,
+            ExitReason::BadSnapshot(_) => 2,
             _ => 0,
         }
     }

@@ -10,7 +10,6 @@ use vmm::console::RawTerminal;
 
 use std::sync::Arc;
 use vmm::persist::{self, ResumeOptions, ResumeSource};
-use vmm::vstate::load::MemoryLoad;
 use vmm::{ExitReason, Machine, VmConfig};
 
 use super::{CmdResult, Failure};
@@ -93,16 +92,8 @@ pub fn run(args: RunArgs) -> CmdResult {
              and unmodified Linux kernels do not get far"
         );
     }
-    let launch = Launch {
-        paused: false,
-        lazy: false,
-        hot: Vec::new(),
-        checkpoint,
-        memory_file: None,
-        stdin_input: true,
-        refresh_agent: None,
-        diff_base: None,
-    };
+    let launch =
+        Launch { paused: false, checkpoint, memory: None, stdin_input: true, refresh_agent: None, diff_base: None };
     serve(machine, listener, guard, launch)
 }
 
@@ -122,6 +113,7 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     let opts = ResumeOptions {
         name: args.name.clone(),
         verify: args.verify,
+        lazy: args.lazy,
         disk_changed_ok: args.disk_changed_ok,
         nets: args.nets.clone(),
         vsock: args.vsock.clone(),
@@ -168,10 +160,8 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
         paused: args.paused,
-        lazy: args.lazy,
-        hot: restored.hot,
         checkpoint,
-        memory_file: restored.memory_file,
+        memory: restored.memory,
         stdin_input: !from_stream,
         refresh_agent,
         diff_base: restored.diff_base,
@@ -284,6 +274,7 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let opts = ResumeOptions {
         name: args.name.clone(),
         verify: false,
+        lazy: false,
         disk_changed_ok: true,
         nets: args.nets.clone(),
         vsock: args.vsock.clone(),
@@ -373,10 +364,8 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {
         paused: args.paused || keep_paused.get(),
-        lazy: false,
-        hot: Vec::new(),
         checkpoint,
-        memory_file: None,
+        memory: None,
         stdin_input: true,
         refresh_agent,
         diff_base: None,
@@ -473,14 +462,10 @@ const AGENT_REFRESH_WITHIN: std::time::Duration = std::time::Duration::from_secs
 struct Launch {
     /// Stay paused until `vmm continue`.
     paused: bool,
-    /// Memory mapped from a snapshot loads only on first touch (no background loading).
-    lazy: bool,
-    /// Guest memory to load first.
-    hot: Vec<(u64, u64)>,
     /// Periodic checkpoints.
     checkpoint: Option<CheckpointConfig>,
-    /// The snapshot page file the memory is mapped from, watched while the VM runs.
-    memory_file: Option<persist::MemoryFile>,
+    /// A resumed VM's memory coming in from its snapshot, watched while it does.
+    memory: Option<persist::LoadingMemory>,
     /// stdin is the serial console's input.
     stdin_input: bool,
     /// A resumed VM's vsock socket: its agent thaws the guest and refreshes its clock and RNG.
@@ -495,21 +480,13 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
         .start(launch.paused, launch.stdin_input, launch.diff_base)
         .map_err(|e| Failure::runtime(e.to_string()))?;
     let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
-    let mut loader = None;
-    if let Some(file) = &launch.memory_file {
-        let snapshot = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let load = Arc::new(MemoryLoad::new(snapshot, launch.lazy, launch.hot));
-        let _ = running.control.memory_load.set(load.clone());
-        persist::watch_memory_file(file, running.control.exit_sender(), load.clone()).map_err(threads)?;
-        loader = (!launch.lazy).then_some(load);
+    if let Some(memory) = &launch.memory {
+        let _ = running.control.memory_load.set(memory.load.clone());
+        persist::watch_memory_load(memory, running.control.exit_sender()).map_err(threads)?;
     }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
-    // Started after: its first steps (finding the file's data) compete for the CPU.
-    if let Some(load) = loader {
-        persist::spawn_memory_loader(running.control.clone(), load).map_err(threads)?;
-    }
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(uds) = launch.refresh_agent {
         vmm::agent::refresh_after_resume(uds, AGENT_REFRESH_WITHIN);
@@ -526,9 +503,9 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let terminal = RawTerminal::enter();
     let mut reason = running.wait();
     // A guest whose memory file was overwritten dies of it: name that cause, not the crash.
-    let detached = running.control.memory_detached();
-    if let (ExitReason::Fatal(_), Some(file), false) = (&reason, &launch.memory_file, detached) {
-        if let Some(changed) = persist::memory_file_changed(file) {
+    let loaded = running.control.memory_loaded();
+    if let (ExitReason::Fatal(_), Some(memory), false) = (&reason, &launch.memory, loaded) {
+        if let Some(changed) = memory.files.iter().find_map(persist::memory_file_changed) {
             reason = ExitReason::Fatal(changed);
         }
     }
@@ -542,6 +519,7 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     }
     match reason {
         ExitReason::Fatal(msg) => Err(Failure::runtime(msg)),
+        ExitReason::BadSnapshot(msg) => Err(Failure::bad_input(msg)),
         ExitReason::Signal(sig) => {
             eprintln!("vmm: terminating on signal {sig}");
             Ok(0)

@@ -256,7 +256,7 @@ impl Sender<'_> {
 
     /// The first pass: every page (pages known never touched go as Zero frames at once).
     fn send_all(&mut self) -> Result<(), MigrateError> {
-        let kinds = memory::page_kinds(&self.control.mem, self.control.memory_detached());
+        let kinds = memory::page_kinds(&self.control.mem, self.control.memory_loaded());
         let regions: Vec<(u64, u64)> = self.control.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         for ((base, size), kinds) in regions.into_iter().zip(kinds) {
             let pages = size / PAGE_SIZE;
@@ -299,6 +299,8 @@ pub fn migrate(
     // Cancelling the job (Ctrl-C of `vmm migrate`, `vmm migrate --cancel`) cuts the connections,
     // so a sender blocked on a slow link notices at once.
     let _watch = CancelWatch::start(job, sockets);
+    // A resumed VM whose memory is still coming in: all of it is needed.
+    control.finish_memory_load().map_err(PersistError::from)?;
     control.start_tracking().map_err(PersistError::from)?;
     let disks = DiskSender::open(control, opts.copy_disks)?;
     let disk_total: u64 = disks.sizes().iter().map(|(_, size)| size).sum();

@@ -35,8 +35,8 @@ use crate::vstate::vcpu::ControlError;
 use crate::vstate::vm::VmError;
 
 pub use restore::{
-    inspect_stream, load_dir, memory_file_changed, restore, spawn_memory_loader, watch_memory_file, LaneInput,
-    MemoryFile, MigrationInput, Restored, ResumeOptions, ResumeSource, Stop,
+    inspect_stream, load_dir, memory_file_changed, restore, watch_memory_load, LaneInput, LoadingMemory, MemoryFile,
+    MigrationInput, Restored, ResumeOptions, ResumeSource, Stop,
 };
 pub use sink::{DirSink, Sink, StreamSink};
 pub use state::MachineState;
@@ -61,6 +61,8 @@ pub enum PersistError {
     HostCpu(String),
     #[error("cannot map snapshot memory: {0}")]
     MapMemory(String),
+    #[error(transparent)]
+    MemoryLoad(#[from] crate::vstate::load::LoadFailure),
     #[error("cannot flush disk {0}")]
     Disk(String),
     #[error("cannot make the working copy of a snapshot's disk at {0}")]
@@ -115,6 +117,7 @@ impl PersistError {
             | PersistError::BadRequest(_)
             | PersistError::Override(_) => true,
             PersistError::Quiesce(_) => false,
+            PersistError::MemoryLoad(e) => matches!(e, crate::vstate::load::LoadFailure::Snapshot { .. }),
             PersistError::Machine(e) => e.is_bad_input(),
             PersistError::Claim { bad_input, .. } => *bad_input,
             _ => false,
@@ -574,11 +577,17 @@ pub fn snapshot(
         check_not_an_ancestor(control, dest)?;
     }
     let parent = if opts.diff { Some(diff_parent(control, &opts, dest.as_deref())?) } else { None };
+    // A resumed VM whose memory is still coming in: all of it is needed.
+    if !control.memory_loaded() {
+        job.set_phase("loading memory");
+        control.finish_memory_load()?;
+    }
     if parent.is_some() {
         job.set_phase("finding the pages written since the resume");
         control.find_unlogged_writes().map_err(|e| match e {
             UnloggedError::Kvm(e) => PersistError::from(e),
             UnloggedError::BaseGone { dir, why } => PersistError::DiffBaseGone { dir, why },
+            UnloggedError::Load(e) => PersistError::from(e),
         })?;
     }
     let mut layer: Option<Layer> = None;
@@ -611,7 +620,7 @@ pub fn snapshot(
             Some(_) => control.unsaved_pages()?.map(|pages| pages * PAGE_SIZE * 5 / 4 + (64 << 20)),
             None => None,
         };
-        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem, control.memory_detached()), limit)
+        memory::staging_size(&control.mem, &memory::page_kinds(&control.mem, control.memory_loaded()), limit)
             .and_then(StagedMemory::with_capacity)
     };
     // Files for the copies of the writable disks (a directory sink keeps them), made before the

@@ -75,7 +75,7 @@ pub fn run(
 
 /// Writes every page that may hold data (pages known never touched are skipped).
 fn write_all(control: &VmControl, pre: &mut Precopy, job: &Job) -> Result<(), PersistError> {
-    let kinds = memory::page_kinds(&control.mem, control.memory_detached());
+    let kinds = memory::page_kinds(&control.mem, control.memory_loaded());
     let mut buf = vec![0u8; PIECE];
     for (region, kinds) in control.mem.iter().zip(kinds) {
         let base = region.start_addr().0;

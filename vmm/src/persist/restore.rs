@@ -6,10 +6,9 @@ use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use snapshot::chain::read_memory;
 use snapshot::streamed::{self, MemoryUpdate, PageMap, StreamedSnapshot};
-use snapshot::{Chain, ExtentKind, FileIdentity, MachineSections, Manifest, Snapshot};
-use vm_memory::{Bytes, FileOffset, GuestAddress};
+use snapshot::{Chain, FileIdentity, MachineSections, Manifest};
+use vm_memory::{Bytes, GuestAddress};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,10 +17,9 @@ use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
 use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
 use crate::control::DiffBase;
-use crate::control::VmControl;
 use crate::devices::virtio::block::BlockError;
 use crate::machine::{self, Backends, Machine, MachineError};
-use crate::vstate::load::MemoryLoad;
+use crate::vstate::load::{self, LoadFailure, MemoryLoad};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu_state::{self, VcpuState};
 use crate::vstate::vm::VmError;
@@ -62,8 +60,11 @@ pub struct MigrationInput {
 pub struct ResumeOptions {
     /// Name of the resumed VM (default: the snapshot's).
     pub name: Option<String>,
-    /// Check every memory checksum before starting (directories; a stream is always checked).
+    /// Check each chunk of memory against its checksum before the guest sees it (directories; a
+    /// stream is always checked).
     pub verify: bool,
+    /// Bring memory in from a directory only as the guest touches it (no background load).
+    pub lazy: bool,
     /// Resume even if a disk changed since the snapshot.
     pub disk_changed_ok: bool,
     /// TAP devices for the snapshot's network interfaces, in order, instead of their own (a MAC
@@ -80,14 +81,18 @@ pub struct Restored {
     pub machine: Machine,
     /// The snapshot directory the guest's memory now equals: a diff taken later is of it.
     pub diff_base: Option<DiffBase>,
-    /// Guest memory the guest wrote shortly before the snapshot: loaded first.
-    pub hot: Vec<(u64, u64)>,
-    /// The page file the guest's memory is mapped from (directories), which must not change
-    /// while the VM runs: vmm holds a shared lock on it, and watches it.
-    pub memory_file: Option<MemoryFile>,
+    /// Memory still coming in from a snapshot directory (`vstate::load`).
+    pub memory: Option<LoadingMemory>,
 }
 
-/// The page file of a resumed VM.
+/// A resumed VM's memory load, and the page files it reads, which must not change meanwhile:
+/// vmm holds a shared lock on each, and watches them.
+pub struct LoadingMemory {
+    pub load: Arc<MemoryLoad>,
+    pub files: Vec<MemoryFile>,
+}
+
+/// A page file of a resumed VM.
 pub struct MemoryFile {
     pub path: PathBuf,
     pub identity: FileIdentity,
@@ -135,58 +140,22 @@ pub fn inspect_stream(input: impl Read, what: &str) -> Result<StreamedSnapshot, 
     Ok(streamed)
 }
 
-/// Guest memory of a chain: the oldest layer's page file mapped (`map_memory`), with what each
-/// later layer changed read in over it.
-fn chain_memory(chain: &Chain) -> Result<(GuestMemory, MemoryFile), PersistError> {
-    let (mem, file) = map_memory(chain.base())?;
-    let files = chain.layers.iter().map(|l| File::open(l.memory_path()).map_err(|e| (l, e)));
-    let files: Vec<File> = files
-        .collect::<Result<_, _>>()
-        .map_err(|(l, e)| PersistError::MapMemory(format!("{}: {e}", l.memory_path().display())))?;
-    let mut buf = vec![0u8; 1 << 20];
-    for o in chain.overlays() {
-        let mut done = 0;
-        while done < o.len {
-            let n = (o.len - done).min(buf.len() as u64) as usize;
-            let addr = o.guest_addr + done;
-            let piece = &mut buf[..n];
-            match o.kind {
-                ExtentKind::Data => read_memory(&chain.layers[o.layer], &files[o.layer], addr, piece)?,
-                _ => piece.fill(0),
-            }
-            mem.write_slice(piece, GuestAddress(addr)).map_err(|e| PersistError::MapMemory(e.to_string()))?;
-            done += n as u64;
-        }
-    }
-    Ok((mem, file))
-}
-
-/// Maps the page file as guest memory, privately: pages load on first touch and guest writes
-/// never reach the snapshot.
-fn map_memory(snap: &Snapshot) -> Result<(GuestMemory, MemoryFile), PersistError> {
-    let path = snap.memory_path();
-    let map_err = |e: std::io::Error| PersistError::MapMemory(format!("{}: {e}", path.display()));
-    let lock = File::open(&path).map_err(map_err)?;
-    // Shared: any number of VMs may map one snapshot; a vmm that would write the file in place
-    // takes the lock exclusively, and so waits for them.
-    lock.try_lock_shared().map_err(|e| map_err(e.into()))?;
-    let identity = FileIdentity::of(&lock.metadata().map_err(map_err)?);
-    let mut regions = Vec::new();
-    for r in &snap.manifest.memory.regions {
-        let file = lock.try_clone().map_err(map_err)?;
-        let mapping = memory::GuestMapping::build(
-            Some(FileOffset::new(file, r.file_offset)),
-            r.size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| PersistError::MapMemory(e.to_string()))?;
-        let region = memory::GuestRegion::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| PersistError::MapMemory(format!("region at {:#x} overflows", r.guest_addr)))?;
-        regions.push(region);
-    }
-    let mem = GuestMemory::from_regions(regions).map_err(|e| PersistError::MapMemory(e.to_string()))?;
-    Ok((mem, MemoryFile { path, identity, lock }))
+/// Locks every layer's page file shared for as long as the VM loads memory from it: any number
+/// of VMs may load from one snapshot; a vmm that would write the file in place takes the lock
+/// exclusively, and so waits for them.
+fn lock_memory_files(chain: &Chain) -> Result<Vec<MemoryFile>, PersistError> {
+    chain
+        .layers
+        .iter()
+        .map(|layer| {
+            let path = layer.memory_path();
+            let map_err = |e: std::io::Error| PersistError::MapMemory(format!("{}: {e}", path.display()));
+            let lock = File::open(&path).map_err(map_err)?;
+            lock.try_lock_shared().map_err(|e| map_err(e.into()))?;
+            let identity = FileIdentity::of(&lock.metadata().map_err(map_err)?);
+            Ok(MemoryFile { path, identity, lock })
+        })
+        .collect()
 }
 
 /// Writes a memory update into guest memory.
@@ -644,21 +613,22 @@ pub fn restore<T>(
     handover: impl FnOnce() -> Result<(), PersistError>,
     took_over: impl FnOnce(),
 ) -> Result<(Restored, T), PersistError> {
-    let mut hot = Vec::new();
     // A stream's or migration's source on this host, and what it ran on.
     let mut source_here = None;
     // Disk files a failed migration created go with it.
     let mut created = Created::default();
-    let (state, mem, memory_file, diff_base, (config, claimed)) = match source {
+    let (state, mem, memory, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
-            let (chain, state) = load_dir(&dir, opts.verify)?;
+            let (chain, state) = load_dir(&dir, false)?;
             let top = chain.top();
             let admitted = admit(&top.manifest, &dir.display().to_string(), opts, claim)?;
             make_working_copies(&chain, &admitted.0, opts)?;
-            let (mem, file) = chain_memory(&chain)?;
+            let files = lock_memory_files(&chain)?;
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
-            hot = top.manifest.memory.hot.clone();
-            (state, mem, Some(file), Some(base), admitted)
+            let load = Arc::new(MemoryLoad::new(base.dir.clone(), opts.lazy, top.manifest.memory.hot.clone()));
+            let mem = memory::create_guest_memory(top.manifest.vm.mem_bytes).map_err(MachineError::from)?;
+            load::start(&mem, chain, opts.verify, load.clone())?;
+            (state, mem, Some(LoadingMemory { load, files }), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
             let (streamed, mem, admitted) =
@@ -732,7 +702,7 @@ pub fn restore<T>(
         tell();
     }
     created.keep();
-    Ok((Restored { machine, diff_base, hot, memory_file }, claimed))
+    Ok((Restored { machine, diff_base, memory }, claimed))
 }
 
 /// What the source of a stream or migration ran on, if it runs on this host (this boot of it).
@@ -801,11 +771,11 @@ fn unsupported_cpu(
     Ok(())
 }
 
-/// What changed in a resumed VM's page file since it was mapped, as the VM's cause of death.
+/// What changed in a resumed VM's page file since it was opened, as the VM's cause of death.
 pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
     let mut now = match std::fs::metadata(&file.path) {
         Ok(meta) => FileIdentity::of(&meta),
-        // Removed or renamed: the mapping keeps the file's content, nothing changed for the guest.
+        // Removed or renamed: the open file keeps its content, nothing changed for the guest.
         Err(_) => return None,
     };
     // Another file at the path (a newer snapshot moved there) is not a change of ours.
@@ -819,47 +789,36 @@ pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
     file.identity.changes(&now).map(|why| format!("memory file of snapshot {snapshot} changed while in use ({why})"))
 }
 
-/// Watches a resumed VM's page file and ends the VM, naming the cause, as soon as the file is
-/// changed in place (truncated, overwritten): the guest would otherwise read garbage or fault.
-/// Once the VM's memory is its own (`load`), it lets go of the file's lock and stops watching.
-pub fn watch_memory_file(
-    file: &MemoryFile,
-    exit: crate::exit::ExitSender,
-    load: Arc<MemoryLoad>,
-) -> std::io::Result<()> {
-    let file = MemoryFile { path: file.path.clone(), identity: file.identity, lock: file.lock.try_clone()? };
+/// Watches a resumed VM's memory load and ends the VM, naming the cause, as soon as it failed
+/// (a chunk failing its checksum, a read error) or a page file it reads is changed in place
+/// (truncated, overwritten): the guest would otherwise wait for that memory forever, or read
+/// garbage. Once the VM's memory is its own, it lets go of the files' locks and stops watching.
+pub fn watch_memory_load(memory: &LoadingMemory, exit: crate::exit::ExitSender) -> std::io::Result<()> {
+    let files = memory
+        .files
+        .iter()
+        .map(|f| Ok(MemoryFile { path: f.path.clone(), identity: f.identity, lock: f.lock.try_clone()? }))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let load = memory.load.clone();
     std::thread::Builder::new().name("memory-file".into()).spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(std::time::Duration::from_millis(50));
         if load.is_independent() {
-            // The lock is the open file's, shared by every descriptor of it: release it outright.
-            let _ = file.lock.unlock();
+            // Each lock is the open file's, shared by every descriptor of it: release it outright.
+            for f in &files {
+                let _ = f.lock.unlock();
+            }
             return;
         }
-        if let Some(why) = memory_file_changed(&file) {
+        match load.failure() {
+            Some(f @ LoadFailure::Snapshot { .. }) => {
+                return exit.send(crate::exit::ExitReason::BadSnapshot(f.to_string()))
+            }
+            Some(f) => return exit.send(crate::exit::ExitReason::Fatal(f.to_string())),
+            None => {}
+        }
+        if let Some(why) = files.iter().find_map(memory_file_changed) {
             exit.send(crate::exit::ExitReason::Fatal(why));
             return;
-        }
-    })?;
-    Ok(())
-}
-
-/// Brings a resumed VM's memory in from its snapshot in the background (`VmControl::load_memory`);
-/// on failure the VM goes on loading pages on first touch.
-pub fn spawn_memory_loader(control: Arc<VmControl>, load: Arc<MemoryLoad>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("memory-load".into()).spawn(move || {
-        let start = std::time::Instant::now();
-        match control.load_memory(&load) {
-            Ok(true) => tracing::debug!(
-                "memory loaded ({} MiB) in {:?}: the VM no longer depends on {}",
-                load.loaded_bytes.load(std::sync::atomic::Ordering::Relaxed) >> 20,
-                start.elapsed(),
-                load.snapshot.display()
-            ),
-            Ok(false) => load.lazy.store(true, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => {
-                tracing::warn!("memory is loaded on first touch: background loading stopped: {e}");
-                load.lazy.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
         }
     })?;
     Ok(())

@@ -22,12 +22,12 @@ pub enum CompareError {
 const BATCH_PAGES: usize = 256;
 
 /// The pages whose content in `mem` differs from the newest layer of `chain`, which must
-/// describe this memory's layout. Pages still in the backing file or known zero (`page_kinds`)
-/// are the snapshot's own and are not read. Run with the guest running only once the dirty log
-/// is on: a page written during the comparison may be missed here, but not by the log.
-pub fn pages_differing(mem: &GuestMemory, detached: bool, chain: &Chain) -> Result<DirtyPages, CompareError> {
+/// describe this memory's layout. Pages never touched (`page_kinds`; known only once `loaded`)
+/// are zero in both and are not read. Run with the guest running only once the dirty log is
+/// on: a page written during the comparison may be missed here, but not by the log.
+pub fn pages_differing(mem: &GuestMemory, loaded: bool, chain: &Chain) -> Result<DirtyPages, CompareError> {
     let reader = chain.reader()?;
-    let kinds = page_kinds(mem, detached);
+    let kinds = page_kinds(mem, loaded);
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE as usize];
     let mut out = DirtyPages::default();
     for (region, kinds) in mem.iter().zip(&kinds) {

@@ -1,37 +1,56 @@
-//! Bringing a resumed VM's memory in from its snapshot ahead of the guest. A VM resumed from a
-//! directory maps the snapshot's page file privately, so the guest runs at once and each page
-//! loads on its first touch; but each first touch is a fault, and a guest that goes back to work
-//! on all its memory runs slowly for seconds. The loader copies the file's data into the VM from
-//! a background thread, 2 MiB at a time (`MADV_POPULATE_WRITE`: a private copy of each page, as a
-//! guest write would make), while the guest runs. Then, with the guest paused for a moment, what
-//! is still the file's (its holes, never touched) is replaced by anonymous zero memory: from
-//! then on the VM no longer depends on the snapshot's files.
+//! Bringing a resumed VM's memory in from its snapshot while the guest runs.
+//!
+//! The VM runs at once on anonymous memory registered with a userfaultfd (`uffd`): the first
+//! touch of a page not brought in yet (by a vCPU, or by the VMM) waits in the kernel while the
+//! loader thread brings in the whole chunk that holds it (1 MiB, the unit of the snapshot's
+//! checksums: one fault for 256 pages, where a page-by-page load took a fault each). Meanwhile,
+//! unless the load is lazy, the loader brings in every other chunk with data, those the guest
+//! wrote last before the snapshot first, so the guest rarely waits at all. With `verify`, each
+//! chunk is checked against the snapshot's checksums before the guest sees any of it. Once every
+//! chunk with data is in, the memory is unregistered: plain anonymous memory, which no longer
+//! depends on the snapshot's files (`MemoryLoad::independent`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::{data_pages, file_page_kinds, GuestMemory, PAGE};
-use snapshot::PageKind;
+use super::memory::GuestMemory;
+use super::uffd::Userfault;
+use snapshot::Chain;
 
-/// Granularity: small enough to interleave with the guest's own faults.
-const CHUNK: usize = 2 << 20;
+/// How often a lazy loader, with no fault to serve, looks whether it was asked to finish.
+const IDLE_POLL_MS: i32 = 20;
 
 /// How far a resumed VM's memory is from being its own.
 #[derive(Debug)]
 pub struct MemoryLoad {
-    /// The snapshot directory the memory is mapped from.
+    /// The snapshot directory the memory comes from.
     pub snapshot: PathBuf,
-    /// Bytes of file data to bring in, and brought in so far.
+    /// Bytes of data to bring in, and brought in so far.
     pub total_bytes: AtomicU64,
     pub loaded_bytes: AtomicU64,
     /// Every page is the VM's own now: the snapshot's files may change or go.
     pub independent: AtomicBool,
-    /// No loader runs (`vmm resume --lazy`, or it stopped on an error): pages load on first touch.
+    /// Chunks come in only as they are touched (`vmm resume --lazy`), until `finish`.
     pub lazy: AtomicBool,
     /// Guest memory to load first, `(guest address, bytes)` runs (`MemoryLayout::hot`).
     pub hot: Vec<(u64, u64)>,
+    /// Why the loader stopped (a read error, a chunk failing its checksum): the guest cannot
+    /// go on, and the VM ends with this.
+    failure: Mutex<Option<LoadFailure>>,
+    done: Condvar,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LoadFailure {
+    /// The snapshot's memory is damaged (a checksum) or unreadable as a snapshot's.
+    #[error("memory of snapshot {dir}: {reason}; the VM was stopped before it used that memory")]
+    Snapshot { dir: String, reason: String },
+    /// The host failed (a read error, an ioctl).
+    #[error("cannot load the memory of snapshot {dir}: {reason}")]
+    Host { dir: String, reason: String },
 }
 
 impl MemoryLoad {
@@ -43,85 +62,279 @@ impl MemoryLoad {
             loaded_bytes: AtomicU64::new(0),
             independent: AtomicBool::new(false),
             lazy: AtomicBool::new(lazy),
+            failure: Mutex::new(None),
+            done: Condvar::new(),
         }
     }
 
     pub fn is_independent(&self) -> bool {
         self.independent.load(Ordering::Acquire)
     }
-}
 
-/// Copies the data of every region mapped from a file into the VM (see the module doc), the
-/// guest's recently written memory (`load.hot`) first, counting progress in `load`. Returns the
-/// bytes brought in, or the first error (the rest then loads on first touch).
-pub fn populate(mem: &GuestMemory, load: &MemoryLoad) -> std::io::Result<u64> {
-    let mut plan = Vec::new();
-    for region in mem.iter() {
-        let Some(fo) = region.file_offset() else { continue };
-        let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
-        let guest = region.start_addr().0;
-        let data = data_pages(fo.file(), fo.start(), len / PAGE).ok_or_else(std::io::Error::last_os_error)?;
-        for (i, chunk) in data.chunks(CHUNK / PAGE).enumerate() {
-            if chunk.contains(&true) {
-                let off = i * CHUNK;
-                let n = CHUNK.min(len - off);
-                let at = guest + off as u64;
-                let hot = load.hot.iter().any(|&(a, l)| a < at + n as u64 && at < a + l);
-                plan.push((!hot, addr + off, n));
+    pub fn failure(&self) -> Option<LoadFailure> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Has every chunk brought in now (a lazy load too), and waits until it is: what reads all
+    /// of guest memory (a snapshot, a migration) needs it.
+    pub fn finish(&self) -> Result<(), LoadFailure> {
+        self.lazy.store(false, Ordering::Release);
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(f) = failure.as_ref() {
+                return Err(f.clone());
             }
+            if self.is_independent() {
+                return Ok(());
+            }
+            failure = self.done.wait(failure).unwrap_or_else(|e| e.into_inner());
         }
     }
-    // Hot chunks first, each group in address order (a stable sort on the flag alone).
-    plan.sort_by_key(|&(cold, _, _)| cold);
-    let plan: Vec<(usize, usize)> = plan.into_iter().map(|(_, start, n)| (start, n)).collect();
-    load.total_bytes.store(plan.iter().map(|(_, n)| *n as u64).sum(), Ordering::Relaxed);
-    let mut bytes = 0;
-    for (start, n) in plan {
-        // SAFETY: [start, start + n) lies inside a region's mapping, which `mem` keeps alive.
-        // Populating (Linux 5.14+) faults pages in writable, as a write would (a private copy of
-        // the file's page), with the content they already have (the file's, or the guest's own if
-        // it wrote them first): guest-visible memory does not change.
-        unsafe { rustix::mm::madvise(start as *mut libc::c_void, n, rustix::mm::Advice::LinuxPopulateWrite) }?;
-        bytes += n as u64;
-        load.loaded_bytes.fetch_add(n as u64, Ordering::Relaxed);
+
+    fn ended(&self, failure: Option<LoadFailure>) {
+        let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(f) => *slot = Some(f),
+            None => self.independent.store(true, Ordering::Release),
+        }
+        self.done.notify_all();
     }
-    Ok(bytes)
 }
 
-/// Replaces what is still the file's in every file-backed region by anonymous memory: the
-/// untouched holes (zero) become anonymous zero pages, never allocated. Returns false, changing
-/// nothing more, if a page still holds file data not brought in (the loader did not finish).
-/// The guest must be paused: a page it wrote between the check and the remap would be lost.
-pub fn detach_from_file(mem: &GuestMemory) -> std::io::Result<bool> {
-    for region in mem.iter() {
-        let Some(fo) = region.file_offset() else { continue };
-        let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
-        let kinds = file_page_kinds(addr, len, fo.file(), fo.start()).ok_or_else(std::io::Error::last_os_error)?;
-        if kinds.contains(&PageKind::InFile) {
-            return Ok(false);
+/// One chunk of guest memory: where it is mapped, and whether the snapshot has data in it.
+struct Chunk {
+    host: usize,
+    len: usize,
+    guest: u64,
+    file_offset: u64,
+    data: bool,
+}
+
+/// The layers' page files, each mapped read-only as a whole when first needed.
+#[derive(Default)]
+struct FileMaps(Vec<Option<(usize, usize)>>);
+
+impl FileMaps {
+    /// The address `file` (layer `layer`'s page file) is mapped at.
+    fn get(&mut self, layer: usize, file: &std::fs::File) -> std::io::Result<usize> {
+        if self.0.len() <= layer {
+            self.0.resize(layer + 1, None);
         }
-        let mut p = 0;
-        while p < kinds.len() {
-            if kinds[p] != PageKind::Zero {
-                p += 1;
+        if let Some((addr, _)) = self.0[layer] {
+            return Ok(addr);
+        }
+        let len = file.metadata()?.len() as usize;
+        // SAFETY: a new read-only shared mapping of the file, placed by the kernel; only the
+        // kernel reads it (`Userfault::copy_from`), and it is unmapped on drop.
+        let addr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        self.0[layer] = Some((addr as usize, len.max(1)));
+        Ok(addr as usize)
+    }
+}
+
+impl Drop for FileMaps {
+    fn drop(&mut self) {
+        for &(addr, len) in self.0.iter().flatten() {
+            // SAFETY: a mapping made by `get`, used by nothing after this.
+            let _ = unsafe { rustix::mm::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
+/// Registers every region of `mem` (fresh anonymous memory, untouched) with a userfaultfd and
+/// starts the loader thread, which from now on serves every first touch. Where no userfaultfd
+/// can be had (an unprivileged user, see `Userfault::new`), loads all of it now instead.
+pub fn start(mem: &GuestMemory, chain: Chain, verify: bool, load: Arc<MemoryLoad>) -> Result<(), LoadFailure> {
+    let registered = Userfault::new().and_then(|uffd| {
+        for region in mem.iter() {
+            uffd.register(region.as_ptr() as usize, region.len() as usize)?;
+        }
+        Ok(uffd)
+    });
+    let uffd = match registered {
+        Ok(uffd) => uffd,
+        Err(e) => {
+            // Closing the userfaultfd (dropped with the error) ends any registration.
+            tracing::warn!("memory is loaded before the VM runs: no userfaultfd ({e})");
+            let result = load_now(mem, &chain, verify, &load);
+            load.ended(result.clone().err());
+            return result;
+        }
+    };
+    let regions: Vec<(usize, usize)> = mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
+    let mem = mem.clone();
+    let dir = load_dir_name(&load);
+    std::thread::Builder::new()
+        .name("memory-load".into())
+        .spawn(move || {
+            let dir = load.snapshot.display().to_string();
+            let start = std::time::Instant::now();
+            let result = run(&mem, &chain, &uffd, verify, &load).and_then(|()| {
+                for &(start, len) in &regions {
+                    uffd.unregister(start, len).map_err(|e| host(&dir, e))?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => {
+                    tracing::debug!(
+                        "memory loaded ({} MiB) in {} ms: the VM no longer depends on {dir}",
+                        load.loaded_bytes.load(Ordering::Relaxed) >> 20,
+                        start.elapsed().as_millis()
+                    );
+                    load.ended(None);
+                }
+                Err(f) => {
+                    load.ended(Some(f.clone()));
+                    // Whoever waits for a page goes on waiting (closing the userfaultfd would let it
+                    // run on zeros) until the VM ends of this failure (`persist::watch_memory_load`).
+                    // If the process is still there, its main thread waits for that memory itself
+                    // (while the machine is being restored): end it from here.
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    eprintln!("vmm: {f}");
+                    std::process::exit(if matches!(f, LoadFailure::Snapshot { .. }) { 2 } else { 1 });
+                }
+            }
+        })
+        .map_err(|e| host(&dir, e))?;
+    Ok(())
+}
+
+fn load_dir_name(load: &MemoryLoad) -> String {
+    load.snapshot.display().to_string()
+}
+
+/// Reads every chunk with data into `mem` at once.
+fn load_now(mem: &GuestMemory, chain: &Chain, verify: bool, load: &MemoryLoad) -> Result<(), LoadFailure> {
+    use vm_memory::Bytes;
+    let dir = load_dir_name(load);
+    let reader = chain.reader().map_err(|e| host(&dir, e))?;
+    let mut buf = vec![0u8; reader.chunks().iter().map(|c| c.2 as usize).max().unwrap_or(0)];
+    for (i, &(guest, _, len)) in reader.chunks().iter().enumerate() {
+        if reader.chunk_has_data(i) {
+            reader.read_chunk(i, &mut buf, verify).map_err(|e| read_failure(&dir, e))?;
+            mem.write_slice(&buf[..len as usize], GuestAddress(guest)).map_err(|e| host(&dir, e))?;
+            load.loaded_bytes.fetch_add(len, Ordering::Relaxed);
+        } else if verify {
+            reader.read_chunk(i, &mut buf, true).map_err(|e| read_failure(&dir, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_failure(dir: &str, e: snapshot::Error) -> LoadFailure {
+    match e {
+        snapshot::Error::Io { .. } => host(dir, e),
+        e => LoadFailure::Snapshot { dir: dir.into(), reason: e.to_string() },
+    }
+}
+
+fn host(dir: &str, e: impl std::fmt::Display) -> LoadFailure {
+    LoadFailure::Host { dir: dir.into(), reason: e.to_string() }
+}
+
+/// Serves faults and loads chunks until every chunk with data is in.
+fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &MemoryLoad) -> Result<(), LoadFailure> {
+    let dir = load.snapshot.display().to_string();
+    let reader = chain.reader().map_err(|e| host(&dir, e))?;
+    let mut chunks = Vec::new();
+    for (i, &(guest, file_offset, len)) in reader.chunks().iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(GuestAddress(guest))
+            .map_err(|e| LoadFailure::Snapshot { dir: dir.clone(), reason: format!("chunk {i}: {e}") })?;
+        chunks.push(Chunk {
+            host: host_addr as usize,
+            len: len as usize,
+            guest,
+            file_offset,
+            data: reader.chunk_has_data(i),
+        });
+    }
+    // What must come in before the memory is the VM's own: every chunk with data, and with
+    // `verify` every other chunk too (checked to be zero, then left to fault in as zero).
+    let needed = |c: &Chunk| c.data || verify;
+    // The guest's recently written chunks first, then the others, each group in address order.
+    let hot = |c: &Chunk| load.hot.iter().any(|&(a, l)| a < c.guest + c.len as u64 && c.guest < a + l);
+    let mut plan: Vec<usize> = (0..chunks.len()).filter(|&i| needed(&chunks[i])).collect();
+    plan.sort_by_key(|&i| !hot(&chunks[i]));
+    let data_bytes = chunks.iter().filter(|c| c.data).map(|c| c.len as u64).sum();
+    load.total_bytes.store(data_bytes, Ordering::Relaxed);
+    let mut left = plan.len();
+    let mut loaded = vec![false; chunks.len()];
+    let mut buf = vec![0u8; reader.chunks().iter().map(|c| c.2 as usize).max().unwrap_or(0)];
+    let mut next = 0;
+    let mut maps = FileMaps::default();
+    // Brings chunk `i`'s data in (or checks a zero chunk): the guest's pages of it are then
+    // there, except a zero chunk's, which a fault maps as zero (`zeropage`).
+    let mut bring = |i: usize, loaded: &mut Vec<bool>, left: &mut usize| -> Result<(), LoadFailure> {
+        let c = &chunks[i];
+        if c.data {
+            match reader.chunk_source(i).filter(|_| !verify) {
+                // One copy, from the page cache straight into the guest's page.
+                Some((layer, file)) => {
+                    let src = maps.get(layer, file).map_err(|e| host(&dir, e))? + c.file_offset as usize;
+                    // SAFETY: the chunk lies inside the file (the layout was validated against the
+                    // page file's size when the snapshot was opened), which is mapped whole.
+                    unsafe { uffd.copy_from(src as *const u8, c.len, c.host) }.map_err(|e| host(&dir, e))?;
+                }
+                None => {
+                    reader.read_chunk(i, &mut buf, verify).map_err(|e| read_failure(&dir, e))?;
+                    uffd.copy(&buf[..c.len], c.host).map_err(|e| host(&dir, e))?;
+                }
+            }
+            load.loaded_bytes.fetch_add(c.len as u64, Ordering::Relaxed);
+        } else if verify {
+            reader.read_chunk(i, &mut buf, true).map_err(|e| read_failure(&dir, e))?;
+        }
+        loaded[i] = true;
+        if needed(c) {
+            *left -= 1;
+        }
+        Ok(())
+    };
+    let chunk_of = |addr: usize| {
+        let i = chunks.partition_point(|c| c.host + c.len <= addr);
+        (i < chunks.len() && chunks[i].host <= addr).then_some(i)
+    };
+    while left > 0 {
+        while let Some(addr) = uffd.next_fault().map_err(|e| host(&dir, e))? {
+            let Some(i) = chunk_of(addr) else {
+                uffd.wake(addr, 4096).map_err(|e| host(&dir, e))?;
                 continue;
+            };
+            let was = loaded[i];
+            if !was {
+                bring(i, &mut loaded, &mut left)?;
             }
-            let end = (p..kinds.len()).find(|&q| kinds[q] != PageKind::Zero).unwrap_or(kinds.len());
-            // SAFETY: the range lies inside the region's mapping (which `mem` keeps alive) and
-            // holds only pages the process never mapped (not present, a hole of the file: zero),
-            // so replacing it by fresh anonymous memory, also zero, changes nothing the guest can
-            // see; the vCPUs are paused, so none is written meanwhile. KVM drops its own view of
-            // the range through its MMU notifier and faults the new pages in on the next access.
-            unsafe {
-                rustix::mm::mmap_anonymous(
-                    (addr + p * PAGE) as *mut libc::c_void,
-                    (end - p) * PAGE,
-                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                    rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED | rustix::mm::MapFlags::NORESERVE,
-                )
-            }?;
-            p = end;
+            if !chunks[i].data {
+                uffd.zeropage(chunks[i].host, chunks[i].len).map_err(|e| host(&dir, e))?;
+            } else if was {
+                // Brought in since the fault was raised: the toucher only needs waking.
+                uffd.wake(addr, 4096).map_err(|e| host(&dir, e))?;
+            }
+        }
+        if left == 0 {
+            break;
+        }
+        if load.lazy.load(Ordering::Acquire) {
+            uffd.wait(IDLE_POLL_MS).map_err(|e| host(&dir, e))?;
+            continue;
+        }
+        while next < plan.len() && loaded[plan[next]] {
+            next += 1;
+        }
+        if let Some(&i) = plan.get(next) {
+            bring(i, &mut loaded, &mut left)?;
         }
     }
-    Ok(true)
+    Ok(())
 }

@@ -73,23 +73,14 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
 }
 
 /// For each region, where each page's content is, when that can be known without touching the
-/// page (see `PageKind`). Anonymous memory: a page mincore(2) does not report resident was never
-/// touched, so it is zero (not when the host swaps: a swapped-out page is not resident either).
-/// Memory mapped privately from a snapshot: a page /proc/self/pagemap does not report present is
-/// still the file's, and zero where the file has a hole. None: unknown, read every page.
-/// `detached`: the regions mapped from a snapshot hold nothing of its file any more
-/// (`load::detach_from_file`): they are read as anonymous memory.
-pub fn page_kinds(mem: &GuestMemory, detached: bool) -> Vec<Option<Vec<PageKind>>> {
-    let swap = host_swaps();
+/// page (see `PageKind`): a page mincore(2) does not report resident was never touched, so it is
+/// zero (not when the host swaps: a swapped-out page is not resident either). None: unknown,
+/// read every page. `loaded`: no load from a snapshot is under way (`vstate::load`); while one
+/// is, a page not resident yet may be the snapshot's, and reading it brings it in.
+pub fn page_kinds(mem: &GuestMemory, loaded: bool) -> Vec<Option<Vec<PageKind>>> {
+    let known = loaded && !host_swaps();
     mem.iter()
-        .map(|region| {
-            let (addr, len) = (region.as_ptr() as usize, region.len() as usize);
-            match region.file_offset() {
-                Some(fo) if !detached => file_page_kinds(addr, len, fo.file(), fo.start()),
-                _ if swap => None,
-                _ => anonymous_page_kinds(addr, len),
-            }
-        })
+        .map(|region| known.then(|| anonymous_page_kinds(region.as_ptr() as usize, region.len() as usize)).flatten())
         .collect()
 }
 
@@ -102,56 +93,6 @@ fn anonymous_page_kinds(addr: usize, len: usize) -> Option<Vec<PageKind>> {
 }
 
 pub(crate) const PAGE: usize = 4096;
-const PAGEMAP_PRESENT: u64 = 1 << 63;
-const PAGEMAP_SWAPPED: u64 = 1 << 62;
-
-pub(crate) fn file_page_kinds(addr: usize, len: usize, file: &std::fs::File, offset: u64) -> Option<Vec<PageKind>> {
-    let pages = len.div_ceil(PAGE);
-    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
-    let mut raw = vec![0u8; pages * 8];
-    std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut raw, (addr / PAGE * 8) as u64).ok()?;
-    let data = data_pages(file, offset, pages)?;
-    let kinds = raw
-        .chunks_exact(8)
-        .zip(data)
-        .map(|(entry, has_data)| {
-            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
-            if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
-                PageKind::Mapped
-            } else if has_data {
-                PageKind::InFile
-            } else {
-                PageKind::Zero
-            }
-        })
-        .collect();
-    Some(kinds)
-}
-
-/// For each of `pages` pages of `file` from `offset`, whether it holds data (not a hole).
-pub(crate) fn data_pages(file: &std::fs::File, offset: u64, pages: usize) -> Option<Vec<bool>> {
-    use rustix::fs::{seek, SeekFrom};
-    let end = offset + (pages * PAGE) as u64;
-    let mut map = vec![false; pages];
-    let mut pos = offset;
-    while pos < end {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(data) => data,
-            // No data after `pos`. Anything else: do not guess.
-            Err(e) if e == rustix::io::Errno::NXIO => return Some(map),
-            Err(_) => return None,
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(file, SeekFrom::Hole(data)).ok()?.min(end);
-        let first = ((data - offset) / PAGE as u64) as usize;
-        let last = (hole - offset).div_ceil(PAGE as u64) as usize;
-        map[first..last.min(pages)].iter_mut().for_each(|b| *b = true);
-        pos = hole;
-    }
-    Some(map)
-}
 
 fn meminfo_kib(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

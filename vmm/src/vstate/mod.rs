@@ -4,6 +4,7 @@ pub mod compare;
 pub mod dirty;
 pub mod load;
 pub mod memory;
+pub mod uffd;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;
