@@ -291,16 +291,18 @@ pub struct ResumeArgs {
     /// Stay paused until `vmm continue`.
     #[arg(long)]
     pub paused: bool,
-    /// Check every memory checksum before resuming (a stream is always checked).
+    /// Check each chunk of memory against its checksum as it is brought in, before the guest
+    /// sees it; a damaged one ends the VM (exit status 2). A stream is always checked.
     #[arg(long)]
     pub verify: bool,
     /// Resume even if a disk changed since the snapshot was taken (the guest then sees a disk
     /// that does not match what it remembers of it).
     #[arg(long)]
     pub disk_changed_ok: bool,
-    /// Load memory only as the guest touches it, page by page. By default vmm also brings it in
-    /// from a background thread as soon as the guest runs (the guest is at full speed sooner),
-    /// after which the VM no longer depends on the snapshot's files (`vmm status` says so).
+    /// Bring memory in only as the guest touches it, a 1 MiB chunk at a time. By default vmm also
+    /// brings it in from a background thread as soon as the guest runs (the guest is at full
+    /// speed sooner), after which the VM no longer depends on the snapshot's files (`vmm status`
+    /// says so).
     #[arg(long)]
     pub lazy: bool,
     /// Attach the snapshot's network interfaces, in order, to these TAP devices instead of the

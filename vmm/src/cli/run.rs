@@ -487,6 +487,9 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
+    if let Some(memory) = &launch.memory {
+        memory.load.begin();
+    }
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(uds) = launch.refresh_agent {
         vmm::agent::refresh_after_resume(uds, AGENT_REFRESH_WITHIN);

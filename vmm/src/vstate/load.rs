@@ -20,8 +20,8 @@ use super::memory::GuestMemory;
 use super::uffd::Userfault;
 use snapshot::Chain;
 
-/// How often a lazy loader, with no fault to serve, looks whether it was asked to finish.
-const IDLE_POLL_MS: i32 = 20;
+/// How often a loader with no fault to serve and no leave to load ahead looks again.
+const IDLE_POLL_MS: i32 = 5;
 
 /// How far a resumed VM's memory is from being its own.
 #[derive(Debug)]
@@ -35,6 +35,9 @@ pub struct MemoryLoad {
     pub independent: AtomicBool,
     /// Chunks come in only as they are touched (`vmm resume --lazy`), until `finish`.
     pub lazy: AtomicBool,
+    /// The background load may begin (`begin`): not while the machine is being built, whose
+    /// KVM calls would wait for the loader's hold on the address space.
+    begun: AtomicBool,
     /// Guest memory to load first, `(guest address, bytes)` runs (`MemoryLayout::hot`).
     pub hot: Vec<(u64, u64)>,
     /// Why the loader stopped (a read error, a chunk failing its checksum): the guest cannot
@@ -62,9 +65,15 @@ impl MemoryLoad {
             loaded_bytes: AtomicU64::new(0),
             independent: AtomicBool::new(false),
             lazy: AtomicBool::new(lazy),
+            begun: AtomicBool::new(false),
             failure: Mutex::new(None),
             done: Condvar::new(),
         }
+    }
+
+    /// Lets the background load begin (once the VM runs).
+    pub fn begin(&self) {
+        self.begun.store(true, Ordering::Release);
     }
 
     pub fn is_independent(&self) -> bool {
@@ -79,6 +88,7 @@ impl MemoryLoad {
     /// of guest memory (a snapshot, a migration) needs it.
     pub fn finish(&self) -> Result<(), LoadFailure> {
         self.lazy.store(false, Ordering::Release);
+        self.begin();
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(f) = failure.as_ref() {
@@ -325,7 +335,7 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
         if left == 0 {
             break;
         }
-        if load.lazy.load(Ordering::Acquire) {
+        if load.lazy.load(Ordering::Acquire) || !load.begun.load(Ordering::Acquire) {
             uffd.wait(IDLE_POLL_MS).map_err(|e| host(&dir, e))?;
             continue;
         }
