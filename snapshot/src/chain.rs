@@ -178,8 +178,10 @@ impl Chain {
 pub struct ChainReader<'a> {
     chain: &'a Chain,
     files: Vec<File>,
-    /// Per page (see `Chain::owners`): the newest layer that holds it, if any.
-    owners: Vec<Option<(u16, ExtentKind)>>,
+    /// Per page (see `Chain::owners`): the newest layer that holds it, if any. Not built for a
+    /// chain of one layer (a full snapshot: every page is its own, per its extents), where it
+    /// would cost milliseconds before the first read.
+    owners: Option<Vec<Option<(u16, ExtentKind)>>>,
     /// The layout's chunks (`MemoryLayout::chunks`).
     chunks: Vec<(u64, u64, u64)>,
 }
@@ -193,20 +195,35 @@ impl Chain {
             .map(|l| File::open(l.memory_path()).map_err(io_err(&l.memory_path())))
             .collect::<Result<_>>()?;
         let chunks = self.top().manifest.memory.chunks().collect();
-        Ok(ChainReader { chain: self, files, owners: self.owners(), chunks })
+        let owners = (self.layers.len() > 1).then(|| self.owners());
+        Ok(ChainReader { chain: self, files, owners, chunks })
     }
 }
 
 impl ChainReader<'_> {
+    /// The owners (see `owners`) of `pages` pages from `guest_addr`.
+    fn owners_of(&self, guest_addr: u64, pages: usize) -> std::borrow::Cow<'_, [Option<(u16, ExtentKind)>]> {
+        let layout = &self.chain.top().manifest.memory;
+        match &self.owners {
+            Some(owners) => {
+                let first = page_index(layout, guest_addr);
+                std::borrow::Cow::Borrowed(&owners[first..first + pages])
+            }
+            None => std::borrow::Cow::Owned(
+                layout.kinds_of(guest_addr, pages as u64).into_iter().map(|k| Some((0, k))).collect(),
+            ),
+        }
+    }
+
     /// Reads the guest memory at `guest_addr` into `buf`; both page aligned, and the range
     /// inside one region of the layout. Each run of pages one layer gives is one read.
     pub fn read(&self, guest_addr: u64, buf: &mut [u8]) -> Result<()> {
         let layout = &self.chain.top().manifest.memory;
         let page = layout.page_size as usize;
-        let first = page_index(layout, guest_addr);
         let pages = buf.len() / page;
+        let owners = self.owners_of(guest_addr, pages);
         // Where page i comes from: a layer's file (the oldest's when no layer says), or zeros.
-        let source = |i: usize| match self.owners[first + i] {
+        let source = |i: usize| match owners[i] {
             Some((_, ExtentKind::Zero)) => None,
             Some((layer, _)) => Some(layer as usize),
             None => Some(0),
@@ -237,8 +254,7 @@ impl ChainReader<'_> {
     pub fn chunk_has_data(&self, chunk: usize) -> bool {
         let layout = &self.chain.top().manifest.memory;
         let (guest_addr, _, len) = self.chunks[chunk];
-        let first = page_index(layout, guest_addr);
-        self.owners[first..first + (len / layout.page_size) as usize]
+        self.owners_of(guest_addr, (len / layout.page_size) as usize)
             .iter()
             .any(|o| !matches!(o, Some((_, ExtentKind::Zero))))
     }
@@ -249,8 +265,10 @@ impl ChainReader<'_> {
     pub fn chunk_source(&self, chunk: usize) -> Option<(usize, &File)> {
         let layout = &self.chain.top().manifest.memory;
         let (guest_addr, _, len) = self.chunks[chunk];
-        let first = page_index(layout, guest_addr);
-        let owners = &self.owners[first..first + (len / layout.page_size) as usize];
+        if self.owners.is_none() {
+            return Some((0, &self.files[0]));
+        }
+        let owners = self.owners_of(guest_addr, (len / layout.page_size) as usize);
         let layer = owners.first()?.map_or(0, |(l, _)| l as usize);
         owners
             .iter()
@@ -273,8 +291,7 @@ impl ChainReader<'_> {
             return self.read(guest_addr, buf);
         }
         let page = layout.page_size as usize;
-        let first = page_index(layout, guest_addr);
-        let owners = &self.owners[first..first + len as usize / page];
+        let owners = self.owners_of(guest_addr, len as usize / page);
         let mut layers: Vec<usize> = owners
             .iter()
             .map(|o| match o {
@@ -543,6 +560,18 @@ mod tests {
         let mut mem = vec![0u8; MEM];
         mem[..4096 * 3].fill(1);
         let base = write(&dir.path().join("base"), &mem, None, &[]);
+        // A chain of one layer reads the same, whole, by chunk, checked or not.
+        let alone = Chain::open(&base.dir).unwrap();
+        let reader = alone.reader().unwrap();
+        for verify in [false, true] {
+            let mut read = vec![0xaau8; MEM];
+            for (i, &(addr, _, len)) in reader.chunks().iter().enumerate() {
+                reader.read_chunk(i, &mut read[addr as usize..(addr + len) as usize], verify).unwrap();
+                assert_eq!(reader.chunk_source(i).map(|(l, _)| l), Some(0));
+            }
+            assert!(read == mem);
+        }
+        assert!(reader.chunk_has_data(0) && !reader.chunk_has_data(1));
         // Layer 1 rewrites page 1 and zeroes page 2; layer 2 rewrites page 1 again and page 5.
         mem[4096..8192].fill(2);
         mem[8192..12288].fill(0);
