@@ -405,3 +405,50 @@ fn crash_while_snapshotting_leaves_a_valid_snapshot() {
     vmm_ok(&["verify", &snap_s]);
     vm.kill();
 }
+
+/// Without a userfaultfd (an unprivileged user, while `vm.unprivileged_userfaultfd` is 0, as on
+/// a stock Debian host), a resumed VM's memory is read whole before it runs, vmm says so, and the
+/// guest goes on checking its memory. Run as `nobody`, in a mount namespace whose /dev offers
+/// /dev/kvm to anyone.
+#[test]
+fn without_userfaultfd_memory_is_read_before_the_vm_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    assert_eq!(sysctl.trim(), "0", "this test needs vm.unprivileged_userfaultfd = 0 (the default)");
+    let dir = TempDir::new("nouffd");
+    let (vm, _) = boot(&dir, "nouffd");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "nouffd"), "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    // Everything nobody needs: the directory, the snapshot, and a copy of vmm outside /root.
+    let vmm = dir.path().join("vmm");
+    std::fs::copy(tests::vmm_bin(), &vmm).unwrap();
+    let open = |p: &Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    open(dir.path(), 0o777);
+    open(&vmm, 0o755);
+    open(&snap, 0o755);
+    for entry in std::fs::read_dir(&snap).unwrap() {
+        open(&entry.unwrap().path(), 0o644);
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /dev && mknod -m 666 /dev/kvm c 10 232 && mknod -m 666 /dev/null c 1 3 && \
+         XDG_STATE_HOME={d} exec timeout 4 setpriv --reuid=65534 --regid=65534 --clear-groups \
+         {vmm} resume {snap} --name nouffd --api-sock {d}/n.sock",
+        d = dir.path().display(),
+        vmm = vmm.display(),
+        snap = snap.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stderr.contains("memory is loaded before the VM runs: no userfaultfd"), "{stderr}");
+    assert!(stderr.contains("running"), "{stderr}");
+    let ticks: Vec<&str> = stdout.lines().filter(|l| l.contains("testguest: tick")).collect();
+    assert!(ticks.len() >= 3, "the guest did not go on: {stdout}\n{stderr}");
+    assert!(!stdout.lines().any(tests::is_guest_failure), "{stdout}");
+    let (first, last) = (tick(ticks[0]), tick(ticks[ticks.len() - 1]));
+    assert!((0..VCPUS as usize).all(|c| last.1[c] > first.1[c]), "{} -> {}", ticks[0], ticks[ticks.len() - 1]);
+}
