@@ -444,7 +444,7 @@ fn without_userfaultfd_memory_is_read_before_the_vm_runs() {
         .output()
         .expect("unshare (util-linux) runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(stderr.contains("memory is loaded before the VM runs: no userfaultfd"), "{stderr}");
+    assert!(stderr.contains("memory was read whole before the VM ran: no userfaultfd"), "{stderr}");
     assert!(stderr.contains("running"), "{stderr}");
     let ticks: Vec<&str> = stdout.lines().filter(|l| l.contains("testguest: tick")).collect();
     assert!(ticks.len() >= 3, "the guest did not go on: {stdout}\n{stderr}");

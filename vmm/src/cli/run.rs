@@ -156,6 +156,9 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
     };
     let (restored, (listener, guard)) =
         persist::restore(source, &opts, claim, || Ok(()), || {}).map_err(persist_failure)?;
+    if let Some(why) = restored.memory.as_ref().and_then(|m| m.read_whole.as_ref()) {
+        eprintln!("vmm: memory was read whole before the VM ran: no userfaultfd ({why})");
+    }
 
     let refresh_agent = restored.machine.config.vsock.as_ref().map(|v| v.uds.clone());
     let launch = Launch {

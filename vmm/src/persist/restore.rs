@@ -90,6 +90,8 @@ pub struct Restored {
 pub struct LoadingMemory {
     pub load: Arc<MemoryLoad>,
     pub files: Vec<MemoryFile>,
+    /// Why the memory was read whole before the VM could run (no userfaultfd), if it was.
+    pub read_whole: Option<std::io::Error>,
 }
 
 /// A page file of a resumed VM.
@@ -627,8 +629,8 @@ pub fn restore<T>(
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
             let load = Arc::new(MemoryLoad::new(base.dir.clone(), opts.lazy, top.manifest.memory.hot.clone()));
             let mem = memory::create_guest_memory(top.manifest.vm.mem_bytes).map_err(MachineError::from)?;
-            load::start(&mem, chain, opts.verify, load.clone())?;
-            (state, mem, Some(LoadingMemory { load, files }), Some(base), admitted)
+            let read_whole = load::start(&mem, chain, opts.verify, load.clone())?;
+            (state, mem, Some(LoadingMemory { load, files, read_whole }), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
             let (streamed, mem, admitted) =

@@ -162,8 +162,14 @@ impl Drop for FileMaps {
 
 /// Registers every region of `mem` (fresh anonymous memory, untouched) with a userfaultfd and
 /// starts the loader thread, which from now on serves every first touch. Where no userfaultfd
-/// can be had (an unprivileged user, see `Userfault::new`), loads all of it now instead.
-pub fn start(mem: &GuestMemory, chain: Chain, verify: bool, load: Arc<MemoryLoad>) -> Result<(), LoadFailure> {
+/// can be had (an unprivileged user, see `Userfault::new`), reads all of it now instead, and
+/// returns why.
+pub fn start(
+    mem: &GuestMemory,
+    chain: Chain,
+    verify: bool,
+    load: Arc<MemoryLoad>,
+) -> Result<Option<std::io::Error>, LoadFailure> {
     let registered = Userfault::new().and_then(|uffd| {
         for region in mem.iter() {
             uffd.register(region.as_ptr() as usize, region.len() as usize)?;
@@ -174,10 +180,9 @@ pub fn start(mem: &GuestMemory, chain: Chain, verify: bool, load: Arc<MemoryLoad
         Ok(uffd) => uffd,
         Err(e) => {
             // Closing the userfaultfd (dropped with the error) ends any registration.
-            tracing::warn!("memory is loaded before the VM runs: no userfaultfd ({e})");
             let result = load_now(mem, &chain, verify, &load);
             load.ended(result.clone().err());
-            return result;
+            return result.map(|()| Some(e));
         }
     };
     let regions: Vec<(usize, usize)> = mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
@@ -216,7 +221,7 @@ pub fn start(mem: &GuestMemory, chain: Chain, verify: bool, load: Arc<MemoryLoad
             }
         })
         .map_err(|e| host(&dir, e))?;
-    Ok(())
+    Ok(None)
 }
 
 fn load_dir_name(load: &MemoryLoad) -> String {
