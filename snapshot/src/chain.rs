@@ -128,7 +128,12 @@ impl Chain {
 
     /// Checks every layer (state, memory checksums, disk copies); links were checked on opening.
     pub fn verify(&self) -> Result<()> {
-        self.layers.iter().try_for_each(Snapshot::verify)
+        self.layers.iter().try_for_each(|l| l.verify().map_err(|e| in_layer(self, l, e)))
+    }
+
+    /// Checks every layer's memory against its checksums (`Snapshot::verify_memory`).
+    pub fn verify_memory(&self) -> Result<()> {
+        self.layers.iter().try_for_each(|l| l.verify_memory().map_err(|e| in_layer(self, l, e)))
     }
 
     /// For every page of guest memory, the index of the newest layer that holds it (data or
@@ -318,7 +323,7 @@ impl ChainReader<'_> {
             }
             let want = snap.manifest.memory.chunk_checksums.get(chunk).copied();
             if want != Some(crate::digest::checksum(&layer_buf)) {
-                return Err(Error::MemoryChecksum { chunk, guest_addr });
+                return Err(in_layer(self.chain, snap, Error::MemoryChecksum { chunk, guest_addr }));
             }
             for (p, owner) in owners.iter().enumerate() {
                 if owner.map_or(0, |(o, _)| o as usize) == l {
@@ -331,6 +336,16 @@ impl ChainReader<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// `err`, found in `layer`, naming the layer when the chain has several (a host's I/O error
+/// names its file already).
+fn in_layer(chain: &Chain, layer: &Snapshot, err: Error) -> Error {
+    match err {
+        Error::Io { .. } => err,
+        err if chain.layers.len() > 1 => Error::Layer { dir: layer.dir.display().to_string(), err: Box::new(err) },
+        err => err,
     }
 }
 
@@ -450,6 +465,8 @@ pub fn merge(chain: &Chain, dest: &Path, force: bool, progress: &Progress) -> Re
             }
         }
     }
+    // What is merged gets fresh checksums: damage in a layer must be found now, or never.
+    chain.verify_memory()?;
     let top = chain.top();
     let layout = &top.manifest.memory;
     let mut writer = SnapshotWriter::create(dest, force)?;
@@ -613,7 +630,16 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(d2.memory_path()).unwrap();
         f.write_all_at(&[9], 5 * 4096 + 7).unwrap();
         let mut chunk = vec![0u8; 1 << 20];
-        assert!(matches!(reader.read_chunk(0, &mut chunk, true), Err(Error::MemoryChecksum { chunk: 0, .. })));
+        let damaged = |r: Result<()>| match r {
+            Err(Error::Layer { dir, err }) => {
+                dir == d2.dir.display().to_string() && matches!(*err, Error::MemoryChecksum { chunk: 0, .. })
+            }
+            _ => false,
+        };
+        assert!(damaged(reader.read_chunk(0, &mut chunk, true)));
+        // Nor does a merge carry the damage into a snapshot with fresh checksums.
+        assert!(damaged(merge(&chain, &dir.path().join("bad"), false, &Progress::default()).map(|_| ())));
+        assert!(!dir.path().join("bad").exists());
         reader.read_chunk(0, &mut chunk, false).unwrap();
         assert_eq!(chunk[5 * 4096 + 7], 9);
         f.write_all_at(&[5], 5 * 4096 + 7).unwrap();

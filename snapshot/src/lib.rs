@@ -62,6 +62,9 @@ pub enum Error {
     StateChecksum,
     #[error("snapshot memory is corrupt: checksum mismatch in chunk {chunk} (guest address {guest_addr:#x})")]
     MemoryChecksum { chunk: usize, guest_addr: u64 },
+    /// A layer of a chain is damaged: which one.
+    #[error("layer {dir}: {err}")]
+    Layer { dir: String, err: Box<Error> },
     #[error("{what}: {err}")]
     Stream { what: String, err: stream::StreamError },
     #[error("{what}: snapshot stream is inconsistent: {reason}")]

@@ -313,6 +313,19 @@ fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
         assert!(std::time::Instant::now() < deadline, "memory still not loaded: {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its own: vmm let go of the page file (a deleted snapshot frees its space at once).
+    let pages = snap.join("memory.pages").canonicalize().unwrap();
+    let holds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", r.pid()))
+            .unwrap()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == pages))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while holds() {
+        assert!(std::time::Instant::now() < deadline, "the VM still holds {} open", pages.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Garbage over the whole page file, in place.
     let pages = std::fs::OpenOptions::new().write(true).open(snap.join("memory.pages")).unwrap();
     let len = pages.metadata().unwrap().len();

@@ -120,6 +120,11 @@ pub fn resume(args: ResumeArgs) -> CmdResult {
         disks: args.disks.clone(),
     };
     let from_stream = args.dir.as_os_str() == "-";
+    if from_stream && args.lazy {
+        return Err(Failure::bad_input(
+            "--lazy is for a snapshot directory: a stream's memory is read whole before the VM runs",
+        ));
+    }
     let source = if from_stream {
         if std::io::stdin().is_terminal() {
             return Err(Failure::bad_input("vmm resume - reads a snapshot stream from stdin: pipe one in"));
@@ -483,15 +488,20 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
         .start(launch.paused, launch.stdin_input, launch.diff_base)
         .map_err(|e| Failure::runtime(e.to_string()))?;
     let threads = |e: std::io::Error| Failure::runtime(format!("cannot start threads: {e}"));
-    if let Some(memory) = &launch.memory {
+    // What the page files were, to name their change as a dead VM's cause.
+    let mut memory_files = Vec::new();
+    let mut load = None;
+    if let Some(memory) = launch.memory {
         let _ = running.control.memory_load.set(memory.load.clone());
+        load = Some(memory.load.clone());
+        memory_files = memory.files.iter().map(|f| (f.path.clone(), f.identity)).collect();
         persist::watch_memory_load(memory, running.control.exit_sender()).map_err(threads)?;
     }
     // Printed once the vCPU threads run (or wait, paused): benchmarks time resume by this line.
     let state = if launch.paused { "paused" } else { "running" };
     eprintln!("vmm: VM '{}' {state}; control socket {}", running.control.config.name, guard.0.display());
-    if let Some(memory) = &launch.memory {
-        memory.load.begin();
+    if let Some(load) = load {
+        load.begin();
     }
     server::spawn(listener, running.control.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     if let Some(uds) = launch.refresh_agent {
@@ -510,8 +520,8 @@ fn serve(machine: Machine, listener: UnixListener, guard: server::SocketGuard, l
     let mut reason = running.wait();
     // A guest whose memory file was overwritten dies of it: name that cause, not the crash.
     let loaded = running.control.memory_loaded();
-    if let (ExitReason::Fatal(_), Some(memory), false) = (&reason, &launch.memory, loaded) {
-        if let Some(changed) = memory.files.iter().find_map(persist::memory_file_changed) {
+    if let (ExitReason::Fatal(_), false) = (&reason, loaded) {
+        if let Some(changed) = memory_files.iter().find_map(|(path, id)| persist::memory_file_changed(path, id)) {
             reason = ExitReason::Fatal(changed);
         }
     }

@@ -151,6 +151,7 @@ fn lock_memory_files(chain: &Chain) -> Result<Vec<MemoryFile>, PersistError> {
         .iter()
         .map(|layer| {
             let path = layer.memory_path();
+            let path = path.canonicalize().unwrap_or(path);
             let map_err = |e: std::io::Error| PersistError::MapMemory(format!("{}: {e}", path.display()));
             let lock = File::open(&path).map_err(map_err)?;
             lock.try_lock_shared().map_err(|e| map_err(e.into()))?;
@@ -774,41 +775,34 @@ fn unsupported_cpu(
 }
 
 /// What changed in a resumed VM's page file since it was opened, as the VM's cause of death.
-pub fn memory_file_changed(file: &MemoryFile) -> Option<String> {
-    let mut now = match std::fs::metadata(&file.path) {
+pub fn memory_file_changed(path: &Path, identity: &FileIdentity) -> Option<String> {
+    let mut now = match std::fs::metadata(path) {
         Ok(meta) => FileIdentity::of(&meta),
         // Removed or renamed: the open file keeps its content, nothing changed for the guest.
         Err(_) => return None,
     };
     // Another file at the path (a newer snapshot moved there) is not a change of ours.
-    if (now.dev, now.ino) != (file.identity.dev, file.identity.ino) {
+    if (now.dev, now.ino) != (identity.dev, identity.ino) {
         return None;
     }
     // Not the ctime: a chmod changes it too, and is no reason to stop a guest (a write that sets
     // the mtime back goes unseen here; resume refuses such a disk, though).
-    now.ctime_ns = file.identity.ctime_ns;
-    let snapshot = file.path.parent().unwrap_or(&file.path).display();
-    file.identity.changes(&now).map(|why| format!("memory file of snapshot {snapshot} changed while in use ({why})"))
+    now.ctime_ns = identity.ctime_ns;
+    let snapshot = path.parent().unwrap_or(path).display();
+    identity.changes(&now).map(|why| format!("memory file of snapshot {snapshot} changed while in use ({why})"))
 }
 
 /// Watches a resumed VM's memory load and ends the VM, naming the cause, as soon as it failed
 /// (a chunk failing its checksum, a read error) or a page file it reads is changed in place
 /// (truncated, overwritten): the guest would otherwise wait for that memory forever, or read
 /// garbage. Once the VM's memory is its own, it lets go of the files' locks and stops watching.
-pub fn watch_memory_load(memory: &LoadingMemory, exit: crate::exit::ExitSender) -> std::io::Result<()> {
-    let files = memory
-        .files
-        .iter()
-        .map(|f| Ok(MemoryFile { path: f.path.clone(), identity: f.identity, lock: f.lock.try_clone()? }))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let load = memory.load.clone();
+pub fn watch_memory_load(memory: LoadingMemory, exit: crate::exit::ExitSender) -> std::io::Result<()> {
+    let LoadingMemory { load, files, .. } = memory;
     std::thread::Builder::new().name("memory-file".into()).spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(50));
         if load.is_independent() {
-            // Each lock is the open file's, shared by every descriptor of it: release it outright.
-            for f in &files {
-                let _ = f.lock.unlock();
-            }
+            // Closing the files releases their locks: the snapshot may change or go.
+            drop(files);
             return;
         }
         match load.failure() {
@@ -818,7 +812,7 @@ pub fn watch_memory_load(memory: &LoadingMemory, exit: crate::exit::ExitSender) 
             Some(f) => return exit.send(crate::exit::ExitReason::Fatal(f.to_string())),
             None => {}
         }
-        if let Some(why) = files.iter().find_map(memory_file_changed) {
+        if let Some(why) = files.iter().find_map(|f| memory_file_changed(&f.path, &f.identity)) {
             exit.send(crate::exit::ExitReason::Fatal(why));
             return;
         }

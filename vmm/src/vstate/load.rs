@@ -20,8 +20,11 @@ use super::memory::GuestMemory;
 use super::uffd::Userfault;
 use snapshot::Chain;
 
-/// How often a loader with no fault to serve and no leave to load ahead looks again.
-const IDLE_POLL_MS: i32 = 5;
+/// How often a loader with no fault to serve looks again whether it may load ahead: while the
+/// machine is being built (`MemoryLoad::begin` comes within milliseconds), and when lazy
+/// (`MemoryLoad::finish` may come at any time).
+const BUILDING_POLL_MS: i32 = 2;
+const LAZY_POLL_MS: i32 = 50;
 
 /// How far a resumed VM's memory is from being its own.
 #[derive(Debug)]
@@ -340,8 +343,12 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
         if left == 0 {
             break;
         }
-        if load.lazy.load(Ordering::Acquire) || !load.begun.load(Ordering::Acquire) {
-            uffd.wait(IDLE_POLL_MS).map_err(|e| host(&dir, e))?;
+        if !load.begun.load(Ordering::Acquire) {
+            uffd.wait(BUILDING_POLL_MS).map_err(|e| host(&dir, e))?;
+            continue;
+        }
+        if load.lazy.load(Ordering::Acquire) {
+            uffd.wait(LAZY_POLL_MS).map_err(|e| host(&dir, e))?;
             continue;
         }
         while next < plan.len() && loaded[plan[next]] {
