@@ -457,12 +457,12 @@ impl VmControl {
         Ok(inner.tracking.as_ref().map(|t| t.since.count()))
     }
 
-    /// Later diffs are diffs of `base`, which the memory equaled when the vCPUs started: with
-    /// `logged`, KVM's dirty log was on from then and holds every page written since; without,
-    /// the first diff finds them by comparison (`find_unlogged_writes`).
-    pub(crate) fn adopt_diff_base(&self, base: DiffBase, logged: bool) {
+    /// Later diffs are diffs of `base`, which the memory equaled when the vCPUs started. KVM's
+    /// dirty log is off; the first diff finds what was written by comparison
+    /// (`find_unlogged_writes`).
+    pub(crate) fn adopt_diff_base(&self, base: DiffBase) {
         lock(&self.inner).tracking =
-            Some(Tracking { base: Some(base), since: DirtyPages::default(), logging: logged, unlogged: !logged });
+            Some(Tracking { base: Some(base), since: DirtyPages::default(), logging: false, unlogged: true });
     }
 
     /// The snapshot a diff taken now would be a diff of.

@@ -468,7 +468,7 @@ impl Machine {
         let mut control = VmControl::new(self.config, self.vm, self.mem, self.devices, handles, paused, self.exit_tx);
         control.guest_cpu = guest_cpu;
         if let Some(base) = diff_base {
-            control.adopt_diff_base(base, false);
+            control.adopt_diff_base(base);
         }
         Ok(RunningVm { control: Arc::new(control), exit_rx: self.exit_rx })
     }

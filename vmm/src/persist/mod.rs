@@ -95,6 +95,16 @@ pub enum PersistError {
     Claim { message: String, bad_input: bool },
 }
 
+impl From<UnloggedError> for PersistError {
+    fn from(e: UnloggedError) -> Self {
+        match e {
+            UnloggedError::Kvm(e) => e.into(),
+            UnloggedError::BaseGone { dir, why } => PersistError::DiffBaseGone { dir, why },
+            UnloggedError::Load(e) => e.into(),
+        }
+    }
+}
+
 impl PersistError {
     pub fn stream_out(what: &std::path::Path, err: impl std::fmt::Display) -> Self {
         Self::StreamOut { what: what.display().to_string(), err: err.to_string() }
@@ -584,11 +594,7 @@ pub fn snapshot(
     }
     if parent.is_some() {
         job.set_phase("finding the pages written since the resume");
-        control.find_unlogged_writes().map_err(|e| match e {
-            UnloggedError::Kvm(e) => PersistError::from(e),
-            UnloggedError::BaseGone { dir, why } => PersistError::DiffBaseGone { dir, why },
-            UnloggedError::Load(e) => PersistError::from(e),
-        })?;
+        control.find_unlogged_writes()?;
     }
     let mut layer: Option<Layer> = None;
     if dest.is_some() && !opts.stop {

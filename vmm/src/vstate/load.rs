@@ -79,6 +79,11 @@ impl MemoryLoad {
         self.begun.store(true, Ordering::Release);
     }
 
+    /// The snapshot directory, for messages.
+    fn dir(&self) -> String {
+        self.snapshot.display().to_string()
+    }
+
     pub fn is_independent(&self) -> bool {
         self.independent.load(Ordering::Acquire)
     }
@@ -190,11 +195,12 @@ pub fn start(
     };
     let regions: Vec<(usize, usize)> = mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
     let mem = mem.clone();
-    let dir = load_dir_name(&load);
+    let dir = load.dir();
+    let thread_dir = dir.clone();
     std::thread::Builder::new()
         .name("memory-load".into())
         .spawn(move || {
-            let dir = load.snapshot.display().to_string();
+            let dir = thread_dir;
             let start = std::time::Instant::now();
             let result = run(&mem, &chain, &uffd, verify, &load).and_then(|()| {
                 for &(start, len) in &regions {
@@ -227,16 +233,17 @@ pub fn start(
     Ok(None)
 }
 
-fn load_dir_name(load: &MemoryLoad) -> String {
-    load.snapshot.display().to_string()
+/// A buffer for the largest chunk `reader` reads.
+fn chunk_buffer(reader: &snapshot::chain::ChainReader<'_>) -> Vec<u8> {
+    vec![0u8; reader.chunks().iter().map(|c| c.2 as usize).max().unwrap_or(0)]
 }
 
 /// Reads every chunk with data into `mem` at once.
 fn load_now(mem: &GuestMemory, chain: &Chain, verify: bool, load: &MemoryLoad) -> Result<(), LoadFailure> {
     use vm_memory::Bytes;
-    let dir = load_dir_name(load);
+    let dir = load.dir();
     let reader = chain.reader().map_err(|e| host(&dir, e))?;
-    let mut buf = vec![0u8; reader.chunks().iter().map(|c| c.2 as usize).max().unwrap_or(0)];
+    let mut buf = chunk_buffer(&reader);
     for (i, &(guest, _, len)) in reader.chunks().iter().enumerate() {
         if reader.chunk_has_data(i) {
             reader.read_chunk(i, &mut buf, verify).map_err(|e| read_failure(&dir, e))?;
@@ -262,7 +269,7 @@ fn host(dir: &str, e: impl std::fmt::Display) -> LoadFailure {
 
 /// Serves faults and loads chunks until every chunk with data is in.
 fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &MemoryLoad) -> Result<(), LoadFailure> {
-    let dir = load.snapshot.display().to_string();
+    let dir = load.dir();
     let reader = chain.reader().map_err(|e| host(&dir, e))?;
     let mut chunks = Vec::new();
     for (i, &(guest, file_offset, len)) in reader.chunks().iter().enumerate() {
@@ -288,7 +295,7 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
     load.total_bytes.store(data_bytes, Ordering::Relaxed);
     let mut left = plan.len();
     let mut loaded = vec![false; chunks.len()];
-    let mut buf = vec![0u8; reader.chunks().iter().map(|c| c.2 as usize).max().unwrap_or(0)];
+    let mut buf = chunk_buffer(&reader);
     let mut next = 0;
     let mut maps = FileMaps::default();
     // Brings chunk `i`'s data in (or checks a zero chunk): the guest's pages of it are then

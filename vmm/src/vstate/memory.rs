@@ -17,8 +17,6 @@ pub struct MemoryError {
 /// ring, a disk read, the boot tables) marks its pages in the region's bitmap: KVM's dirty log
 /// sees only the vCPUs' writes (see `vstate::dirty`).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
-pub type GuestMapping = vm_memory::MmapRegion<AtomicBitmap>;
 
 /// Bytes of guest memory, all regions together.
 /// Each region's guest address and size in bytes.

@@ -34,6 +34,28 @@ fn last_error(what: &str) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
+/// Fills `len` bytes of a registered range with `step(done)`, an ioctl from byte `done` on that
+/// returns its result and the bytes it filled: a page there already is kept (it is newer) and
+/// gone past, and a change of the address space meanwhile (EAGAIN) is tried again.
+fn fill(len: usize, what: &str, mut step: impl FnMut(usize) -> (i32, i64)) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let (rc, filled) = step(done);
+        if filled > 0 {
+            done += filled as usize;
+        }
+        if rc == 0 {
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EEXIST) => done = (done / PAGE + 1) * PAGE,
+            Some(libc::EAGAIN) => {}
+            _ => return Err(last_error(what)),
+        }
+    }
+    Ok(())
+}
+
 impl Userfault {
     /// A non-blocking userfaultfd that also takes faults from kernel mode (KVM's): that needs
     /// CAP_SYS_PTRACE, or `vm.unprivileged_userfaultfd = 1`.
@@ -102,8 +124,7 @@ impl Userfault {
     /// # Safety
     /// `[src, src + len)` must be mapped in this process (its content may be anything).
     pub unsafe fn copy_from(&self, src: *const u8, len: usize, dst: usize) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < len {
+        fill(len, "UFFDIO_COPY", |done| {
             let mut copy = uffdio_copy {
                 dst: (dst + done) as u64,
                 src: src as u64 + done as u64,
@@ -115,28 +136,14 @@ impl Userfault {
             // at `src`, mapped (the caller's promise), and writes only pages of the registered
             // range that are missing, atomically, so nobody sees a page half written.
             let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut copy) };
-            if copy.copy > 0 {
-                done += copy.copy as usize;
-            }
-            if rc == 0 {
-                continue;
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                // A page of the range is there already: keep it (it is newer), go past it.
-                Some(libc::EEXIST) => done = (done / PAGE + 1) * PAGE,
-                // The address space changed meanwhile: try again.
-                Some(libc::EAGAIN) => {}
-                _ => return Err(last_error("UFFDIO_COPY")),
-            }
-        }
-        Ok(())
+            (rc, copy.copy)
+        })
     }
 
     /// Maps the zero page at the missing pages of `[start, start + len)` and wakes whoever
     /// waits on them; a write later gets a page of its own, as in any anonymous memory.
     pub fn zeropage(&self, start: usize, len: usize) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < len {
+        fill(len, "UFFDIO_ZEROPAGE", |done| {
             let mut zero = uffdio_zeropage {
                 range: uffdio_range { start: (start + done) as u64, len: (len - done) as u64 },
                 mode: 0,
@@ -145,19 +152,8 @@ impl Userfault {
             // SAFETY: UFFDIO_ZEROPAGE reads and writes exactly a uffdio_zeropage, and maps only
             // missing pages of the registered range.
             let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut zero) };
-            if zero.zeropage > 0 {
-                done += zero.zeropage as usize;
-            }
-            if rc == 0 {
-                continue;
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EEXIST) => done = (done / PAGE + 1) * PAGE,
-                Some(libc::EAGAIN) => {}
-                _ => return Err(last_error("UFFDIO_ZEROPAGE")),
-            }
-        }
-        Ok(())
+            (rc, zero.zeropage)
+        })
     }
 
     /// The address of the next missing-page fault, if one waits (other events are not asked
