@@ -628,7 +628,8 @@ pub fn restore<T>(
             make_working_copies(&chain, &admitted.0, opts)?;
             let files = lock_memory_files(&chain)?;
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
-            let load = Arc::new(MemoryLoad::new(base.dir.clone(), opts.lazy, top.manifest.memory.hot.clone()));
+            let urgent = state.vcpus.iter().flat_map(crate::vstate::vcpu_state::restore_touches).collect();
+            let load = Arc::new(MemoryLoad::new(base.dir.clone(), opts.lazy, top.manifest.memory.hot.clone(), urgent));
             let mem = memory::create_guest_memory(top.manifest.vm.mem_bytes).map_err(MachineError::from)?;
             let read_whole = load::start(&mem, chain, opts.verify, load.clone())?;
             (state, mem, Some(LoadingMemory { load, files, read_whole }), Some(base), admitted)

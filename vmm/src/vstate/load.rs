@@ -43,6 +43,9 @@ pub struct MemoryLoad {
     begun: AtomicBool,
     /// Guest memory to load first, `(guest address, bytes)` runs (`MemoryLayout::hot`).
     pub hot: Vec<(u64, u64)>,
+    /// Guest addresses whose chunks come in at once, while the machine is being built: what KVM
+    /// touches as the vCPUs are restored (`vcpu_state::restore_touches`), which would wait.
+    pub urgent: Vec<u64>,
     /// Why the loader stopped (a read error, a chunk failing its checksum): the guest cannot
     /// go on, and the VM ends with this.
     failure: Mutex<Option<LoadFailure>>,
@@ -60,10 +63,11 @@ pub enum LoadFailure {
 }
 
 impl MemoryLoad {
-    pub fn new(snapshot: PathBuf, lazy: bool, hot: Vec<(u64, u64)>) -> Self {
+    pub fn new(snapshot: PathBuf, lazy: bool, hot: Vec<(u64, u64)>, urgent: Vec<u64>) -> Self {
         Self {
             snapshot,
             hot,
+            urgent,
             total_bytes: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
             independent: AtomicBool::new(false),
@@ -330,6 +334,12 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
         let i = chunks.partition_point(|c| c.host + c.len <= addr);
         (i < chunks.len() && chunks[i].host <= addr).then_some(i)
     };
+    for &guest in &load.urgent {
+        let i = chunks.partition_point(|c| c.guest + c.len as u64 <= guest);
+        if i < chunks.len() && chunks[i].guest <= guest && chunks[i].data && !loaded[i] {
+            bring(i, &mut loaded, &mut left)?;
+        }
+    }
     while left > 0 {
         while let Some(addr) = uffd.next_fault().map_err(|e| host(&dir, e))? {
             let Some(i) = chunk_of(addr) else {

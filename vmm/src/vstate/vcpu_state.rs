@@ -14,10 +14,24 @@ const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// KVM_GET_MSRS takes batches; larger lists are split.
 const MSR_BATCH: usize = 64;
+
+/// The paravirtual MSRs whose value is a guest physical address (bit 0 the enable bit, but for
+/// the wall clock's) of a structure KVM maps, or writes, as soon as the MSR is set
+/// (Linux `Documentation/virt/kvm/x86/msr.rst`): kvmclock's, the steal time's, async page
+/// faults', PV EOI's.
+const PV_GUEST_ADDRESS_MSRS: [(u32, bool); 7] = [
+    (0x11, false),        // MSR_KVM_WALL_CLOCK
+    (0x12, true),         // MSR_KVM_SYSTEM_TIME
+    (0x4b56_4d00, false), // MSR_KVM_WALL_CLOCK_NEW
+    (0x4b56_4d01, true),  // MSR_KVM_SYSTEM_TIME_NEW
+    (0x4b56_4d02, true),  // MSR_KVM_ASYNC_PF_EN
+    (0x4b56_4d03, true),  // MSR_KVM_STEAL_TIME
+    (0x4b56_4d04, true),  // MSR_KVM_PV_EOI_EN
+];
 const XSAVE_LEGACY_BYTES: usize = std::mem::size_of::<kvm_xsave>();
 const KVM_VCPUEVENT_VALID_NMI_PENDING: u32 = 1;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
     pub index: u8,
     pub cpuid: Vec<kvm_cpuid_entry2>,
@@ -183,9 +197,35 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState, xsave_size: usize) -> Result<(), 
     Ok(())
 }
 
+/// Guest physical addresses KVM touches while `restore` sets this state: a resume brings the
+/// memory there in before the vCPUs are restored, which would otherwise wait for it.
+pub fn restore_touches(state: &VcpuState) -> Vec<u64> {
+    state
+        .msrs
+        .iter()
+        .filter_map(|&(index, value)| {
+            let (_, enable_bit) = PV_GUEST_ADDRESS_MSRS.iter().find(|m| m.0 == index)?;
+            let on = if *enable_bit { value & 1 == 1 } else { value != 0 };
+            on.then_some(value & !0xfff)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_touches_only_enabled_paravirtual_structures() {
+        let state = |msrs: Vec<(u32, u64)>| VcpuState { msrs, ..Default::default() };
+        let touched = restore_touches(&state(vec![
+            (0x4b56_4d01, 0x35_4241),    // kvmclock on
+            (0x4b56_4d03, 0x10_0000),    // steal time off
+            (0x4b56_4d00, 0x20_1000),    // wall clock (no enable bit)
+            (MSR_IA32_TSC, 0x1234_5001), // not an address
+        ]));
+        assert_eq!(touched, vec![0x35_4000, 0x20_1000]);
+    }
 
     #[test]
     fn tsc_before_deadline() {
