@@ -300,7 +300,8 @@ pub fn migrate(
     // so a sender blocked on a slow link notices at once.
     let _watch = CancelWatch::start(job, sockets);
     // A resumed VM whose memory is still coming in: all of it is needed.
-    control.finish_memory_load().map_err(PersistError::from)?;
+    control.finish_memory_load(&|| job.progress.is_cancelled()).map_err(PersistError::from)?;
+    job.progress.check().map_err(PersistError::from)?;
     control.start_tracking().map_err(PersistError::from)?;
     let disks = DiskSender::open(control, opts.copy_disks)?;
     let disk_total: u64 = disks.sizes().iter().map(|(_, size)| size).sum();

@@ -590,11 +590,13 @@ pub fn snapshot(
     // A resumed VM whose memory is still coming in: all of it is needed.
     if !control.memory_loaded() {
         job.set_phase("loading memory");
-        control.finish_memory_load()?;
+        control.finish_memory_load(&|| job.progress.is_cancelled())?;
+        job.progress.check()?;
     }
     if parent.is_some() {
         job.set_phase("finding the pages written since the resume");
-        control.find_unlogged_writes()?;
+        control.find_unlogged_writes(&|| job.progress.is_cancelled())?;
+        job.progress.check()?;
     }
     let mut layer: Option<Layer> = None;
     if dest.is_some() && !opts.stop {

@@ -25,7 +25,13 @@ const BATCH_PAGES: usize = 256;
 /// describe this memory's layout. Pages never touched (`page_kinds`; known only once `loaded`)
 /// are zero in both and are not read. Run with the guest running only once the dirty log is
 /// on: a page written during the comparison may be missed here, but not by the log.
-pub fn pages_differing(mem: &GuestMemory, loaded: bool, chain: &Chain) -> Result<DirtyPages, CompareError> {
+/// `give_up` is asked between batches: None once it says so.
+pub fn pages_differing(
+    mem: &GuestMemory,
+    loaded: bool,
+    chain: &Chain,
+    give_up: &dyn Fn() -> bool,
+) -> Result<Option<DirtyPages>, CompareError> {
     let reader = chain.reader()?;
     let kinds = page_kinds(mem, loaded);
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE as usize];
@@ -35,6 +41,9 @@ pub fn pages_differing(mem: &GuestMemory, loaded: bool, chain: &Chain) -> Result
         let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
         let mut first = 0u64;
         while first < pages {
+            if give_up() {
+                return Ok(None);
+            }
             let n = (pages - first).min(BATCH_PAGES as u64) as usize;
             let may_differ = |p: usize| kinds.as_ref().is_none_or(|k| k[first as usize + p] == PageKind::Mapped);
             if (0..n).any(may_differ) {
@@ -57,5 +66,5 @@ pub fn pages_differing(mem: &GuestMemory, loaded: bool, chain: &Chain) -> Result
         }
         out.regions.push(DirtyRegion { guest_addr: region.start_addr().0, pages, bitmap });
     }
-    Ok(out)
+    Ok(Some(out))
 }

@@ -25,6 +25,8 @@ use snapshot::Chain;
 /// (`MemoryLoad::finish` may come at any time).
 const BUILDING_POLL_MS: i32 = 2;
 const LAZY_POLL_MS: i32 = 50;
+/// How often `MemoryLoad::finish` asks whether its caller gives up waiting.
+const GIVE_UP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How far a resumed VM's memory is from being its own.
 #[derive(Debug)]
@@ -97,8 +99,9 @@ impl MemoryLoad {
     }
 
     /// Has every chunk brought in now (a lazy load too), and waits until it is: what reads all
-    /// of guest memory (a snapshot, a migration) needs it.
-    pub fn finish(&self) -> Result<(), LoadFailure> {
+    /// of guest memory (a snapshot, a migration) needs it. The wait also ends, early, once
+    /// `give_up` says so (a cancelled job; asked every `GIVE_UP_POLL`); the load goes on.
+    pub fn finish(&self, give_up: &dyn Fn() -> bool) -> Result<(), LoadFailure> {
         self.lazy.store(false, Ordering::Release);
         self.begin();
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,10 +109,10 @@ impl MemoryLoad {
             if let Some(f) = failure.as_ref() {
                 return Err(f.clone());
             }
-            if self.is_independent() {
+            if self.is_independent() || give_up() {
                 return Ok(());
             }
-            failure = self.done.wait(failure).unwrap_or_else(|e| e.into_inner());
+            failure = self.done.wait_timeout(failure, GIVE_UP_POLL).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -376,4 +379,36 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn waiting_for_a_load_ends_when_the_waiter_gives_up() {
+        // No loader runs: without giving up, `finish` would wait for ever.
+        let load = Arc::new(MemoryLoad::new(PathBuf::from("/nowhere"), true, Vec::new(), Vec::new()));
+        let give_up = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (waiting_load, waiting_flag) = (load.clone(), give_up.clone());
+        std::thread::spawn(move || {
+            let result = waiting_load.finish(&|| waiting_flag.load(Ordering::Relaxed));
+            done_tx.send(result.is_ok()).unwrap();
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err(), "finish returned with nothing loaded");
+        give_up.store(true, Ordering::Relaxed);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        assert!(!load.is_independent());
+        // Finishing also ended the lazy mode: the loader, had there been one, would load on.
+        assert!(!load.lazy.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_failed_load_fails_its_waiters() {
+        let load = MemoryLoad::new(PathBuf::from("/nowhere"), false, Vec::new(), Vec::new());
+        load.ended(Some(LoadFailure::Host { dir: "/nowhere".into(), reason: "test".into() }));
+        assert!(matches!(load.finish(&|| false), Err(LoadFailure::Host { .. })));
+    }
 }
