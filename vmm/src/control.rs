@@ -408,7 +408,7 @@ impl VmControl {
     /// Completes the record of a VM resumed without KVM's dirty log: starts the log, then adds
     /// the pages that differ from the snapshot it was resumed from (read once, while the guest
     /// runs). A no-op when the record is complete. Needed before a diff.
-    pub fn find_unlogged_writes(&self) -> Result<(), UnloggedError> {
+    pub fn find_unlogged_writes(&self, give_up: &dyn Fn() -> bool) -> Result<(), UnloggedError> {
         let base = {
             let mut inner = lock(&self.inner);
             self.ensure_tracking(&mut inner)?;
@@ -417,15 +417,21 @@ impl VmControl {
                 _ => return Ok(()),
             }
         };
-        self.finish_memory_load()?;
+        self.finish_memory_load(give_up)?;
+        if give_up() {
+            return Ok(());
+        }
         let gone = |why: String| UnloggedError::BaseGone { dir: base.dir.display().to_string(), why };
         let chain = snapshot::Chain::open(&base.dir).map_err(|e| gone(e.to_string()))?;
         if chain.top().id != base.id {
             return Err(gone("another snapshot replaced it".into()));
         }
         let start = std::time::Instant::now();
-        let written = crate::vstate::compare::pages_differing(&self.mem, self.memory_loaded(), &chain)
-            .map_err(|e| gone(e.to_string()))?;
+        let Some(written) = crate::vstate::compare::pages_differing(&self.mem, self.memory_loaded(), &chain, give_up)
+            .map_err(|e| gone(e.to_string()))?
+        else {
+            return Ok(());
+        };
         tracing::info!(
             "{} pages differ from {} ({} ms to compare)",
             written.count(),
@@ -476,6 +482,20 @@ impl VmControl {
         if let Some(tracking) = lock(&self.inner).tracking.as_mut() {
             tracking.base = Some(base);
             tracking.unlogged = false;
+        }
+    }
+
+    /// Makes `new` the snapshot later diffs are diffs of, in place of `old`, which holds the
+    /// same machine (a merge of the chain `old` tops): what was written since goes on being
+    /// recorded unchanged. False, and nothing changes, when the VM's base is not `old` any more.
+    pub fn replace_diff_base(&self, old: &DiffBase, new: DiffBase) -> bool {
+        let mut inner = lock(&self.inner);
+        match inner.tracking.as_mut() {
+            Some(tracking) if tracking.base.as_ref() == Some(old) => {
+                tracking.base = Some(new);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -533,9 +553,9 @@ impl VmControl {
 
     /// Brings in every page of a resumed VM's memory still in its snapshot, and waits for it:
     /// what reads all of guest memory does it first, while the guest runs.
-    pub fn finish_memory_load(&self) -> Result<(), LoadFailure> {
+    pub fn finish_memory_load(&self, give_up: &dyn Fn() -> bool) -> Result<(), LoadFailure> {
         match self.memory_load.get() {
-            Some(load) => load.finish(),
+            Some(load) => load.finish(give_up),
             None => Ok(()),
         }
     }
