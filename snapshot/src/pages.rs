@@ -606,9 +606,24 @@ impl Writeback {
 /// Computes the checksum of every chunk of the page file, as `write_page_file` did.
 pub fn checksum_pages(file: &File, path: &std::path::Path, layout: &MemoryLayout) -> Result<Vec<u64>> {
     let mut buf = vec![0u8; layout.chunk_size as usize];
+    // A chunk that is a hole in the file reads as zeros: its checksum is that of zeros, without
+    // reading it (most of a diff's page file, and of a sparse guest's).
+    let mut zero_sums: Vec<(u64, u64)> = Vec::new();
     layout
         .chunks()
         .map(|(_, offset, len)| {
+            let hole = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+                Ok(data) => data >= offset + len,
+                Err(e) => e == rustix::io::Errno::NXIO,
+            };
+            if hole {
+                if let Some(&(_, sum)) = zero_sums.iter().find(|(l, _)| *l == len) {
+                    return Ok(sum);
+                }
+                let sum = crate::digest::checksum(&vec![0u8; len as usize]);
+                zero_sums.push((len, sum));
+                return Ok(sum);
+            }
             let piece = &mut buf[..len as usize];
             file.read_exact_at(piece, offset).map_err(io_err(path))?;
             Ok(crate::digest::checksum(piece))
