@@ -1,5 +1,5 @@
 //! Periodic checkpoints on real KVM: a VM that saves itself at an interval keeps a bounded chain
-//! with a full snapshot at its base, `DIR/latest` always names a complete checkpoint, and after
+//! with a full snapshot at its base (merging its layers), `DIR/latest` always names a complete checkpoint, and after
 //! `kill -9` of the vmm process the guest comes back from it; SIGUSR1 takes one at once; the
 //! automatic interval follows the Young/Daly rule and is logged; bad arguments are refused.
 
@@ -80,7 +80,14 @@ fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
     assert!(checkpoints_in(&ck).len() <= 3 + 1, "{:?}", checkpoints_in(&ck));
     let before = vm.wait_for("testguest: tick", T);
     // Killed while it checkpoints every 100 ms: often mid-write.
-    vm.kill();
+    signal(&vm, libc::SIGKILL);
+    let (_, _, err) = vm.wait_exit(T);
+    // Once three layers are there, they are merged into a full snapshot that the next diffs
+    // build on: the VM itself is saved whole only once.
+    assert!(err.contains("checkpoints merged into ckpt-"), "{err}");
+    assert_eq!(err.matches("(full, 1 layer)").count(), 1, "{err}");
+    assert!(err.contains("(diff, 3 layers)"), "{err}");
+    assert!(err.contains("(diff, 2 layers)") && !err.contains("(diff, 4 layers)"), "{err}");
     let l = latest(&ck).expect("a latest checkpoint");
     let out = vmm_ok(&["verify", ck.join("latest").to_str().unwrap()]);
     // "DIR: ok (N layers, ..." for a chain, "DIR: ok (manifest, ..." for a full snapshot.

@@ -5,12 +5,14 @@
 //! complete checkpoint, replaced atomically only once the new one is durable: whenever the vmm
 //! process dies (`kill -9`, a host crash), `vmm resume DIR/latest` continues from it.
 //!
-//! At most `keep` layers stay: when the chain is that long, the next checkpoint is a full
-//! snapshot starting a new chain, and the old chain is removed once `latest` points at the new
-//! one. That bounds what a resume reads and what the directory holds (a full snapshot is always
-//! at the base), at the cost of a full snapshot every `keep` checkpoints. Merging the base with
-//! its first diff at every checkpoint instead would rewrite the whole memory each time, and the
-//! ids every later diff names its parent by.
+//! At most `keep` layers stay, a full snapshot always at the base: once the chain is that long,
+//! its layers are merged (`snapshot::chain::merge`) into one full snapshot of the newest layer's
+//! machine, which becomes the base of the next diffs; `latest` then points at it and the old
+//! layers go. The merge reads the layers' files, not the VM: the guest is neither paused nor
+//! slowed by it. Merging the whole chain at once costs one full write every `keep` checkpoints;
+//! merging the oldest layers at every checkpoint would rewrite nearly as much each time, and
+//! change the ids every later diff names its parent by. Should a merge fail (a full disk), the
+//! next checkpoint is a full snapshot of the VM instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -212,6 +214,49 @@ impl Checkpointer {
             self.interval = interval;
             self.health().interval_ms.store(interval.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        if self.chain.len() >= self.config.keep && self.config.keep > 1 {
+            self.merge_chain();
+        }
+    }
+}
+
+impl Checkpointer {
+    /// Merges the chain into one full snapshot of its newest layer's machine, which replaces
+    /// the chain: as the VM's diff base, as `latest`, and on disk.
+    fn merge_chain(&mut self) {
+        let (Some(top), Some(last)) = (self.chain.last(), self.last.clone()) else { return };
+        let name = format!("{PREFIX}{:06}", self.next_seq);
+        self.next_seq += 1;
+        let dest = self.config.dir.join(&name);
+        let start = Instant::now();
+        let merged = snapshot::Chain::open(top)
+            .and_then(|chain| snapshot::chain::merge(&chain, &dest, false, &snapshot::progress::Progress::default()));
+        let id = match merged {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!("vmm: merging the checkpoints into {name} failed: {e}; the next checkpoint is a full one");
+                return;
+            }
+        };
+        let base = DiffBase { id, dir: dest.canonicalize().unwrap_or_else(|_| dest.clone()) };
+        // A snapshot the user took meanwhile made itself the VM's base: the next checkpoint is
+        // a full one (`checkpoint`), and the merge still stands for the newest checkpoint.
+        let rebased = self.control.replace_diff_base(&last, base.clone());
+        if let Err(e) = point_latest(&self.config.dir, &name) {
+            eprintln!("vmm: checkpoints merged into {name}, but {LATEST} not updated: {e}");
+            if rebased {
+                self.control.replace_diff_base(&base, last);
+            }
+            return;
+        }
+        remove_other_checkpoints(&self.config.dir, &name);
+        *crate::devices::bus::lock(&self.health().latest) = Some((name.clone(), Instant::now()));
+        eprintln!(
+            "vmm: checkpoints merged into {name}, a full snapshot, in {:.1} ms",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+        self.chain = vec![dest];
+        self.last = Some(base);
     }
 }
 
@@ -225,13 +270,15 @@ fn point_latest(dir: &Path, name: &str) -> std::io::Result<()> {
 }
 
 /// Removes every checkpoint of `dir` but `keep` (the new chain's full snapshot, which `latest`
-/// points at by now).
+/// points at by now), and what writers of checkpoints killed midway left (`.ckpt-…tmp-…`; only
+/// this process writes here, and not now).
 fn remove_other_checkpoints(dir: &Path, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(PREFIX) && name != keep && e.path().is_dir() {
+        let abandoned = name.starts_with(&format!(".{PREFIX}")) && name.contains(".tmp");
+        if (name.starts_with(PREFIX) && name != keep || abandoned) && e.path().is_dir() {
             if let Err(err) = std::fs::remove_dir_all(e.path()) {
                 eprintln!("vmm: cannot remove old checkpoint {}: {err}", e.path().display());
             }

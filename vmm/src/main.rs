@@ -273,7 +273,8 @@ pub struct CheckpointArgs {
     #[arg(long, value_parser = parse_duration_arg)]
     pub mtbf: Option<std::time::Duration>,
     /// Most layers a chain of checkpoints keeps (a full snapshot and diffs of it); when reached,
-    /// the next checkpoint is a full snapshot and the older chain is removed.
+    /// the layers are merged into one full snapshot (the guest is not paused for it), which the
+    /// next diffs build on. 1: every checkpoint is a full snapshot.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000), requires = "checkpoint_dir")]
     pub keep: u64,
 }
