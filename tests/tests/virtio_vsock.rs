@@ -225,6 +225,75 @@ fn snapshots_are_quiesced_by_the_agent_and_resumes_refreshed() {
     assert_ne!(hashes[0], hashes[1], "two resumes of one snapshot got the same entropy");
 }
 
+/// A guest writing its disk is quiesced for real: the agent answers only once the disk workload
+/// is parked between two requests (none in flight), nothing is written until the thaw, and a
+/// resume of the snapshot finds on its disk every write made before the quiesce (the guest
+/// reads them back after its thaw).
+#[test]
+fn a_quiesce_holds_the_guests_disk_writes_until_the_thaw() {
+    let dir = TempDir::new("vsock-disk-agent");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    let sock = dir.path().join("a.sock").display().to_string();
+    let vsock = format!("cid=3,uds={}", dir.path().join("a.vsock").display());
+    let cmdline = "workload=disk disk.agent=1 disk.rounds=0 disk.sectors=4096 tick.ms=50";
+    let disk_arg = disk.display().to_string();
+    let mut vm = Vmm::testguest(
+        cmdline,
+        &["--vcpus", "2", "--disk", &disk_arg, "--vsock", &vsock, "--name", "disk-agent", "--api-sock", &sock],
+    );
+    // A few rounds (each writes, reads back and checks 2 MiB) before the snapshot.
+    loop {
+        let tick = vm.wait_for("testguest: tick", T);
+        if tests::field(&tick, "cpu1").unwrap_or(0) >= 3 {
+            break;
+        }
+    }
+    let snap = dir.path().join("snap");
+    let out = vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+    assert!(out.contains("quiesced"), "{out}");
+    let quiesced = vm.wait_for("testguest: agent quiesce n=1", T);
+    assert!(quiesced.contains("disk=held"), "{quiesced}");
+    let thawed = vm.wait_for("testguest: agent thaw n=1", T);
+    // Not one write between the quiesce's answer and the thaw.
+    assert_eq!(tests::field(&quiesced, "writes"), tests::field(&thawed, "writes"), "{quiesced} / {thawed}");
+    let resumed_writing = vm.wait_for("testguest: disk thawed", T);
+    assert!(tests::field(&resumed_writing, "verified-sectors").unwrap_or(0) > 0, "{resumed_writing}");
+    let rounds = tests::field(&vm.wait_for("testguest: tick", T), "cpu1").unwrap();
+    loop {
+        if tests::field(&vm.wait_for("testguest: tick", T), "cpu1").unwrap() > rounds {
+            break;
+        }
+    }
+    vm.kill();
+
+    // The snapshot holds the guest parked (quiesced, not yet thawed): the resuming vmm thaws it,
+    // and the guest finds its writes on the snapshot's copy of the disk.
+    let vsock = format!("cid=3,uds={}", dir.path().join("b.vsock").display());
+    let sock = dir.path().join("b.sock").display().to_string();
+    let mut resumed = Vmm::spawn(&[
+        "resume",
+        snap.to_str().unwrap(),
+        "--vsock",
+        &vsock,
+        "--name",
+        "disk-agent-b",
+        "--api-sock",
+        &sock,
+    ]);
+    resumed.wait_for("testguest: agent thaw n=1", T);
+    let checked = resumed.wait_for("testguest: disk thawed", T);
+    assert!(tests::field(&checked, "verified-sectors").unwrap_or(0) > 0, "{checked}");
+    let first = tests::field(&resumed.wait_for("testguest: tick", T), "cpu1").unwrap();
+    loop {
+        if tests::field(&resumed.wait_for("testguest: tick", T), "cpu1").unwrap() > first {
+            break;
+        }
+    }
+    assert!(resumed.lines_with("FAIL").is_empty(), "{:?}", resumed.seen);
+    resumed.kill();
+}
+
 /// A VM whose agent does not answer (this guest runs no vsock driver) is snapshotted anyway,
 /// with a warning; with --require-agent the snapshot fails and the guest runs on.
 #[test]

@@ -25,6 +25,9 @@ pub struct Config {
     pub disk_sectors: u64,
     /// Disk round trips to run (0 = forever, with tick lines).
     pub disk_rounds: u64,
+    /// The disk workload runs on CPU 1 while CPU 0 runs the vsock services, whose agent holds
+    /// the disk's writes between a quiesce and a thaw (needs two CPUs and a vsock device).
+    pub disk_agent: bool,
     /// Power off after this many tick lines; 0 = never.
     pub ticks: u64,
     /// Milliseconds of guest time between tick lines.
@@ -48,6 +51,7 @@ impl Default for Config {
             mem_rate: 0,
             disk_sectors: 64,
             disk_rounds: 1,
+            disk_agent: false,
             ticks: 0,
             tick_ms: 1000,
             dirty_pages: 16,
@@ -87,6 +91,7 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
             b"mem.rate" => number(value).map(|v| cfg.mem_rate = v).is_some(),
             b"disk.sectors" => number(value).map(|v| cfg.disk_sectors = v).is_some() && cfg.disk_sectors > 0,
             b"disk.rounds" => number(value).map(|v| cfg.disk_rounds = v).is_some(),
+            b"disk.agent" => number(value).filter(|&v| v <= 1).map(|v| cfg.disk_agent = v == 1).is_some(),
             b"ticks" => number(value).map(|v| cfg.ticks = v).is_some(),
             b"dirty.pages" => number(value).map(|v| cfg.dirty_pages = v).is_some() && cfg.dirty_pages > 0,
             b"dirty.stride" => {
@@ -95,7 +100,9 @@ pub fn parse(line: &[u8]) -> Result<Config, &[u8]> {
                     && cfg.dirty_stride.is_multiple_of(4096)
             }
             b"dirty.fill" => size(value).map(|v| cfg.dirty_fill = v).is_some(),
-            b"vsock.connect" => number(value).and_then(|v| u32::try_from(v).ok()).map(|v| cfg.vsock_connect = v).is_some(),
+            b"vsock.connect" => {
+                number(value).and_then(|v| u32::try_from(v).ok()).map(|v| cfg.vsock_connect = v).is_some()
+            }
             b"net.ip" => ipv4(value).map(|v| cfg.net_ip = v).is_some(),
             b"tick.ms" => number(value).map(|v| cfg.tick_ms = v).is_some() && cfg.tick_ms > 0,
             _ => true,

@@ -321,12 +321,34 @@ fn answer(frame: &Frame<'_>, out: &mut [u8]) -> usize {
         Message::Ping => Message::Ok("testguest agent"),
         Message::Quiesce { timeout_ms } => {
             let n = QUIESCES.fetch_add(1, Relaxed) + 1;
-            Line::new().s("agent quiesce n=").u(n).s(" timeout_ms=").u(timeout_ms as u64).print();
-            Message::Ok("quiesced")
+            let mut line = Line::new();
+            line.s("agent quiesce n=").u(n).s(" timeout_ms=").u(timeout_ms as u64);
+            // With a disk workload, quiesced means its writes are done and held.
+            let held = if crate::workload::disk_agent() {
+                let held = crate::workload::disk_quiesce(timeout_ms as u64);
+                match held {
+                    Some(writes) => line.s(" disk=held writes=").u(writes),
+                    None => line.s(" disk=busy"),
+                };
+                held.is_some()
+            } else {
+                true
+            };
+            line.print();
+            if held {
+                Message::Ok("quiesced")
+            } else {
+                Message::Error("the disk workload did not stop writing in time")
+            }
         }
         Message::Thaw => {
             let n = THAWS.fetch_add(1, Relaxed) + 1;
-            Line::new().s("agent thaw n=").u(n).print();
+            let mut line = Line::new();
+            line.s("agent thaw n=").u(n);
+            if crate::workload::disk_agent() {
+                line.s(" writes=").u(crate::workload::disk_thaw());
+            }
+            line.print();
             Message::Ok("thawed")
         }
         Message::SetTime { secs, nanos } => {
@@ -334,7 +356,8 @@ fn answer(frame: &Frame<'_>, out: &mut [u8]) -> usize {
             Message::Ok("time set")
         }
         Message::AddEntropy(bytes) => {
-            let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            let hash =
+                bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
             Line::new().s("agent add-entropy bytes=").u(bytes.len() as u64).s(" hash=").x(hash).print();
             Message::Ok("entropy added")
         }

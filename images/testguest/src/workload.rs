@@ -3,7 +3,7 @@
 //! All state that must survive a snapshot (pass numbers, tick counters, the tick-line schedule)
 //! lives in statics, i.e. in guest memory, so a restored guest continues and keeps verifying.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 
 use crate::acpi::Acpi;
 use crate::bootinfo::Alloc;
@@ -11,9 +11,9 @@ use crate::cmdline::{Config, Workload};
 use crate::console::{fail, Line};
 use crate::paging::MAP_LIMIT;
 use crate::sync::Once;
-use crate::{net, vsock};
 use crate::virtio::{self, Blk, T_IN, T_OUT};
 use crate::{kvmclock, power, smp, sys, MAX_CPUS};
+use crate::{net, vsock};
 
 const NS_PER_S: u64 = 1_000_000_000;
 const NS_PER_MS: u64 = 1_000_000;
@@ -46,6 +46,14 @@ struct NetSetup {
 }
 static NET: Once<NetSetup> = Once::new();
 static VSOCK: Once<NetSetup> = Once::new();
+/// `disk.agent=1`: the agent (CPU 0) asks the disk workload (CPU 1) to hold its writes; the
+/// workload parks between two requests, so none is in flight, and says so.
+static DISK_HOLD: AtomicBool = AtomicBool::new(false);
+static DISK_PARKED: AtomicBool = AtomicBool::new(false);
+/// Guest time the hold ends by itself if no thaw came (the protocol's quiesce timeout).
+static DISK_HOLD_UNTIL_NS: AtomicU64 = AtomicU64::new(0);
+/// Write requests the disk workload completed.
+static DISK_WRITES: AtomicU64 = AtomicU64::new(0);
 /// The dirty workload's pages: one every `dirty.stride` bytes from here.
 static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 
@@ -71,6 +79,12 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             }
         }
         Workload::Disk => {
+            if cfg.disk_agent {
+                if ncpus < 2 {
+                    fail("disk", "reason=disk.agent-needs-2-cpus");
+                }
+                prepare_vsock(alloc, acpi);
+            }
             let bytes = cfg.disk_sectors.saturating_mul(512);
             let (Some(queue_page), Some(wbuf), Some(rbuf)) = (
                 alloc.alloc(4096, 4096, MAP_LIMIT),
@@ -91,14 +105,7 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
             unsafe { core::ptr::write_bytes(area as *mut u8, 0, net::AREA_BYTES as usize) };
             NET.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
         }
-        Workload::Vsock => {
-            let Some(area) = alloc.alloc(vsock::AREA_BYTES, 4096, MAP_LIMIT) else {
-                fail("vsock", "reason=ram-too-small-for-buffers");
-            };
-            // SAFETY: just allocated for the driver alone; the device must see zeroed rings.
-            unsafe { core::ptr::write_bytes(area as *mut u8, 0, vsock::AREA_BYTES as usize) };
-            VSOCK.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
-        }
+        Workload::Vsock => prepare_vsock(alloc, acpi),
         Workload::Dirty => {
             let span = cfg.dirty_pages.saturating_mul(cfg.dirty_stride).max(cfg.dirty_fill);
             match alloc.alloc(span, 2 << 20, MAP_LIMIT) {
@@ -110,6 +117,44 @@ pub fn prepare(cfg: Config, ncpus: usize, alloc: &mut Alloc, acpi: &Acpi) {
         }
     }
     CONFIG.set(cfg);
+}
+
+fn prepare_vsock(alloc: &mut Alloc, acpi: &Acpi) {
+    let Some(area) = alloc.alloc(vsock::AREA_BYTES, 4096, MAP_LIMIT) else {
+        fail("vsock", "reason=ram-too-small-for-buffers");
+    };
+    // SAFETY: just allocated for the driver alone; the device must see zeroed rings.
+    unsafe { core::ptr::write_bytes(area as *mut u8, 0, vsock::AREA_BYTES as usize) };
+    VSOCK.set(NetSetup { windows: acpi.virtio, nwindows: acpi.nvirtio, area });
+}
+
+/// Whether the agent holds the disk workload's writes (`disk.agent=1`).
+pub fn disk_agent() -> bool {
+    CONFIG.get().disk_agent
+}
+
+/// The agent's quiesce: has the disk workload park between two requests and waits until it
+/// did (at most `timeout_ms`). Some(writes completed) once parked; None (and nothing held) if
+/// it did not park in time. Without a thaw, the hold ends by itself `timeout_ms` later.
+pub fn disk_quiesce(timeout_ms: u64) -> Option<u64> {
+    DISK_HOLD_UNTIL_NS.store(u64::MAX, SeqCst);
+    DISK_HOLD.store(true, SeqCst);
+    let deadline = kvmclock::uptime_ns(0) + timeout_ms * NS_PER_MS;
+    while !DISK_PARKED.load(SeqCst) {
+        if kvmclock::uptime_ns(0) > deadline {
+            DISK_HOLD.store(false, SeqCst);
+            return None;
+        }
+        sys::sleep_ms(1);
+    }
+    DISK_HOLD_UNTIL_NS.store(kvmclock::uptime_ns(0) + timeout_ms * NS_PER_MS, SeqCst);
+    Some(DISK_WRITES.load(SeqCst))
+}
+
+/// The agent's thaw: lets the disk workload write again; the writes it completed.
+pub fn disk_thaw() -> u64 {
+    DISK_HOLD.store(false, SeqCst);
+    DISK_WRITES.load(SeqCst)
 }
 
 /// Guest time between tick lines.
@@ -135,7 +180,9 @@ pub fn run(cpu: usize) -> ! {
     match (cfg.workload, cpu) {
         (Workload::Demo | Workload::Mem, _) => mem(cpu, cfg, ticking),
         (Workload::Idle, _) => idle(cpu, ticking),
-        (Workload::Disk, 0) => disk(cfg),
+        (Workload::Disk, 0) if cfg.disk_agent => vsock_service(cfg),
+        (Workload::Disk, 1) if cfg.disk_agent => disk(cfg, 1),
+        (Workload::Disk, 0) => disk(cfg, 0),
         (Workload::Dirty, 0) => dirty(cfg),
         (Workload::Net, 0) => net_service(cfg),
         (Workload::Vsock, 0) => vsock_service(cfg),
@@ -344,9 +391,9 @@ fn vsock_service(cfg: &Config) -> ! {
     }
 }
 
-/// CPU 0: write, read back and verify `disk.sectors` sectors on the first virtio-blk,
-/// `disk.rounds` times (each round a tick; 0 = forever), then power off.
-fn disk(cfg: &Config) -> ! {
+/// CPU 0 (CPU 1 with `disk.agent=1`): write, read back and verify `disk.sectors` sectors on the
+/// first virtio-blk, `disk.rounds` times (each round a tick; 0 = forever), then power off.
+fn disk(cfg: &Config, cpu: usize) -> ! {
     let d = DISK.get();
     let base = virtio::find_blk(&d.windows[..d.nwindows]).unwrap_or_else(|e| disk_fail(&e));
     let mut blk = Blk::init(base, d.queue_page).unwrap_or_else(|e| disk_fail(&e));
@@ -376,11 +423,13 @@ fn disk(cfg: &Config) -> ! {
     loop {
         disk_round(&mut blk, d, sectors, wbuf, rbuf);
         round += 1;
-        TICKS[0].store(round, Relaxed);
+        TICKS[cpu].store(round, Relaxed);
         if cfg.disk_rounds != 0 && round >= cfg.disk_rounds {
             break;
         }
-        tick_check(kvmclock::uptime_ns(0));
+        if cpu == 0 {
+            tick_check(kvmclock::uptime_ns(0));
+        }
     }
     let mut line = Line::new();
     line.s("disk ok sectors=").u(sectors);
@@ -406,9 +455,17 @@ fn disk_round(blk: &mut Blk, d: &DiskSetup, sectors: u64, wbuf: &mut [u64], rbuf
     for (typ, buf) in [(T_OUT, d.wbuf), (T_IN, d.rbuf)] {
         let mut sector = 0;
         while sector < sectors {
+            // Between two requests, none in flight: where a quiesce holds the writes. Not before
+            // the round's first write, so that the round always has written something to check.
+            if typ == T_IN || sector > 0 {
+                hold_point(blk, d, if typ == T_IN { sectors } else { sector }, wbuf);
+            }
             let n = PER_REQUEST.min(sectors - sector);
             let status =
                 blk.request(typ, sector, buf + sector * 512, (n * 512) as u32).unwrap_or_else(|e| disk_fail(&e));
+            if typ == T_OUT && status == 0 {
+                DISK_WRITES.fetch_add(1, SeqCst);
+            }
             if status != 0 {
                 Line::new()
                     .s("FAIL what=disk reason=")
@@ -432,6 +489,41 @@ fn disk_round(blk: &mut Blk, d: &DiskSetup, sectors: u64, wbuf: &mut [u64], rbuf
             .x(rbuf[i])
             .fail();
     }
+}
+
+/// Parks while the agent holds the writes (`disk_quiesce`). Once thawed, reads back the
+/// `written` sectors of this round and checks them against what was written: a guest resumed
+/// from a snapshot taken while it was held finds on its disk every write it made before.
+fn hold_point(blk: &mut Blk, d: &DiskSetup, written: u64, wbuf: &[u64]) {
+    if !DISK_HOLD.load(SeqCst) {
+        return;
+    }
+    DISK_PARKED.store(true, SeqCst);
+    while DISK_HOLD.load(SeqCst) {
+        if kvmclock::uptime_ns(1) > DISK_HOLD_UNTIL_NS.load(SeqCst) {
+            DISK_HOLD.store(false, SeqCst);
+            Line::new().s("disk hold expired: no thaw came").print();
+        }
+        sys::sleep_ms(1);
+    }
+    DISK_PARKED.store(false, SeqCst);
+    let mut sector = 0;
+    while sector < written {
+        let n = 128.min(written - sector);
+        let status =
+            blk.request(T_IN, sector, d.rbuf + sector * 512, (n * 512) as u32).unwrap_or_else(|e| disk_fail(&e));
+        if status != 0 {
+            Line::new().s("FAIL what=disk reason=read-after-thaw-status status=").u(status as u64).fail();
+        }
+        sector += n;
+    }
+    // SAFETY: the read buffer, `written` sectors of it just filled by the device (the round's
+    // own reads come after and refill it).
+    let got = unsafe { core::slice::from_raw_parts(d.rbuf as *const u64, (written * 64) as usize) };
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != wbuf[i]) {
+        Line::new().s("FAIL what=disk reason=lost-before-quiesce offset=").x(i as u64 * 8).fail();
+    }
+    Line::new().s("disk thawed writes=").u(DISK_WRITES.load(SeqCst)).s(" verified-sectors=").u(written).print();
 }
 
 fn disk_fail(e: &virtio::Error) -> ! {
