@@ -341,8 +341,18 @@ impl StagedMemory {
                         p = end;
                         continue;
                     }
-                    (PageKind::Zero, _) => slots.push(ZERO_SLOT),
-                    (PageKind::Parent, _) => slots.push(PARENT_SLOT),
+                    // Runs of them at memory speed: most of a diff's pages are its parent's.
+                    (PageKind::Zero | PageKind::Parent, _) => {
+                        let slot = if kind == PageKind::Zero { ZERO_SLOT } else { PARENT_SLOT };
+                        let kinds = src.kinds.as_deref().unwrap_or(&[]);
+                        let end = kinds[p..kinds.len().min(pages)]
+                            .iter()
+                            .position(|&k| k != kind)
+                            .map_or(kinds.len().min(pages), |i| p + i);
+                        slots.resize(slots.len() + (end - p), slot);
+                        p = end;
+                        continue;
+                    }
                     _ => {
                         // A run of pages in the mapping, copied as they are in one go: which of
                         // them are zero is found when they are written, while the guest runs.
@@ -362,7 +372,6 @@ impl StagedMemory {
                         continue;
                     }
                 }
-                p += 1;
             }
             self.regions.push(StagedRegion { guest_addr: src.guest_addr, size: src.bytes.len(), slots });
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use snapshot::MemorySource;
+use snapshot::{MemorySource, PageKind};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
@@ -124,6 +124,8 @@ pub struct PausedVm<'a> {
     inner: MutexGuard<'a, Inner>,
     was: RunState,
     keep_paused: bool,
+    /// `end` let the guest go already.
+    released: bool,
 }
 
 impl PausedVm<'_> {
@@ -141,11 +143,17 @@ impl PausedVm<'_> {
     /// is (see `vstate::memory::page_kinds`).
     pub fn memory(&self) -> Vec<MemorySource<'_>> {
         let kinds = crate::vstate::memory::page_kinds(&self.control.mem, self.control.memory_loaded());
+        self.memory_with(|i| kinds[i].clone())
+    }
+
+    /// The regions of guest memory, with `kinds(region index)` as their page kinds.
+    fn memory_with(&self, kinds: impl Fn(usize) -> Option<Vec<PageKind>>) -> Vec<MemorySource<'_>> {
         self.control
             .mem
             .iter()
-            .zip(kinds)
-            .map(|(region, kinds)| {
+            .enumerate()
+            .map(|(i, region)| {
+                let kinds = kinds(i);
                 let len = region.len() as usize;
                 // SAFETY: the region maps `len` bytes for as long as `mem` lives, which outlives
                 // this guard. While the guard lives every vCPU is out of KVM_RUN, and the devices
@@ -155,6 +163,31 @@ impl PausedVm<'_> {
                 MemorySource { guest_addr: region.start_addr().0, bytes, kinds, backing: None }
             })
             .collect()
+    }
+
+    /// Guest memory as `memory` gives it, but only the pages of `dirty`: every other page is
+    /// left to the parent snapshot. Built from the bitmap alone, in time that grows with the
+    /// guest's memory only at memset speed (the pause of a live snapshot or a diff waits on it).
+    pub fn dirty_memory(&self, dirty: &crate::vstate::dirty::DirtyPages) -> Vec<MemorySource<'_>> {
+        let mut sources = self.memory_with(|_| None);
+        for src in &mut sources {
+            let pages = src.bytes.len().div_ceil(crate::vstate::dirty::PAGE_SIZE as usize);
+            let mut kinds = vec![PageKind::Parent; pages];
+            if let Some(region) = dirty.regions.iter().find(|r| r.guest_addr == src.guest_addr) {
+                for (w, &word) in region.bitmap.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let page = w * 64 + bits.trailing_zeros() as usize;
+                        if let Some(kind) = kinds.get_mut(page) {
+                            *kind = PageKind::Mapped;
+                        }
+                        bits &= bits - 1;
+                    }
+                }
+            }
+            src.kinds = Some(kinds);
+        }
+        sources
     }
 
     /// Starts a new diff layer: returns the snapshot the VM's memory was last saved to (if any)
@@ -181,15 +214,28 @@ impl PausedVm<'_> {
     }
 }
 
+impl PausedVm<'_> {
+    /// Lets the guest run again (unless it is to stay paused) and returns when it did: when its
+    /// last vCPU left the pause.
+    pub fn end(mut self) -> std::time::Instant {
+        self.let_go().unwrap_or_else(std::time::Instant::now)
+    }
+
+    fn let_go(&mut self) -> Option<std::time::Instant> {
+        if self.was != RunState::Running || self.keep_paused || self.released {
+            return None;
+        }
+        self.released = true;
+        self.control.devices.resume_workers();
+        let resumed = resume_all(&mut self.inner);
+        self.control.publish(&self.inner);
+        resumed.map_err(|e| tracing::error!("cannot resume the guest: {e}")).ok()
+    }
+}
+
 impl Drop for PausedVm<'_> {
     fn drop(&mut self) {
-        if self.was == RunState::Running && !self.keep_paused {
-            self.control.devices.resume_workers();
-            if let Err(e) = resume_all(&mut self.inner) {
-                tracing::error!("cannot resume the guest: {e}");
-            }
-            self.control.publish(&self.inner);
-        }
+        self.let_go();
     }
 }
 
@@ -231,18 +277,24 @@ fn pause_all(inner: &mut Inner) -> Result<(), ControlError> {
 }
 
 /// Lets every vCPU run; one that cannot be resumed does not keep the others paused.
-fn resume_all(inner: &mut Inner) -> Result<(), ControlError> {
+/// Lets every vCPU run again; returns when the last one did (its thread says when: the caller
+/// may be scheduled again only later, on a host whose cores the guest now keeps busy).
+fn resume_all(inner: &mut Inner) -> Result<std::time::Instant, ControlError> {
     if inner.state == RunState::Running {
-        return Ok(());
+        return Ok(std::time::Instant::now());
     }
-    let mut result = Ok(());
-    for v in &inner.vcpus {
-        if let Err(e) = v.resume() {
-            result = result.and(Err(e));
+    // Every vCPU is let go before any answer is awaited: they run again together, and the pause
+    // ends after the slowest one's wake-up rather than after all of them in turn.
+    let released: Vec<_> = inner.vcpus.iter().map(|v| (v, v.release())).collect();
+    let mut result = Ok(None);
+    for (v, seq) in released {
+        match seq.and_then(|seq| v.resumed(seq)) {
+            Ok(at) => result = result.map(|last: Option<std::time::Instant>| Some(last.map_or(at, |l| l.max(at)))),
+            Err(e) => result = Err(e),
         }
     }
     inner.state = RunState::Running;
-    result
+    result.map(|last| last.unwrap_or_else(std::time::Instant::now))
 }
 
 impl VmControl {
@@ -314,7 +366,7 @@ impl VmControl {
         }
         let result = resume_all(&mut inner);
         self.publish(&inner);
-        result
+        result.map(|_| ())
     }
 
     /// Pauses every vCPU and device worker (if running) for as long as the returned guard lives.
@@ -326,7 +378,7 @@ impl VmControl {
             self.devices.pause_workers();
             self.publish(&inner);
         }
-        Ok(PausedVm { control: self, inner, was, keep_paused: false })
+        Ok(PausedVm { control: self, inner, was, keep_paused: false, released: false })
     }
 
     /// Registers a new snapshot job, or fails if one runs.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use snapshot::pages::Run;
 use snapshot::{
-    DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, MemorySource, NetDescription,
-    PageKind, Progress, StagedMemory, VsockDescription,
+    DeviceSummary, DiskCopy, DiskDescription, FileIdentity, Manifest, MemoryData, NetDescription, Progress,
+    StagedMemory, VsockDescription,
 };
 use snapshot::{StateDigest, VcpuSummary, VmDescription};
 
@@ -455,20 +455,6 @@ pub fn encode_state(control: &VmControl, paused: &crate::control::PausedVm<'_>) 
     Ok(MachineState { vm, vcpus, devices }.to_sections().encode())
 }
 
-/// Leaves only the pages in `dirty` to be saved: the others are the parent snapshot's.
-fn keep_only_dirty(sources: &mut [MemorySource<'_>], dirty: &DirtyPages) {
-    for src in sources {
-        let pages = src.bytes.len().div_ceil(PAGE_SIZE as usize);
-        let region = dirty.regions.iter().find(|r| r.guest_addr == src.guest_addr);
-        let kinds = src.kinds.get_or_insert_with(|| vec![PageKind::Mapped; pages]);
-        for (p, kind) in kinds.iter_mut().enumerate() {
-            if !region.is_some_and(|r| r.is_dirty(p as u64)) {
-                *kind = PageKind::Parent;
-            }
-        }
-    }
-}
-
 /// A diff layer a snapshot started (`PausedVm::begin_layer`, and the disks' written chunks):
 /// unless the snapshot is committed, the pages and chunks it took go back to the VM's records,
 /// so the next diff still holds them.
@@ -741,12 +727,11 @@ pub fn snapshot(
             },
         };
         sink.begin(&manifest, &state_bytes)?;
-        let mut sources = paused.memory();
-        match (&final_pages, &parent, dirty) {
-            (Some(pages), _, _) => keep_only_dirty(&mut sources, pages),
-            (None, Some(_), Some(layer)) => keep_only_dirty(&mut sources, &layer.taken),
-            _ => {}
-        }
+        let sources = match (&final_pages, &parent, dirty) {
+            (Some(pages), _, _) => paused.dirty_memory(pages),
+            (None, Some(_), Some(layer)) => paused.dirty_memory(&layer.taken),
+            _ => paused.memory(),
+        };
         // Copy memory aside at memory speed; write it to the sink while paused only when the
         // copy does not fit, or when the guest is not to run again anyway.
         let staged = staging.and_then(|mut staged| staged.copy(&sources).then_some(staged));
@@ -771,8 +756,7 @@ pub fn snapshot(
     if opts.stop && taken.is_ok() {
         paused.keep_paused();
     }
-    drop(paused);
-    let pause = paused_at.elapsed();
+    let pause = paused.end().saturating_duration_since(paused_at);
     // A guest that runs on is thawed at once; one that stops stays frozen in the snapshot too,
     // and is thawed after its resume (agent::refresh_after_resume).
     if !opts.stop || taken.is_err() {

@@ -215,7 +215,7 @@ impl Vcpu {
                 }
                 VcpuRequest::Resume => {
                     paused = false;
-                    VcpuResponse::Resumed
+                    VcpuResponse::Resumed(std::time::Instant::now())
                 }
                 VcpuRequest::Save => VcpuResponse::State(Box::new(vcpu_state::save(
                     &self.fd,
@@ -268,7 +268,8 @@ pub enum VcpuRequest {
 
 pub enum VcpuResponse {
     Paused,
-    Resumed,
+    /// When it left the pause (it goes back into KVM_RUN right after).
+    Resumed(std::time::Instant),
     State(Box<Result<VcpuState, VcpuError>>),
 }
 
@@ -341,11 +342,10 @@ impl VcpuHandle {
         self.request(VcpuRequest::Resume)
     }
 
-    /// Lets a paused vCPU run again and waits until it does.
-    pub fn resume(&self) -> Result<(), ControlError> {
-        let seq = self.release()?;
+    /// Waits until the vCPU `release` (which returned `seq`) let go runs again; when it did.
+    pub fn resumed(&self, seq: u64) -> Result<std::time::Instant, ControlError> {
         match self.answer(seq)? {
-            VcpuResponse::Resumed => Ok(()),
+            VcpuResponse::Resumed(at) => Ok(at),
             _ => Err(ControlError::Protocol(self.index)),
         }
     }
