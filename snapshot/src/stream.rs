@@ -27,7 +27,8 @@
 //!   - 6 Abandon: a UTF-8 reason (at most [`MAX_ABANDON_REASON`] bytes): the writer gave up (a
 //!     cancelled snapshot, a failed migration); the reader reports it and reads nothing more.
 //!   - 7 Disk: disk u32 | reserved u32 (= 0) | offset u64 | data: `data` at byte `offset` of the
-//!     VM's disk number `disk` (a migration that copies disks). `offset` and `data.len()` are
+//!     VM's disk number `disk` (a snapshot's writable disks, after its memory; a migration that
+//!     copies disks). `offset` and `data.len()` are
 //!     multiples of 512, `data` is not empty; later frames for the same bytes win.
 //!
 //! A State frame may also come after memory frames (a migration sends memory while the guest

@@ -20,7 +20,8 @@ pub enum MemoryUpdate<'a> {
     /// the stream with data (so memory the caller filled must be cleared).
     Zero { guest_addr: u64, len: u64, overwrites: bool },
     /// `bytes` at byte `offset` of disk number `disk`, a disk the manifest says travels with the
-    /// stream (its `copy`), inside its size (a migration that copies disks).
+    /// stream (its `copy`), inside its size (a snapshot's writable disks, a migration that
+    /// copies disks).
     Disk { disk: usize, offset: u64, bytes: &'a [u8] },
 }
 
@@ -223,7 +224,7 @@ fn read_stream<R: Read, T, E: From<Error>>(
                 let size = manifest.vm.disks.get(*disk as usize).and_then(|d| d.copy.as_ref()).map(|c| c.size);
                 let fits =
                     size.is_some_and(|size| offset.checked_add(data.len() as u64).is_some_and(|end| end <= size));
-                if order == StateOrder::First || !fits {
+                if !fits {
                     return Err(bad(
                         &reader,
                         format!("disk data for disk {disk} at {offset} that the manifest does not give room for"),
@@ -488,6 +489,29 @@ mod tests {
         };
         let (_, got) = read_disks(&stream(0, (1 << 20) - 4096)).unwrap();
         assert_eq!(got, vec![(0, (1 << 20) - 4096, 4096)]);
+        // A snapshot stream (state first) carries its disks after the memory too.
+        let mut m = m.clone();
+        m.state = crate::StateDigest { size: 1, checksum: crate::digest::checksum(b"s"), ..Default::default() };
+        let mut w = StreamWriter::new(Vec::new(), false).unwrap();
+        w.manifest(&m.encode()).unwrap();
+        w.state(b"s").unwrap();
+        w.zero(0, 2 << 20).unwrap();
+        w.disk(0, 4096, &[5u8; 8192]).unwrap();
+        let bytes = w.finish().unwrap().0;
+        let mut got = Vec::new();
+        read_snapshot(
+            &bytes[..],
+            "test",
+            |_| Ok::<_, Error>(()),
+            |(), update| {
+                if let MemoryUpdate::Disk { disk, offset, bytes } = update {
+                    got.push((disk, offset, bytes.len()));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![(0, 4096, 8192)]);
         for (disk, offset) in [(0, 1 << 20), (1, 0), (0, (1 << 20) - 512)] {
             let err = read_disks(&stream(disk, offset)).err().unwrap().to_string();
             assert!(err.contains("does not give room"), "{err}");

@@ -98,6 +98,64 @@ fn snapshots_hold_the_disk_as_at_the_pause() {
     assert!(vm.lines_with("FAIL").is_empty());
 }
 
+/// A snapshot stream carries the disks too: taken to a file while the guest rewrites its disk,
+/// it holds the disk as at the pause; the original disk is then overwritten, and a resume from
+/// the stream runs on a working copy made from the stream alone, where the guest goes on
+/// verifying what it wrote before the pause.
+#[test]
+fn a_snapshot_stream_carries_the_disks() {
+    let dir = TempDir::new("snapdisk-stream");
+    let disk = disk(&dir);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm = Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock]);
+    vm.wait_for("testguest: tick", T);
+    let stream = dir.path().join("vm.stream");
+    let out = std::fs::File::create(&stream).unwrap();
+    let status = std::process::Command::new(tests::vmm_bin())
+        .args(["snapshot", "--api-sock", &sock, "--out", "-"])
+        .stdout(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    vm.wait_for("testguest: tick", T);
+    vm.kill();
+    assert!(vm.lines_with("FAIL").is_empty());
+    // The stream checks out, disk frames included, and says it carries the disk.
+    let verified = std::process::Command::new(tests::vmm_bin())
+        .args(["verify", "-"])
+        .stdin(std::fs::File::open(&stream).unwrap())
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    let shown = std::process::Command::new(tests::vmm_bin())
+        .args(["inspect", "-"])
+        .stdin(std::fs::File::open(&stream).unwrap())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("disk0.img"), "{shown}");
+    // Nothing of the original disk is needed any more.
+    std::fs::write(&disk, vec![0xeeu8; DISK_BYTES as usize]).unwrap();
+
+    let name = "snapdisk-stream-b";
+    let sock_b = dir.path().join("b.sock").display().to_string();
+    let input = std::fs::File::open(&stream).unwrap();
+    let mut resumed = Vmm::spawn_with_stdin(
+        &["resume", "-", "--name", name, "--api-sock", &sock_b],
+        std::process::Stdio::from(input),
+    );
+    let first = field(&resumed.wait_for("testguest: tick", T), "cpu0").unwrap();
+    let mut last = first;
+    for _ in 0..3 {
+        last = field(&resumed.wait_for("testguest: tick", T), "cpu0").unwrap();
+    }
+    assert!(last > first, "no disk rounds after the resume");
+    assert!(resumed.lines_with("FAIL").is_empty(), "{:?}", resumed.seen);
+    assert_pattern_kept(&working_copy(name));
+    resumed.kill();
+}
+
 /// One snapshot resumed twice: each resume gets a fresh working copy of the snapshot's disk;
 /// `--disk` runs one on a file of the user's instead, as it is.
 #[test]

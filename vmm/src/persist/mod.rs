@@ -624,7 +624,7 @@ pub fn snapshot(
         let size = std::fs::metadata(&disk.path)
             .map(|m| m.len() / 512 * 512)
             .map_err(|e| PersistError::Disk(format!("{}: {e}", disk.path.display())))?;
-        if let Some(file) = sink.disk_copy_file(index, size)? {
+        if let Some(file) = sink.disk_copy_file(index, size, &disk.path)? {
             disk_files.push((index, file, size));
         }
     }

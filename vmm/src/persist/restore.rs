@@ -635,8 +635,12 @@ pub fn restore<T>(
             (state, mem, Some(LoadingMemory { load, files, read_whole }), Some(base), admitted)
         }
         ResumeSource::Stream(mut input) => {
-            let (streamed, mem, admitted) =
-                read_stream(&mut input, None, |m| Ok((admit(m, STREAM, opts, claim)?, Vec::new())))?;
+            // The disks the stream carries go to fresh files (the working copies' places).
+            let (streamed, mem, admitted) = read_stream(&mut input, None, |m| {
+                let admitted = admit(m, STREAM, opts, claim)?;
+                let disks = create_copied_disks(m, &admitted.0, &mut created)?;
+                Ok((admitted, disks))
+            })?;
             let state = decode_state(&streamed.manifest, &streamed.state)?;
             source_here = on_this_host(&streamed.manifest);
             (state, mem, None, None, admitted)

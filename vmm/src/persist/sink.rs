@@ -41,9 +41,14 @@ pub trait Sink: Send {
     }
     /// Makes the snapshot durable (directory) or complete (stream).
     fn commit(self: Box<Self>) -> Result<Written, PersistError>;
-    /// A file for disk `index`'s copy (`size` bytes), if this sink keeps disks: directories do;
-    /// streams do not (yet): their disks stay where they are, checked by identity on resume.
-    fn disk_copy_file(&mut self, _index: usize, _size: u64) -> Result<Option<std::fs::File>, PersistError> {
+    /// A file for the copy of disk `index` (`size` bytes, the file `disk`), which the snapshot
+    /// fills with the disk as it was at the pause, if this sink keeps disks.
+    fn disk_copy_file(
+        &mut self,
+        _index: usize,
+        _size: u64,
+        _disk: &Path,
+    ) -> Result<Option<std::fs::File>, PersistError> {
         Ok(None)
     }
 }
@@ -93,7 +98,7 @@ impl Sink for DirSink {
         manifest.memory = layout;
     }
 
-    fn disk_copy_file(&mut self, index: usize, size: u64) -> Result<Option<std::fs::File>, PersistError> {
+    fn disk_copy_file(&mut self, index: usize, size: u64, _disk: &Path) -> Result<Option<std::fs::File>, PersistError> {
         Ok(Some(self.writer.create_disk_copy(&snapshot::DiskCopy::file_name(index), size)?))
     }
 
@@ -110,6 +115,9 @@ pub struct StreamSink<W: Write + Send> {
     writer: StreamWriter<std::io::BufWriter<W>>,
     /// Names the output in errors.
     what: PathBuf,
+    /// The disks' copies (disk number, file, size): unnamed files beside each disk, filled like
+    /// a directory's copies, and sent after the memory (Disk frames).
+    disks: Vec<(usize, std::fs::File, u64)>,
 }
 
 /// A pipe holds 64 KiB by default: a stream through one then costs a context switch every 64 KiB.
@@ -128,7 +136,7 @@ impl<W: Write + Send + std::os::fd::AsFd> StreamSink<W> {
         grow_pipe(&out);
         let buffered = std::io::BufWriter::with_capacity(1 << 20, out);
         let writer = StreamWriter::new(buffered, compress).map_err(|e| PersistError::stream_out(what, e))?;
-        Ok(Self { writer, what: what.to_path_buf() })
+        Ok(Self { writer, what: what.to_path_buf(), disks: Vec::new() })
     }
 }
 
@@ -162,9 +170,80 @@ impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
         })
     }
 
-    fn commit(self: Box<Self>) -> Result<Written, PersistError> {
+    fn disk_copy_file(&mut self, index: usize, size: u64, disk: &Path) -> Result<Option<std::fs::File>, PersistError> {
+        use rustix::fs::{Mode, OFlags};
+        // Beside the disk, on its file system (not in memory, as /tmp may be), unnamed: it goes
+        // when the snapshot is done, or when vmm dies.
+        let dir = disk.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let io = |e: std::io::Error| {
+            PersistError::Disk(format!(
+                "cannot make a copy of {} beside it (in {}): {e}",
+                disk.display(),
+                dir.display()
+            ))
+        };
+        let file =
+            match rustix::fs::open(dir, OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)) {
+                Ok(fd) => std::fs::File::from(fd),
+                // A file system without O_TMPFILE: a named file, unlinked at once.
+                Err(_) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let name = dir.join(format!(".vmm-disk-copy-{}-{index}", std::process::id()));
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&name)
+                        .map_err(io)?;
+                    std::fs::remove_file(&name).map_err(io)?;
+                    file
+                }
+            };
+        file.set_len(size).map_err(io)?;
+        self.disks.push((index, file.try_clone().map_err(io)?, size));
+        Ok(Some(file))
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<Written, PersistError> {
+        for (index, file, size) in std::mem::take(&mut self.disks) {
+            send_disk(&mut self.writer, index, &file, size).map_err(|e| PersistError::stream_out(&self.what, e))?;
+        }
         let (mut out, stats) = self.writer.finish().map_err(|e| PersistError::stream_out(&self.what, e))?;
         out.flush().map_err(|e| PersistError::stream_out(&self.what, e))?;
         Ok(Written { bytes: stats.bytes, id: None, zero_pages: stats.zero_bytes / snapshot::pages::PAGE_SIZE })
     }
+}
+
+/// Sends what `file` (a disk's copy, `size` bytes) holds as Disk frames: its data, not its holes,
+/// which the reader's fresh sparse file holds as zeros already.
+fn send_disk<W: Write>(
+    writer: &mut StreamWriter<W>,
+    index: usize,
+    file: &std::fs::File,
+    size: u64,
+) -> Result<(), snapshot::stream::StreamError> {
+    use rustix::fs::{seek, SeekFrom};
+    use snapshot::stream::StreamError;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; snapshot::stream::MEMORY_FRAME_BYTES];
+    let mut at = 0;
+    while at < size {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(data) => data,
+            Err(e) if e == rustix::io::Errno::NXIO => break,
+            Err(e) => return Err(StreamError::Io(e.into())),
+        };
+        let hole = seek(file, SeekFrom::Hole(data)).map_err(|e| StreamError::Io(e.into()))?.min(size);
+        let mut offset = data.min(size) / 512 * 512;
+        while offset < hole {
+            let len = ((hole - offset) as usize).min(buf.len()).div_ceil(512) * 512;
+            let len = len.min((size - offset) as usize);
+            file.read_exact_at(&mut buf[..len], offset).map_err(StreamError::Io)?;
+            writer.disk(index as u32, offset, &buf[..len])?;
+            offset += len as u64;
+        }
+        at = offset.max(hole);
+    }
+    Ok(())
 }
