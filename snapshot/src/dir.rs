@@ -272,6 +272,16 @@ impl Snapshot {
     /// A file that cannot be read (permissions, I/O) is an I/O error naming it, not "not a
     /// snapshot": only a missing manifest means that.
     pub fn open(dir: &Path) -> Result<Self> {
+        // A link (a checkpoint directory's `latest`) is followed once: every file is then read
+        // from the one snapshot it named, even if it is switched to another meanwhile.
+        let resolved;
+        let dir = match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                resolved = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+                resolved.as_path()
+            }
+            _ => dir,
+        };
         let what = dir.display().to_string();
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => {}

@@ -95,9 +95,33 @@ fn a_vm_killed_at_any_moment_comes_back_from_its_latest_checkpoint() {
     assert!((1..=3).contains(&layers), "{out}");
     let shown = vmm_ok(&["inspect", "--json", l.to_str().unwrap()]);
     assert!(shown.contains("\"memory\""), "{shown}");
+    // A new VM may not take over the directory, whose older chains it would remove: the dead
+    // VM's checkpoints are what brings it back.
+    let (status, _, stderr) = tests::vmm_cmd(&[
+        "run",
+        "--mem",
+        "64M",
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--checkpoint-every",
+        "1s",
+        "--name",
+        "ckpt-usurper",
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("holds another VM's checkpoints"), "{stderr}");
     // The guest comes back from it, where it was then (not rebooted), and goes on verifying its
-    // memory pattern.
-    let mut resumed = Vmm::spawn(&["resume", ck.join("latest").to_str().unwrap(), "--name", "ckpt-back"]);
+    // memory pattern, and checkpointing into the same directory.
+    let mut resumed = Vmm::spawn(&[
+        "resume",
+        ck.join("latest").to_str().unwrap(),
+        "--name",
+        "ckpt-back",
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--checkpoint-every",
+        "1h",
+    ]);
     let first = resumed.wait_for("testguest: tick", T);
     let last = (0..3).map(|_| resumed.wait_for("testguest: tick", T)).last().unwrap();
     assert!(

@@ -49,7 +49,7 @@ fn check_name(name: &str) -> Result<(), Failure> {
 }
 
 pub fn run(args: RunArgs) -> CmdResult {
-    let checkpoint = checkpoint_config(&args.checkpoint)?;
+    let checkpoint = checkpoint_config(&args.checkpoint, None)?;
     let vcpus = u8::try_from(args.vcpus).map_err(|_| {
         Failure::bad_input(format!("--vcpus {} is more than this host allows (254: xAPIC limit)", args.vcpus))
     })?;
@@ -106,7 +106,7 @@ fn persist_failure(e: persist::PersistError) -> Failure {
 }
 
 pub fn resume(args: ResumeArgs) -> CmdResult {
-    let checkpoint = checkpoint_config(&args.checkpoint)?;
+    let checkpoint = checkpoint_config(&args.checkpoint, Some(&args.dir))?;
     if let Some(name) = &args.name {
         check_name(name)?;
     }
@@ -221,7 +221,7 @@ fn security_of(tls: &crate::TlsArgs) -> Option<Security> {
 pub fn receive(args: ReceiveArgs) -> CmdResult {
     // Checkpoints go on at the destination: their directory is checked and locked before
     // anything is received.
-    let checkpoint = checkpoint_config(&args.checkpoint)?;
+    let checkpoint = checkpoint_config(&args.checkpoint, None)?;
     if let Some(name) = &args.name {
         check_name(name)?;
     }
@@ -412,7 +412,9 @@ fn stop_receiving_on_signal(
 }
 
 /// The periodic checkpoints the arguments ask for.
-fn checkpoint_config(args: &CheckpointArgs) -> Result<Option<CheckpointConfig>, Failure> {
+/// `resumed_from`: the snapshot a `vmm resume` continues from, which may be one of the
+/// checkpoint directory's own.
+fn checkpoint_config(args: &CheckpointArgs, resumed_from: Option<&Path>) -> Result<Option<CheckpointConfig>, Failure> {
     let (Some(dir), Some(every)) = (&args.checkpoint_dir, &args.checkpoint_every) else {
         if args.mtbf.is_some() {
             return Err(Failure::bad_input("--mtbf goes with --checkpoint-every auto"));
@@ -436,6 +438,22 @@ fn checkpoint_config(args: &CheckpointArgs) -> Result<Option<CheckpointConfig>, 
     let dir = std::path::absolute(dir).map_err(|e| Failure::bad_input(format!("--checkpoint-dir: {e}")))?;
     // Before anything runs: a VM that cannot checkpoint there is refused, not started.
     let lock = checkpoint::lock_dir(&dir).map_err(Failure::bad_input)?;
+    // Checkpoints of a VM that is gone (killed, its host crashed) are what brings it back: only
+    // the VM resumed from them may go on in their directory, whose older chains it removes.
+    if let Ok(latest) = std::fs::read_link(dir.join(checkpoint::LATEST)) {
+        let canonical_dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        let continues =
+            resumed_from.and_then(|from| from.canonicalize().ok()).is_some_and(|from| from.starts_with(&canonical_dir));
+        if !continues {
+            return Err(Failure::bad_input(format!(
+                "--checkpoint-dir {} holds another VM's checkpoints (latest: {}): resume that VM with `vmm resume {} --checkpoint-dir {} ...`, or give another directory",
+                dir.display(),
+                latest.display(),
+                dir.join(checkpoint::LATEST).display(),
+                dir.display()
+            )));
+        }
+    }
     Ok(Some(CheckpointConfig { dir, interval, keep: args.keep as usize, lock }))
 }
 

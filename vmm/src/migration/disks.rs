@@ -37,10 +37,12 @@ impl DiskSender {
         let mut disks = Vec::new();
         if copy {
             for (index, d) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
-                let file = File::open(&d.path).map_err(|e| PersistError::Disk(format!("{}: {e}", d.path.display())))?;
-                let size = file.metadata().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path.display())))?.len()
-                    / 512
-                    * 512;
+                let file =
+                    File::open(&d.path).map_err(|e| PersistError::Disk(format!("disk {}: {e}", d.path.display())))?;
+                let size =
+                    file.metadata().map_err(|e| PersistError::Disk(format!("disk {}: {e}", d.path.display())))?.len()
+                        / 512
+                        * 512;
                 disks.push(Disk { index, file, size });
             }
         }

@@ -562,7 +562,7 @@ fn finish(
     let state = persist::encode_state(control, &paused)?;
     // The destination runs on the same disks: what the guest wrote must be on them.
     for d in control.devices.durable_files() {
-        d.file.sync_data().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path)))?;
+        d.file.sync_data().map_err(|e| PersistError::Disk(format!("cannot flush disk {}: {e}", d.path)))?;
     }
     let (_, total) = sender.job.progress.get();
     sender.job.progress.set_total(total + dirty.count() * PAGE_SIZE + sender.disks.bytes_of(&written));

@@ -63,7 +63,8 @@ pub enum PersistError {
     MapMemory(String),
     #[error(transparent)]
     MemoryLoad(#[from] crate::vstate::load::LoadFailure),
-    #[error("cannot flush disk {0}")]
+    /// A disk's file could not be used (the message names it and says how).
+    #[error("{0}")]
     Disk(String),
     #[error("cannot make the working copy of a snapshot's disk at {0}")]
     WorkingCopy(String),
@@ -623,7 +624,7 @@ pub fn snapshot(
     for (index, disk) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
         let size = std::fs::metadata(&disk.path)
             .map(|m| m.len() / 512 * 512)
-            .map_err(|e| PersistError::Disk(format!("{}: {e}", disk.path.display())))?;
+            .map_err(|e| PersistError::Disk(format!("disk {}: {e}", disk.path.display())))?;
         if let Some(file) = sink.disk_copy_file(index, size, &disk.path)? {
             disk_files.push((index, file, size));
         }
@@ -798,7 +799,7 @@ pub fn snapshot(
         // outside the devices' locks: the guest goes on using its disks meanwhile.
         job.set_phase("syncing disks");
         for d in control.devices.durable_files() {
-            d.file.sync_data().map_err(|e| PersistError::Disk(format!("{}: {e}", d.path)))?;
+            d.file.sync_data().map_err(|e| PersistError::Disk(format!("cannot flush disk {}: {e}", d.path)))?;
         }
         job.progress.check()?;
         job.set_phase("committing");

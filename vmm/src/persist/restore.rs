@@ -370,7 +370,7 @@ fn create_copied_disks(
             continue;
         };
         let path = &target.path;
-        let io = |what: &str, e: std::io::Error| PersistError::Disk(format!("{}: {what}: {e}", path.display()));
+        let io = |what: &str, e: std::io::Error| PersistError::Disk(format!("disk {}: {what}: {e}", path.display()));
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
