@@ -110,6 +110,9 @@ fn a_snapshot_stream_carries_the_disks() {
     let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
     let mut vm = Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock]);
     vm.wait_for("testguest: tick", T);
+    // The disk's file is renamed under the running VM: the snapshot uses the file it has open.
+    let moved = dir.path().join("moved.img");
+    std::fs::rename(&disk, &moved).unwrap();
     let stream = dir.path().join("vm.stream");
     let out = std::fs::File::create(&stream).unwrap();
     let status = std::process::Command::new(tests::vmm_bin())
@@ -136,7 +139,7 @@ fn a_snapshot_stream_carries_the_disks() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("disk0.img"), "{shown}");
     // Nothing of the original disk is needed any more.
-    std::fs::write(&disk, vec![0xeeu8; DISK_BYTES as usize]).unwrap();
+    std::fs::write(&moved, vec![0xeeu8; DISK_BYTES as usize]).unwrap();
 
     let name = "snapdisk-stream-b";
     let sock_b = dir.path().join("b.sock").display().to_string();

@@ -622,9 +622,14 @@ pub fn snapshot(
     // pause: the copies themselves start while paused and are taken while the guest runs on.
     let mut disk_files = Vec::new();
     for (index, disk) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
-        let size = std::fs::metadata(&disk.path)
-            .map(|m| m.len() / 512 * 512)
-            .map_err(|e| PersistError::Disk(format!("disk {}: {e}", disk.path.display())))?;
+        // The file the device has open: the path may have been renamed or removed since.
+        let open = disk_device(control, index).and_then(|e| lock(&e.device).durable_file());
+        let size = match &open {
+            Some(d) => d.file.metadata(),
+            None => std::fs::metadata(&disk.path),
+        }
+        .map(|m| m.len() / 512 * 512)
+        .map_err(|e| PersistError::Disk(format!("disk {}: {e}", disk.path.display())))?;
         if let Some(file) = sink.disk_copy_file(index, size, &disk.path)? {
             disk_files.push((index, file, size));
         }
