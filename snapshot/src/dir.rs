@@ -193,6 +193,17 @@ pub fn copy_sparse(src: &File, dst: &File) -> std::io::Result<()> {
     }
     let len = src.metadata()?.len();
     dst.set_len(len)?;
+    for_each_data_piece(src, len, |at, piece| dst.write_all_at(piece, at))
+}
+
+/// Calls `f(offset, bytes)` for the data of the first `len` bytes of `src`, in pieces of at most
+/// 1 MiB, skipping its holes (SEEK_DATA / SEEK_HOLE).
+pub fn for_each_data_piece(
+    src: &File,
+    len: u64,
+    mut f: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < len {
@@ -206,10 +217,10 @@ pub fn copy_sparse(src: &File, dst: &File) -> std::io::Result<()> {
         while at < hole {
             let n = (hole - at).min(buf.len() as u64) as usize;
             src.read_exact_at(&mut buf[..n], at)?;
-            dst.write_all_at(&buf[..n], at)?;
+            f(at, &buf[..n])?;
             at += n as u64;
         }
-        pos = hole;
+        pos = hole.max(data);
     }
     Ok(())
 }

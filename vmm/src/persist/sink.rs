@@ -216,34 +216,25 @@ impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
 }
 
 /// Sends what `file` (a disk's copy, `size` bytes) holds as Disk frames: its data, not its holes,
-/// which the reader's fresh sparse file holds as zeros already.
+/// which the reader's fresh sparse file holds as zeros already. Data and holes lie on file-system
+/// blocks, so every piece is whole sectors.
 fn send_disk<W: Write>(
     writer: &mut StreamWriter<W>,
     index: usize,
     file: &std::fs::File,
     size: u64,
 ) -> Result<(), snapshot::stream::StreamError> {
-    use rustix::fs::{seek, SeekFrom};
     use snapshot::stream::StreamError;
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; snapshot::stream::MEMORY_FRAME_BYTES];
-    let mut at = 0;
-    while at < size {
-        let data = match seek(file, SeekFrom::Data(at)) {
-            Ok(data) => data,
-            Err(e) if e == rustix::io::Errno::NXIO => break,
-            Err(e) => return Err(StreamError::Io(e.into())),
-        };
-        let hole = seek(file, SeekFrom::Hole(data)).map_err(|e| StreamError::Io(e.into()))?.min(size);
-        let mut offset = data.min(size) / 512 * 512;
-        while offset < hole {
-            let len = ((hole - offset) as usize).min(buf.len()).div_ceil(512) * 512;
-            let len = len.min((size - offset) as usize);
-            file.read_exact_at(&mut buf[..len], offset).map_err(StreamError::Io)?;
-            writer.disk(index as u32, offset, &buf[..len])?;
-            offset += len as u64;
-        }
-        at = offset.max(hole);
+    let mut failed = None;
+    let walked = snapshot::dir::for_each_data_piece(file, size, |offset, piece| {
+        writer.disk(index as u32, offset, piece).map_err(|e| {
+            failed = Some(e);
+            std::io::Error::other("stream write failed")
+        })
+    });
+    match (failed, walked) {
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(StreamError::Io(e)),
+        (None, Ok(())) => Ok(()),
     }
-    Ok(())
 }
