@@ -259,6 +259,9 @@ impl ChainReader<'_> {
     pub fn chunk_has_data(&self, chunk: usize) -> bool {
         let layout = &self.chain.top().manifest.memory;
         let (guest_addr, _, len) = self.chunks[chunk];
+        if self.owners.is_none() {
+            return layout.any_nonzero(guest_addr, len);
+        }
         self.owners_of(guest_addr, (len / layout.page_size) as usize)
             .iter()
             .any(|o| !matches!(o, Some((_, ExtentKind::Zero))))

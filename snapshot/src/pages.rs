@@ -133,6 +133,14 @@ impl MemoryLayout {
         self.regions.iter().map(|r| r.size.div_ceil(self.chunk_size)).sum()
     }
 
+    /// Whether any page of the `len` bytes from `guest_addr` is other than zero, without listing
+    /// them (as `kinds_of` does).
+    pub fn any_nonzero(&self, guest_addr: u64, len: u64) -> bool {
+        let end = guest_addr + len;
+        let from = self.extents.partition_point(|e| e.guest_addr + e.len <= guest_addr);
+        self.extents[from..].iter().take_while(|e| e.guest_addr < end).any(|e| e.kind != ExtentKind::Zero)
+    }
+
     /// The extent kind of each of `pages` pages from `guest_addr` (the extents tile the regions:
     /// `validate`).
     pub fn kinds_of(&self, guest_addr: u64, pages: u64) -> Vec<ExtentKind> {
