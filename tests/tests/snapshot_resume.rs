@@ -313,6 +313,17 @@ fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
         assert!(std::time::Instant::now() < deadline, "memory still not loaded: {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its data came in as 2 MiB huge pages, as after a boot, where the host has them.
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !thp.contains("[never]") {
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", r.pid())).unwrap();
+        let huge_kib: u64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("AnonHugePages:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        assert!(huge_kib >= 8 << 10, "{huge_kib} KiB of huge pages after loading the 16 MiB the guest touched");
+    }
     // Its own: vmm let go of the page file (a deleted snapshot frees its space at once).
     let pages = snap.join("memory.pages").canonicalize().unwrap();
     let holds = || {

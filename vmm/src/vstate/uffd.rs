@@ -9,8 +9,8 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_register, uffdio_zeropage, UFFDIO_REGISTER_MODE_MISSING,
-    UFFD_API, UFFD_EVENT_PAGEFAULT,
+    uffd_msg, uffdio_api, uffdio_copy, uffdio_move, uffdio_range, uffdio_register, uffdio_zeropage,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MOVE,
 };
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
@@ -22,11 +22,14 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, uffdio_range);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, uffdio_range);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, uffdio_copy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, uffdio_zeropage);
+ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, uffdio_move);
 
 const PAGE: usize = 4096;
 
 pub struct Userfault {
     fd: OwnedFd,
+    /// The kernel offers UFFDIO_MOVE (Linux 6.8 and later).
+    can_move: bool,
 }
 
 fn last_error(what: &str) -> std::io::Error {
@@ -60,18 +63,61 @@ impl Userfault {
     /// A non-blocking userfaultfd that also takes faults from kernel mode (KVM's): that needs
     /// CAP_SYS_PTRACE, or `vm.unprivileged_userfaultfd = 1`.
     pub fn new() -> std::io::Result<Self> {
+        // UFFDIO_API is answered once per descriptor: a kernel without UFFDIO_MOVE refuses the
+        // feature, and a second descriptor goes without it.
+        match Self::with_features(UFFD_FEATURE_MOVE) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Self::with_features(0),
+            other => other,
+        }
+    }
+
+    fn with_features(features: u32) -> std::io::Result<Self> {
         use rustix::mm::{userfaultfd, UserfaultfdFlags};
         // SAFETY: the descriptor is owned here and used only through the ioctls below, on
         // ranges of this process's own guest memory.
         let fd = unsafe { userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
             .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
             .map_err(|e| std::io::Error::new(e.kind(), format!("userfaultfd: {e}")))?;
-        let mut api = uffdio_api { api: u64::from(UFFD_API), features: 0, ioctls: 0 };
+        let mut api = uffdio_api { api: u64::from(UFFD_API), features: u64::from(features), ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes exactly a uffdio_api, which `api` is.
         if unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) } != 0 {
-            return Err(last_error("UFFDIO_API"));
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("UFFDIO_API: {e}")));
         }
-        Ok(Self { fd })
+        Ok(Self { fd, can_move: features & UFFD_FEATURE_MOVE != 0 })
+    }
+
+    /// Whether `move_in` can work here.
+    pub fn can_move(&self) -> bool {
+        self.can_move
+    }
+
+    /// Moves the pages at `[src, src + len)` (this process's private anonymous memory, every page
+    /// present) to `dst` (registered, every page missing) and wakes whoever waits on them: no
+    /// copy, and a 2 MiB transparent huge page at 2 MiB-aligned `src` and `dst` stays one. Fails
+    /// (EEXIST) if a page at `dst` is there already; what moved before the failure stays moved.
+    pub fn move_in(&self, src: usize, dst: usize, len: usize) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let mut mv = uffdio_move {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                move_: 0,
+            };
+            // SAFETY: UFFDIO_MOVE reads and writes exactly a uffdio_move. It takes pages only
+            // from `src`, which the caller owns and no longer reads, and puts them only where
+            // the registered range has none, atomically.
+            let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_MOVE(), &mut mv) };
+            if mv.move_ > 0 {
+                done += mv.move_ as usize;
+            }
+            if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                return Err(last_error("UFFDIO_MOVE"));
+            }
+        }
+        Ok(())
     }
 
     /// Registers `[start, start + len)` (page aligned, a private anonymous mapping) for
