@@ -56,7 +56,7 @@ pub enum Error {
         "snapshot state section '{name}' has version {found}, newer than this vmm reads ({supported}): use a newer vmm"
     )]
     NewerSection { name: String, found: u32, supported: u32 },
-    #[error("snapshot is truncated: {file} has {actual} bytes, the manifest says {expected}")]
+    #[error("snapshot file has the wrong size (truncated or changed): {file} has {actual} bytes, the manifest says {expected}")]
     Truncated { file: &'static str, expected: u64, actual: u64 },
     #[error("snapshot state file is corrupt: checksum mismatch")]
     StateChecksum,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tests::{field, vmm_cmd, vmm_ok, TempDir, Vmm};
+use tests::{field, is_guest_failure, vmm_cmd, vmm_ok, wait_for_vm, TempDir, Vmm};
 
 const T: Duration = Duration::from_secs(60);
 const VCPUS: u64 = 2;
@@ -161,14 +161,10 @@ fn existing_destination_needs_force() {
     // No temporary siblings left behind.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{names:?}");
-    // A host error (here, a missing parent directory) is a runtime error naming the user's path
-    // and the OS error, never a temporary path.
+    // A missing parent directory is a bad argument, named as the user gave it.
     let (status, _, stderr) = vmm_cmd(&["snapshot", "--api-sock", &s, "--out", "/nonexistent/sub/snap"]);
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim(),
-        "vmm: cannot create snapshot /nonexistent/sub/snap: No such file or directory (os error 2)"
-    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim(), "vmm: --out /nonexistent/sub/snap: /nonexistent/sub is not a directory");
     // The guest kept running through all of it.
     vm.wait_for("testguest: tick", T);
     vm.kill();
@@ -363,6 +359,33 @@ fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
     assert!(data < 64 << 20, "{} MiB of data: the overwritten snapshot leaked into the VM", data >> 20);
     let (mut r2, _) = resume_and_check(&dir, "again", &again, &last);
     r2.kill();
+}
+
+/// A page file truncated while a lazy VM still loads from it stops the VM, naming the cause,
+/// and the guest never runs on memory that is not its own. (The loader once mapped a page file
+/// at its size when first needed: truncated by then, a copy read past that mapping into whatever
+/// memory followed it. That took a race this test does not force: about 1 resume in 12 of a
+/// 2 GiB guest truncated while loading, by hand.)
+#[test]
+fn a_page_file_truncated_while_loading_stops_the_vm_before_the_guest_sees_other_memory() {
+    let dir = TempDir::new("trunc");
+    let (vm, _) = boot(&dir, "orig");
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    let s = sock(&dir, "tr");
+    // Lazy and paused: nothing but what the restore itself needs is loaded before the cut.
+    let r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s, "--lazy", "--paused"]);
+    wait_for_vm(&s, T);
+    let pages = std::fs::OpenOptions::new().write(true).open(snap.join("memory.pages")).unwrap();
+    pages.set_len(1 << 20).unwrap();
+    drop(pages);
+    let _ = vmm_cmd(&["continue", "--api-sock", &s]);
+    let (status, out, err) = r.wait_exit(T);
+    assert!(!status.success(), "the VM ran on: {status}\n{err}");
+    assert!(err.contains("changed while in use") || err.contains("memory of snapshot"), "{err}");
+    let failures: Vec<&String> = out.iter().filter(|l| is_guest_failure(l)).collect();
+    assert!(failures.is_empty(), "the guest saw memory that is not its own: {failures:?}");
 }
 
 /// A vmm killed (SIGKILL) while it writes a snapshot over an existing one (`--force`) leaves the

@@ -300,8 +300,9 @@ pub struct ResumeArgs {
     /// that does not match what it remembers of it).
     #[arg(long)]
     pub disk_changed_ok: bool,
-    /// Bring memory in only as the guest touches it, a 1 MiB chunk at a time. By default vmm also
-    /// brings it in from a background thread as soon as the guest runs (the guest is at full
+    /// Bring memory in only as the guest touches it, a 2 MiB block (or 1 MiB chunk) at a time. By
+    /// default vmm also brings it in from a background thread once the VM is built, also while it
+    /// stays `--paused` (the guest is at full
     /// speed sooner), after which the VM no longer depends on the snapshot's files (`vmm status`
     /// says so).
     #[arg(long)]

@@ -256,10 +256,10 @@ pub fn snapshot(args: &SnapshotArgs) -> CmdResult {
         "-".to_string()
     } else {
         // The VM resolves paths from its own working directory: send an absolute one.
-        std::path::absolute(&args.out)
-            .map_err(|e| Failure::bad_input(format!("bad --out {}: {e}", args.out.display())))?
-            .display()
-            .to_string()
+        let out = std::path::absolute(&args.out)
+            .map_err(|e| Failure::bad_input(format!("bad --out {}: {e}", args.out.display())))?;
+        super::check_out_parent(&out)?;
+        out.display().to_string()
     };
     let quiesce = match (args.no_quiesce, args.require_agent) {
         (true, _) => Quiesce::Skip,

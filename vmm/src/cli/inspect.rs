@@ -149,6 +149,7 @@ pub fn verify(dir: &Path) -> CmdResult {
 }
 
 pub fn merge(dirs: &[std::path::PathBuf], out: &Path, force: bool) -> CmdResult {
+    super::check_out_parent(out)?;
     let chain = match dirs {
         [one] => Chain::open(one),
         several => Chain::open_layers(several),

@@ -28,3 +28,14 @@ impl Failure {
 }
 
 pub type CmdResult = Result<u8, Failure>;
+
+/// Refuses an output directory whose parent directory does not exist: a bad argument, found
+/// before any work rather than when the snapshot or merge comes to create it.
+pub fn check_out_parent(out: &std::path::Path) -> Result<(), Failure> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) if !parent.is_dir() => {
+            Err(Failure::bad_input(format!("--out {}: {} is not a directory", out.display(), parent.display())))
+        }
+        _ => Ok(()),
+    }
+}
