@@ -1,10 +1,11 @@
 //! virtio-net on a host TAP device (virtio 1.x, section 5.1): one receive and one transmit queue.
 //!
-//! Transmit runs on the vCPU that notifies the queue, so every frame the guest queued has left
-//! for the TAP by the time the vCPUs are paused. Receive runs on the device's input worker,
-//! whenever the TAP has frames, and on the vCPU when the guest adds buffers; a frame read with no
-//! buffer to take it waits in the device (and in its saved state). Frames arriving while the VM
-//! is paused wait in the TAP's own queue.
+//! Both queues are processed on the device's input worker: whenever the TAP has frames, and
+//! whenever the guest notifies a queue (KVM signals an eventfd on the notify write, so the vCPU
+//! goes on without waiting for its transmit). Pausing the worker first completes what the guest
+//! queued, so every frame it sent has left for the TAP by the time the state is saved. A frame
+//! read with no buffer to take it waits in the device (and in its saved state). Frames arriving
+//! while the VM is paused wait in the TAP's own queue.
 
 pub mod tap;
 
