@@ -217,3 +217,65 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     );
     c.kill();
 }
+
+/// An XFS file system (reflinks on) in a loop-mounted image file, unmounted when dropped.
+struct XfsMount {
+    path: PathBuf,
+}
+
+impl XfsMount {
+    fn new(dir: &TempDir) -> Self {
+        let image = dir.path().join("xfs.img");
+        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+        let path = dir.path().join("xfs");
+        std::fs::create_dir(&path).unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (xfsprogs: images/host-packages.txt)"));
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(std::process::Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image));
+        run(std::process::Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&path));
+        Self { path }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// On a file system with reflinks (XFS here), a snapshot's copy of a disk is a reflink made at
+/// the pause: it shares the disk's blocks instead of copying them, and still holds the disk as at
+/// the pause for a resumed guest to verify.
+#[test]
+fn on_a_reflink_file_system_the_disk_copy_shares_the_disks_blocks() {
+    let dir = TempDir::new("snapdisk-xfs");
+    let xfs = XfsMount::new(&dir);
+    let disk = xfs.path.join("disk.img");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    for mib in 8..24 {
+        f.write_all_at(&pattern(), mib << 20).unwrap();
+    }
+    f.write_all_at(&pattern(), PATTERN_AT).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm =
+        Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--name", "snapdisk-xfs"]);
+    vm.wait_for("testguest: tick", T);
+    let snap = xfs.path.join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap()]);
+    // The extents the guest did not write since stay shared by the disk and its copy (FIEMAP).
+    let copy = snap.join("disk0.img");
+    let out = std::process::Command::new("filefrag").arg("-v").arg(&copy).output().unwrap();
+    let extents = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && extents.contains("shared"), "the disk copy shares no block:\n{extents}");
+    vm.wait_for("testguest: tick", T);
+    vm.kill();
+    let mut resumed = resume_and_check(&dir, &snap, "snapdisk-xfs-r");
+    resumed.kill();
+    assert!(vm.lines_with("FAIL").is_empty());
+}
