@@ -631,11 +631,6 @@ pub fn snapshot(
         .map(|m| m.len() / 512 * 512)
         .map_err(|e| PersistError::Disk(format!("disk {}: {e}", disk.path.display())))?;
         if let Some(file) = sink.disk_copy_file(index, size, &disk.path)? {
-            // A whole copy may be a reflink made at the pause (`DiskCopier::new`), which first
-            // writes out what the disk has in the page cache: most of it goes now, the guest running.
-            if let Some(open) = open.as_ref().filter(|_| parent.is_none()) {
-                let _ = open.file.sync_data();
-            }
             disk_files.push((index, file, size));
         }
     }

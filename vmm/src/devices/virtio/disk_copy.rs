@@ -2,8 +2,7 @@
 //! started while the VM is paused; then a background pass copies every chunk, and a guest write
 //! to a chunk not copied yet first copies that chunk's old content (copy-before-write). So the
 //! copy holds exactly what the disk held at the pause, whatever the guest writes afterwards, and
-//! the pause does not grow with the disk's size. Holes in the image stay holes in the copy. On a
-//! file system with reflinks, a whole copy is one instead, made at the pause.
+//! the pause does not grow with the disk's size. Holes in the image stay holes in the copy.
 
 use std::fs::File;
 use std::io;
@@ -37,14 +36,7 @@ impl DiskCopier {
             Some(only) => (0..words).map(|i| !only.get(i).copied().unwrap_or(0)).collect(),
             None => vec![0; words],
         };
-        let mut copier = Self { source, dest, size, copied, buf: Vec::new(), error: None, data_bytes: 0 };
-        // A whole copy is a reflink where the file system can (XFS, btrfs; FICLONE): the copy
-        // shares the disk's blocks at once, as they are now, and needs neither the background
-        // pass nor copy-before-write. Elsewhere (ext4) it fails at once, and the copy is made.
-        if only.is_none() && rustix::fs::ioctl_ficlone(&copier.dest, &*copier.source).is_ok() {
-            copier.copied.fill(!0);
-        }
-        copier
+        Self { source, dest, size, copied, buf: Vec::new(), error: None, data_bytes: 0 }
     }
 
     /// The byte ranges [start, end) of the chunks set in the bitmap `chunks`, merged, within a
