@@ -164,7 +164,7 @@ fn existing_destination_needs_force() {
     // A missing parent directory is a bad argument, named as the user gave it.
     let (status, _, stderr) = vmm_cmd(&["snapshot", "--api-sock", &s, "--out", "/nonexistent/sub/snap"]);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim(), "vmm: --out /nonexistent/sub/snap: /nonexistent/sub is not a directory");
+    assert_eq!(stderr.trim(), "vmm: --out /nonexistent/sub/snap: /nonexistent/sub does not exist");
     // The guest kept running through all of it.
     vm.wait_for("testguest: tick", T);
     vm.kill();

@@ -118,7 +118,10 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     if path.is_empty() {
         return Err(ConfigError::BadDisk(text.to_string()));
     }
-    Ok(DiskConfig { path: PathBuf::from(path), read_only })
+    // Absolute, as snapshots record it: a read-only disk is found by this path when a snapshot
+    // of the VM is resumed, from whatever directory.
+    let path = std::path::absolute(path).map_err(|_| ConfigError::BadDisk(text.to_string()))?;
+    Ok(DiskConfig { path, read_only })
 }
 
 /// `--net` as the user gave it: a TAP, and maybe a MAC.
@@ -236,7 +239,8 @@ mod tests {
 
     #[test]
     fn disks() {
-        assert_eq!(parse_disk("a.img").unwrap(), DiskConfig { path: "a.img".into(), read_only: false });
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(parse_disk("a.img").unwrap(), DiskConfig { path: here.join("a.img"), read_only: false });
         assert_eq!(parse_disk("/x/a,b.img,ro").unwrap(), DiskConfig { path: "/x/a,b.img".into(), read_only: true });
         assert!(parse_disk("a.img,rx").is_err());
         assert!(parse_disk(",ro").is_err());

@@ -34,7 +34,8 @@ pub type CmdResult = Result<u8, Failure>;
 pub fn check_out_parent(out: &std::path::Path) -> Result<(), Failure> {
     match out.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) if !parent.is_dir() => {
-            Err(Failure::bad_input(format!("--out {}: {} is not a directory", out.display(), parent.display())))
+            let why = if parent.exists() { "is not a directory" } else { "does not exist" };
+            Err(Failure::bad_input(format!("--out {}: {} {why}", out.display(), parent.display())))
         }
         _ => Ok(()),
     }
