@@ -64,25 +64,25 @@ impl Userfault {
     /// CAP_SYS_PTRACE, or `vm.unprivileged_userfaultfd = 1`.
     pub fn new() -> std::io::Result<Self> {
         // UFFDIO_API is answered once per descriptor: a kernel without UFFDIO_MOVE refuses the
-        // feature, and a second descriptor goes without it.
+        // feature (EINVAL), and a second descriptor goes without it.
         match Self::with_features(UFFD_FEATURE_MOVE) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Self::with_features(0),
             other => other,
         }
+        .map_err(|e| std::io::Error::new(e.kind(), format!("userfaultfd: {e}")))
     }
 
+    /// A descriptor with `features`; its errors are the kernel's own (`raw_os_error` kept).
     fn with_features(features: u32) -> std::io::Result<Self> {
         use rustix::mm::{userfaultfd, UserfaultfdFlags};
         // SAFETY: the descriptor is owned here and used only through the ioctls below, on
         // ranges of this process's own guest memory.
         let fd = unsafe { userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
-            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
-            .map_err(|e| std::io::Error::new(e.kind(), format!("userfaultfd: {e}")))?;
+            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
         let mut api = uffdio_api { api: u64::from(UFFD_API), features: u64::from(features), ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes exactly a uffdio_api, which `api` is.
         if unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(e.kind(), format!("UFFDIO_API: {e}")));
+            return Err(std::io::Error::last_os_error());
         }
         Ok(Self { fd, can_move: features & UFFD_FEATURE_MOVE != 0 })
     }
@@ -93,12 +93,11 @@ impl Userfault {
     }
 
     /// Moves the pages at `[src, src + len)` (this process's private anonymous memory, every page
-    /// present) to `dst` (registered, every page missing) and wakes whoever waits on them: no
-    /// copy, and a 2 MiB transparent huge page at 2 MiB-aligned `src` and `dst` stays one. Fails
-    /// (EEXIST) if a page at `dst` is there already; what moved before the failure stays moved.
+    /// present) to `dst` (page aligned, registered) and wakes whoever waits on them: no copy, and
+    /// a 2 MiB transparent huge page at 2 MiB-aligned `src` and `dst` stays one. As `copy`, a page
+    /// at `dst` already is kept (it is newer), and the one for it stays at `src`.
     pub fn move_in(&self, src: usize, dst: usize, len: usize) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < len {
+        fill(len, "UFFDIO_MOVE", |done| {
             let mut mv = uffdio_move {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
@@ -110,14 +109,8 @@ impl Userfault {
             // from `src`, which the caller owns and no longer reads, and puts them only where
             // the registered range has none, atomically.
             let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_MOVE(), &mut mv) };
-            if mv.move_ > 0 {
-                done += mv.move_ as usize;
-            }
-            if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
-                return Err(last_error("UFFDIO_MOVE"));
-            }
-        }
-        Ok(())
+            (rc, mv.move_)
+        })
     }
 
     /// Registers `[start, start + len)` (page aligned, a private anonymous mapping) for
