@@ -48,6 +48,16 @@ fn boot(dir: &TempDir, name: &str) -> (Vmm, String) {
     (vm, last)
 }
 
+/// Boots the test guest as `name`, saves it to `DIR/snap` with `--stop` and waits for it to
+/// end; returns the snapshot and the last tick line before it.
+fn stopped_snapshot(dir: &TempDir, name: &str) -> (std::path::PathBuf, String) {
+    let (vm, before) = boot(dir, name);
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock(dir, name), "--out", snap.to_str().unwrap(), "--stop"]);
+    vm.wait_exit(T);
+    (snap, before)
+}
+
 /// Resumes `snap` and checks the guest goes on from where `before` (a tick line printed before
 /// the snapshot) left it, without rebooting; returns the VM, still running, and its first tick.
 fn resume_and_check(dir: &TempDir, name: &str, snap: &Path, before: &str) -> (Vmm, String) {
@@ -191,10 +201,7 @@ fn duplicate_name_is_refused_and_stale_socket_replaced() {
 #[test]
 fn resume_paused_waits_for_continue() {
     let dir = TempDir::new("paused");
-    let (vm, before) = boot(&dir, "orig");
-    let snap = dir.path().join("snap");
-    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
-    vm.wait_exit(T);
+    let (snap, before) = stopped_snapshot(&dir, "orig");
     let s = sock(&dir, "later");
     let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--paused", "--api-sock", &s]);
     // The socket appears when the VM is ready to be controlled.
@@ -292,10 +299,7 @@ fn snapshot_right_after_resume_keeps_untouched_memory() {
 #[test]
 fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
     let dir = TempDir::new("load");
-    let (vm, before) = boot(&dir, "orig");
-    let snap = dir.path().join("snap");
-    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
-    vm.wait_exit(T);
+    let (snap, before) = stopped_snapshot(&dir, "orig");
     let s = sock(&dir, "ld");
     let mut r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s]);
     let first = r.wait_for("testguest: tick", T);
@@ -369,10 +373,7 @@ fn a_resumed_vm_loads_its_memory_and_then_owns_it() {
 #[test]
 fn a_page_file_truncated_while_loading_stops_the_vm_before_the_guest_sees_other_memory() {
     let dir = TempDir::new("trunc");
-    let (vm, _) = boot(&dir, "orig");
-    let snap = dir.path().join("snap");
-    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "orig"), "--out", snap.to_str().unwrap(), "--stop"]);
-    vm.wait_exit(T);
+    let (snap, _) = stopped_snapshot(&dir, "orig");
     let s = sock(&dir, "tr");
     // Lazy and paused: nothing but what the restore itself needs is loaded before the cut.
     let r = Vmm::spawn(&["resume", snap.to_str().unwrap(), "--api-sock", &s, "--lazy", "--paused"]);
@@ -463,10 +464,7 @@ fn without_userfaultfd_memory_is_read_before_the_vm_runs() {
     let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     assert_eq!(sysctl.trim(), "0", "this test needs vm.unprivileged_userfaultfd = 0 (the default)");
     let dir = TempDir::new("nouffd");
-    let (vm, _) = boot(&dir, "nouffd");
-    let snap = dir.path().join("snap");
-    vmm_ok(&["snapshot", "--api-sock", &sock(&dir, "nouffd"), "--out", snap.to_str().unwrap(), "--stop"]);
-    vm.wait_exit(T);
+    let (snap, _) = stopped_snapshot(&dir, "nouffd");
     // Everything nobody needs: the directory, the snapshot, and a copy of vmm outside /root.
     let vmm = dir.path().join("vmm");
     std::fs::copy(tests::vmm_bin(), &vmm).unwrap();

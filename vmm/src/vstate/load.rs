@@ -196,18 +196,26 @@ impl Drop for HugeStage {
 /// manifest gives (every layer's page file holds the whole layout): a file truncated since it was
 /// opened then fails the copy (EFAULT past its end) instead of the copy reading past a shorter
 /// mapping into whatever memory follows it.
-#[derive(Default)]
-struct FileMaps(Vec<Option<(usize, usize)>>);
+struct FileMaps {
+    /// Bytes of each page file, as the manifest gives them.
+    len: usize,
+    maps: Vec<Option<(usize, usize)>>,
+}
 
 impl FileMaps {
-    /// The address `file` (layer `layer`'s page file, `len` bytes) is mapped at.
-    fn get(&mut self, layer: usize, file: &std::fs::File, len: usize) -> std::io::Result<usize> {
-        if self.0.len() <= layer {
-            self.0.resize(layer + 1, None);
+    fn new(len: u64) -> Self {
+        Self { len: len as usize, maps: Vec::new() }
+    }
+
+    /// The address `file` (layer `layer`'s page file) is mapped at.
+    fn get(&mut self, layer: usize, file: &std::fs::File) -> std::io::Result<usize> {
+        if self.maps.len() <= layer {
+            self.maps.resize(layer + 1, None);
         }
-        if let Some((addr, _)) = self.0[layer] {
+        if let Some((addr, _)) = self.maps[layer] {
             return Ok(addr);
         }
+        let len = self.len;
         // SAFETY: a new read-only shared mapping of the file, placed by the kernel; only the
         // kernel reads it (`Userfault::copy_from`, which fails past the file's end), and it is
         // unmapped on drop.
@@ -221,14 +229,14 @@ impl FileMaps {
                 0,
             )
         }?;
-        self.0[layer] = Some((addr as usize, len.max(1)));
+        self.maps[layer] = Some((addr as usize, len.max(1)));
         Ok(addr as usize)
     }
 }
 
 impl Drop for FileMaps {
     fn drop(&mut self) {
-        for &(addr, len) in self.0.iter().flatten() {
+        for &(addr, len) in self.maps.iter().flatten() {
             // SAFETY: a mapping made by `get`, used by nothing after this.
             let _ = unsafe { rustix::mm::munmap(addr as *mut libc::c_void, len) };
         }
@@ -366,8 +374,7 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
     let mut moved = vec![false; chunks.len()];
     let mut buf = chunk_buffer(&reader);
     let mut next = 0;
-    let mut maps = FileMaps::default();
-    let file_len = chain.top().manifest.memory.total_size() as usize;
+    let mut maps = FileMaps::new(chain.top().manifest.memory.total_size());
     // Whole 2 MiB blocks go in as huge pages where they can (`HugeStage`): both chunks not in
     // yet, one with data, read from one page file; and not when checking each chunk first.
     let mut stage = if uffd.can_move() && !verify { HugeStage::new().ok() } else { None };
@@ -418,7 +425,7 @@ fn run(mem: &GuestMemory, chain: &Chain, uffd: &Userfault, verify: bool, load: &
             match reader.chunk_source(i).filter(|_| !verify) {
                 // One copy, from the page cache straight into the guest's page.
                 Some((layer, file)) => {
-                    let src = maps.get(layer, file, file_len).map_err(|e| host(&dir, e))? + c.file_offset as usize;
+                    let src = maps.get(layer, file).map_err(|e| host(&dir, e))? + c.file_offset as usize;
                     // SAFETY: the chunk lies inside the file (the layout was validated against the
                     // page file's size when the snapshot was opened), which is mapped whole.
                     unsafe { uffd.copy_from(src as *const u8, c.len, c.host) }.map_err(|e| host(&dir, e))?;
