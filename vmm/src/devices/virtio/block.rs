@@ -299,6 +299,8 @@ mod tests {
         mem: GuestMemory,
         next_avail: u16,
         disk: std::path::PathBuf,
+        /// The transport's interrupt eventfd (KVM's irqfd in a VM).
+        irq: EventFd,
         _scratch: tempfile::TempDir,
     }
 
@@ -309,7 +311,8 @@ mod tests {
             std::fs::write(&disk, vec![0u8; (DISK_SECTORS * SECTOR_SIZE) as usize]).unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let block = Block::open(&disk, read_only, 0).unwrap();
-            let mut dev = MmioTransport::new(Box::new(block), mem.clone(), EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut dev = MmioTransport::new(Box::new(block), mem.clone(), irq.try_clone().unwrap());
             let w = |dev: &mut MmioTransport, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
             w(&mut dev, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
             w(&mut dev, 0x24, 1);
@@ -323,7 +326,7 @@ mod tests {
             }
             w(&mut dev, 0x44, 1);
             w(&mut dev, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-            Self { dev, mem, next_avail: 0, disk, _scratch: scratch }
+            Self { dev, mem, next_avail: 0, disk, irq, _scratch: scratch }
         }
 
         fn status(&mut self) -> u32 {
@@ -393,6 +396,27 @@ mod tests {
 
     /// KVM's dirty log never sees what the device writes into guest memory: the region bitmap
     /// must (the data of a disk read, the status byte, the used ring), and nothing else.
+    /// The interrupt is signalled when a status bit becomes set, not again while the driver has
+    /// not acknowledged it (a Linux handler acknowledges, then reads every used ring; a polling
+    /// driver never acknowledges, and costs no signals).
+    #[test]
+    fn interrupt_is_signalled_once_until_acknowledged() {
+        let mut d = Driver::new("irq", false, USED);
+        let signals = |d: &mut Driver| d.irq.read().unwrap_or(0);
+        d.request(VIRTIO_BLK_T_IN, 0, 512);
+        assert_eq!(signals(&mut d), 1);
+        d.request(VIRTIO_BLK_T_IN, 0, 512);
+        assert_eq!(signals(&mut d), 0, "signalled again before the acknowledgement");
+        let mut status = [0u8; 4];
+        d.dev.read(0x60, &mut status);
+        assert_eq!(u32::from_le_bytes(status), 1, "used-ring interrupt status");
+        d.dev.write(0x64, &status);
+        d.dev.read(0x60, &mut status);
+        assert_eq!(u32::from_le_bytes(status), 0);
+        d.request(VIRTIO_BLK_T_IN, 0, 512);
+        assert_eq!(signals(&mut d), 1, "not signalled after the acknowledgement");
+    }
+
     #[test]
     fn device_writes_to_guest_memory_are_in_the_dirty_bitmap() {
         use crate::vstate::dirty;

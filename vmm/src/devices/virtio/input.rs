@@ -3,11 +3,18 @@
 //! notify register's write: the vCPU does not wait for the device), and then has the transport
 //! process that queue. Everything it does happens under the transport's lock, so pausing it is
 //! a flag the transport checks (`MmioTransport::process_input`).
+//!
+//! After handing the guest input, the worker polls for its next event for a few microseconds
+//! before it sleeps: a driver usually answers input at once (a reply to transmit, buffers to
+//! refill), and on this kind of host a sleep and a wake-up of the worker cost more than that
+//! wait. It polls only then: after anything else, the next event is the backend's, which the
+//! host's other threads (the peer on the TAP) need the CPU to produce.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
@@ -21,6 +28,8 @@ const INPUT: u64 = 0;
 const STOP: u64 = 1;
 /// Queue `q`'s notifications have epoll data NOTIFY + q.
 const NOTIFY: u64 = 2;
+/// How long the worker polls for the guest's answer to input before it sleeps.
+const ANSWER_POLL: Duration = Duration::from_micros(20);
 
 /// A running input worker; dropping it stops the thread.
 pub struct InputWorker {
@@ -67,15 +76,26 @@ fn run(
     transport: Weak<Mutex<MmioTransport>>,
 ) {
     let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
+    let mut poll_until = None;
     loop {
         events.clear();
-        match epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), None) {
+        let timeout = match poll_until {
+            Some(until) if Instant::now() < until => Some(rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+            _ => {
+                poll_until = None;
+                None
+            }
+        };
+        match epoll::wait(&poll, rustix::buffer::spare_capacity(&mut events), timeout.as_ref()) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
                 tracing::error!("virtio input worker: epoll_wait: {e}");
                 return;
             }
+        }
+        if !events.is_empty() {
+            poll_until = None;
         }
         for event in &events {
             let data = event.data.u64();
@@ -92,7 +112,9 @@ fn run(
                 }
             };
             let Some(transport) = transport.upgrade() else { return };
-            lock(&transport).process_input(target);
+            if lock(&transport).process_input(target) && target == queue {
+                poll_until = Some(Instant::now() + ANSWER_POLL);
+            }
         }
     }
 }

@@ -121,11 +121,10 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// The device's backend has input for queue `index` (called by the input worker).
-    pub fn process_input(&mut self, index: usize) {
-        if !self.input_paused {
-            self.notify(index as u32);
-        }
+    /// The device's backend has input for queue `index`, or the guest notified it (called by the
+    /// input worker); returns whether the device used buffers of that queue.
+    pub fn process_input(&mut self, index: usize) -> bool {
+        !self.input_paused && self.notify(index as u32)
     }
 
     /// Takes whatever input waits in the backend, and whatever the guest queued, as the worker
@@ -189,7 +188,7 @@ impl MmioTransport {
     /// Also takes the input that reached the backend while the VM was being restored.
     pub fn replay_interrupt(&mut self) {
         if self.interrupt_status != 0 {
-            self.raise_interrupt(0);
+            self.signal_interrupt();
         }
         self.poll_input();
     }
@@ -260,20 +259,32 @@ impl MmioTransport {
         self.status = value;
     }
 
-    fn notify(&mut self, index: u32) {
-        if !self.driver_ok() {
-            return;
+    /// Has the device process queue `index`; returns whether it used buffers of it.
+    fn notify(&mut self, index: u32) -> bool {
+        if !self.driver_ok() || !self.queues.get(index as usize).is_some_and(|q| q.ready()) {
+            return false;
         }
-        if !self.queues.get(index as usize).is_some_and(|q| q.ready()) {
-            return;
-        }
-        if self.device.process_queue(index as usize, &mut self.queues, &self.mem) {
+        let used = self.device.process_queue(index as usize, &mut self.queues, &self.mem);
+        if used {
             self.raise_interrupt(INT_USED_RING);
+        }
+        used
+    }
+
+    /// Sets `bits` in the interrupt status and signals the guest, unless they were all set
+    /// already: the guest has not acknowledged the last signal yet, and its handler reads the
+    /// status (and the used rings) after acknowledging. As QEMU's level-triggered line, this
+    /// costs nothing while a polling driver leaves the status set; each signal otherwise wakes
+    /// a KVM worker thread, which injects it into the IOAPIC.
+    fn raise_interrupt(&mut self, bits: u32) {
+        let new = bits & !self.interrupt_status;
+        self.interrupt_status |= bits;
+        if new != 0 {
+            self.signal_interrupt();
         }
     }
 
-    fn raise_interrupt(&mut self, bits: u32) {
-        self.interrupt_status |= bits;
+    fn signal_interrupt(&mut self) {
         if let Err(e) = self.interrupt.write(1) {
             tracing::warn!("virtio: cannot signal interrupt: {e}");
         }
@@ -309,7 +320,9 @@ impl MmioTransport {
                 _ => {}
             },
             REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NOTIFY => self.notify(value & 0xffff),
+            REG_QUEUE_NOTIFY => {
+                self.notify(value & 0xffff);
+            }
             REG_INTERRUPT_ACK => self.interrupt_status &= !value,
             REG_STATUS => self.set_status(value),
             REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW..=REG_QUEUE_DEVICE_HIGH => {
