@@ -387,14 +387,12 @@ pub fn read_memory(snap: &Snapshot, file: &File, guest_addr: u64, buf: &mut [u8]
 /// whole copy, then the ranges each later layer holds over it. Returns the ranges written when
 /// no layer holds a whole copy (the result is itself a diff's), None otherwise.
 pub fn build_disk(layers: &[Snapshot], index: usize, dst: &File, dst_path: &Path) -> Result<Option<Vec<(u64, u64)>>> {
-    let copy_of = |l: &Snapshot| l.manifest.vm.disks.get(index).and_then(|d| d.copy.clone());
     let top = layers.last().expect("a layer");
-    let size = copy_of(top).map(|c| c.size).unwrap_or(0);
-    let whole = layers.iter().rposition(|l| copy_of(l).is_some_and(|c| c.ranges.is_none()));
+    let size = disk_copy_of(top, index).map(|c| c.size).unwrap_or(0);
+    let whole = newest_whole_copy(layers, index);
     let first = match whole {
         Some(i) => {
-            let path = layers[i].check_disk_copy(&copy_of(&layers[i]).expect("a copy"))?;
-            let src = File::open(&path).map_err(io_err(&path))?;
+            let src = open_disk_copy(&layers[i], index)?;
             crate::dir::copy_sparse(&src, dst).map_err(io_err(dst_path))?;
             i + 1
         }
@@ -403,10 +401,54 @@ pub fn build_disk(layers: &[Snapshot], index: usize, dst: &File, dst_path: &Path
             0
         }
     };
+    let written = apply_disk_ranges(&layers[first..], index, size, dst, dst_path)?;
+    Ok(whole.is_none().then_some(written))
+}
+
+/// Like `build_disk`, but only where the newest whole copy can be shared rather than copied (a
+/// reflink, `FICLONE`: XFS, btrfs): then `dst` (of the disk's size) gets it, and the ranges of the
+/// later layers over it, and the result is true. False, with `dst` untouched, where the file
+/// system cannot share it or no layer holds a whole copy: making `dst` would then cost a copy of
+/// all the disk's data. A snapshot that copies only the chunks written since `layers` uses this.
+pub fn clone_disk(layers: &[Snapshot], index: usize, dst: &File, dst_path: &Path) -> Result<bool> {
+    let Some(whole) = newest_whole_copy(layers, index) else { return Ok(false) };
+    let size = disk_copy_of(&layers[whole], index).expect("a whole copy").size;
+    let src = open_disk_copy(&layers[whole], index)?;
+    if rustix::fs::ioctl_ficlone(dst, &src).is_err() {
+        return Ok(false);
+    }
+    apply_disk_ranges(&layers[whole + 1..], index, size, dst, dst_path)?;
+    Ok(true)
+}
+
+fn disk_copy_of(layer: &Snapshot, index: usize) -> Option<crate::manifest::DiskCopy> {
+    layer.manifest.vm.disks.get(index).and_then(|d| d.copy.clone())
+}
+
+/// The newest layer holding a whole copy of disk `index` (a full snapshot's, not a diff's ranges).
+fn newest_whole_copy(layers: &[Snapshot], index: usize) -> Option<usize> {
+    layers.iter().rposition(|l| disk_copy_of(l, index).is_some_and(|c| c.ranges.is_none()))
+}
+
+fn open_disk_copy(layer: &Snapshot, index: usize) -> Result<File> {
+    let copy = disk_copy_of(layer, index).expect("a copy");
+    let path = layer.check_disk_copy(&copy)?;
+    File::open(&path).map_err(io_err(&path))
+}
+
+/// Writes the ranges of disk `index` each of `layers` holds (all diffs of it, `size` bytes) over
+/// `dst`, oldest first; zeros are punched, not written. Returns the ranges written, merged.
+fn apply_disk_ranges(
+    layers: &[Snapshot],
+    index: usize,
+    size: u64,
+    dst: &File,
+    dst_path: &Path,
+) -> Result<Vec<(u64, u64)>> {
     let mut written: Vec<(u64, u64)> = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
-    for layer in &layers[first..] {
-        let copy = copy_of(layer).ok_or_else(|| {
+    for layer in layers {
+        let copy = disk_copy_of(layer, index).ok_or_else(|| {
             Error::ChainMismatch(format!("{} holds no copy of disk {index}, its parent does", layer.dir.display()))
         })?;
         if copy.size != size {
@@ -443,7 +485,7 @@ pub fn build_disk(layers: &[Snapshot], index: usize, dst: &File, dst_path: &Path
             _ => merged.push(r),
         }
     }
-    Ok(whole.is_none().then_some(merged))
+    Ok(merged)
 }
 
 /// Writes the layers of `chain` as one snapshot at `dest`: the newest layer's machine, with every

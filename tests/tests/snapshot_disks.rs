@@ -182,8 +182,11 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     // The snapshot's copy is untouched by the resumed guests' writes.
     vmm_ok(&["verify", snap.to_str().unwrap()]);
 
+    // The user's file differs from the snapshot's copy beyond what the guest writes.
     let mine = dir.path().join("mine.img");
     std::fs::copy(snap.join("disk0.img"), &mine).unwrap();
+    let theirs: Vec<u8> = pattern().iter().map(|b| b ^ 0x5a).collect();
+    std::fs::OpenOptions::new().write(true).open(&mine).unwrap().write_all_at(&theirs, 32 << 20).unwrap();
     let sock_c = dir.path().join("c.sock").display().to_string();
     let mut c = Vmm::spawn(&[
         "resume",
@@ -199,6 +202,16 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     let later = field(&c.wait_for("testguest: tick", T), "cpu0").unwrap();
     assert!(later > first);
     assert!(!working_copy("snapdisk-c").exists(), "--disk still made a working copy");
+    // A diff of a VM running on --disk holds all of that disk: its chain is the user's file as
+    // at the pause, not the snapshot's copy with the guest's writes over it.
+    vmm_ok(&["pause", "--api-sock", &sock_c]);
+    let at_pause = std::fs::read(&mine).unwrap();
+    let diff = dir.path().join("diff-of-c");
+    vmm_ok(&["snapshot", "--api-sock", &sock_c, "--out", diff.to_str().unwrap(), "--diff"]);
+    vmm_ok(&["continue", "--api-sock", &sock_c]);
+    let merged = dir.path().join("merged-c");
+    vmm_ok(&["merge", diff.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(std::fs::read(merged.join("disk0.img")).unwrap() == at_pause, "the diff's chain is not --disk's file");
     // --disk replaces the copy: the snapshot need not have it; a disk of another size is refused.
     let moved = dir.path().join("moved-disk0.img");
     std::fs::rename(snap.join("disk0.img"), &moved).unwrap();
@@ -216,4 +229,85 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
         "the guest did not write --disk's file"
     );
     c.kill();
+}
+
+/// An XFS file system (reflinks on) in a loop-mounted image file, unmounted when dropped.
+struct XfsMount {
+    path: PathBuf,
+}
+
+impl XfsMount {
+    fn new(dir: &TempDir) -> Self {
+        let image = dir.path().join("xfs.img");
+        std::fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
+        let path = dir.path().join("xfs");
+        std::fs::create_dir(&path).unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (xfsprogs: images/host-packages.txt)"));
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(std::process::Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&image));
+        run(std::process::Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&path));
+        Self { path }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Whether FIEMAP (`filefrag -v`) shows blocks of `path` shared with another file.
+fn shares_blocks(path: &Path) -> bool {
+    let out = std::process::Command::new("filefrag").arg("-v").arg(path).output().unwrap();
+    assert!(out.status.success(), "filefrag {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).contains("shared")
+}
+
+/// On a file system with reflinks (XFS here), a full snapshot after another starts its disk
+/// copy as a reflink of the earlier one's (through a diff in between) and copies only the chunks
+/// written since: the copy shares the earlier copy's blocks, and still holds exactly the disk
+/// as at its pause, for a resumed guest to go on verifying.
+#[test]
+fn a_later_full_snapshot_on_a_reflink_file_system_copies_only_what_was_written_since() {
+    let dir = TempDir::new("snapdisk-xfs");
+    let xfs = XfsMount::new(&dir);
+    let disk = xfs.path.join("disk.img");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    for mib in 8..24 {
+        f.write_all_at(&pattern(), mib << 20).unwrap();
+    }
+    f.write_all_at(&pattern(), PATTERN_AT).unwrap();
+    drop(f);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm =
+        Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--name", "snapdisk-xfs"]);
+    vm.wait_for("testguest: tick", T);
+    let (first, diff, later) = (xfs.path.join("first"), xfs.path.join("diff"), xfs.path.join("later"));
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", first.to_str().unwrap()]);
+    // The first copy is the disk's data copied: nothing to share yet.
+    assert!(!shares_blocks(&first.join("disk0.img")), "the first copy shares blocks");
+    vm.wait_for("testguest: tick", T);
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", diff.to_str().unwrap(), "--diff"]);
+    vm.wait_for("testguest: tick", T);
+    vmm_ok(&["pause", "--api-sock", &sock]);
+    let at_pause = std::fs::read(&disk).unwrap();
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", later.to_str().unwrap()]);
+    vmm_ok(&["continue", "--api-sock", &sock]);
+    let copy = later.join("disk0.img");
+    assert!(std::fs::read(&copy).unwrap() == at_pause, "the later copy is not the disk as at its pause");
+    assert!(shares_blocks(&copy), "the later copy shares no block with the first");
+    vmm_ok(&["verify", later.to_str().unwrap()]);
+    vm.wait_for("testguest: tick", T);
+    vm.kill();
+    // A full snapshot stands alone: the earlier ones may go.
+    std::fs::remove_dir_all(&first).unwrap();
+    std::fs::remove_dir_all(&diff).unwrap();
+    let mut resumed = resume_and_check(&dir, &later, "snapdisk-xfs-r");
+    resumed.kill();
+    assert!(vm.lines_with("FAIL").is_empty());
+    assert!(resumed.lines_with("FAIL").is_empty());
 }

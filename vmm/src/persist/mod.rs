@@ -321,12 +321,11 @@ pub(crate) fn disk_device(control: &VmControl, index: usize) -> Option<&crate::m
 }
 
 impl<'a> DiskCopies<'a> {
-    /// Starts a copy of each disk into its file (the VM paused): of the chunks `only` gives for
-    /// it (a diff), or of all of it.
-    fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File)>, only: Option<&[(usize, Vec<u64>)]>) -> Self {
+    /// Starts a copy of each disk into its file (the VM paused): of the chunks given for it (a
+    /// diff, or a file holding the last snapshot's copy), or of all of it.
+    fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File, Option<&[u64]>)>) -> Self {
         let mut copies = Vec::new();
-        for (index, file) in files {
-            let chunks = only.map(|only| only.iter().find(|(i, _)| *i == index).map_or(&[][..], |(_, c)| c.as_slice()));
+        for (index, file, chunks) in files {
             if let Some(entry) = disk_device(control, index) {
                 if let Some(copier) = lock(&entry.device).start_disk_copy(file, chunks) {
                     copies.push((index, copier));
@@ -415,6 +414,45 @@ fn check_not_an_ancestor(control: &VmControl, dest: &Path) -> Result<(), Persist
         )));
     }
     Ok(())
+}
+
+/// The VM's last snapshot directory as a chain, if it is still the one the VM's records of
+/// written disk chunks start from (the same id); None otherwise (the VM has none, it moved, it
+/// was replaced): a full snapshot then copies its disks whole.
+fn earlier_snapshot(control: &VmControl) -> Option<snapshot::Chain> {
+    let base = control.diff_base()?;
+    let chain = snapshot::Chain::open(&base.dir).ok()?;
+    (chain.top().id == base.id).then_some(chain)
+}
+
+/// Makes `file` (the new snapshot's copy of disk `index`, `size` bytes of holes) the disk as
+/// `earlier` holds it, sharing that copy's blocks (a reflink). False where it cannot: the file
+/// system has no reflinks, `earlier` holds no copy of this disk or one of another size, or an
+/// error reading it (then `file` is emptied again, and the disk is copied whole).
+fn clone_earlier_copy(
+    earlier: &snapshot::Chain,
+    index: usize,
+    size: u64,
+    file: &std::fs::File,
+) -> Result<bool, PersistError> {
+    let saved = earlier.top().manifest.vm.disks.get(index).and_then(|d| d.copy.as_ref());
+    if saved.is_none_or(|c| c.size != size) {
+        return Ok(false);
+    }
+    let path = Path::new("(new snapshot's copy)");
+    match snapshot::chain::clone_disk(&earlier.layers, index, file, path) {
+        Ok(cloned) => Ok(cloned),
+        Err(e) => {
+            tracing::warn!(
+                "disk {index}: cannot start from {}'s copy ({e}): copying it whole",
+                earlier.top().dir.display()
+            );
+            file.set_len(0)
+                .and_then(|_| file.set_len(size))
+                .map_err(|e| PersistError::Disk(format!("cannot empty the snapshot's copy of disk {index}: {e}")))?;
+            Ok(false)
+        }
+    }
 }
 
 /// The manifest a live migration starts with: the VM as configured and the memory layout, sent
@@ -619,7 +657,10 @@ pub fn snapshot(
             .and_then(StagedMemory::with_capacity)
     };
     // Files for the copies of the writable disks (a directory sink keeps them), made before the
-    // pause: the copies themselves start while paused and are taken while the guest runs on.
+    // pause: the copies themselves start while paused and are taken while the guest runs on. A
+    // full snapshot's file starts as a reflink of the VM's last snapshot's copy where the file
+    // system can: only the chunks written since are copied then, as for a diff.
+    let earlier = if parent.is_none() && dest.is_some() { earlier_snapshot(control) } else { None };
     let mut disk_files = Vec::new();
     for (index, disk) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
         // The file the device has open: the path may have been renamed or removed since.
@@ -631,10 +672,14 @@ pub fn snapshot(
         .map(|m| m.len() / 512 * 512)
         .map_err(|e| PersistError::Disk(format!("disk {}: {e}", disk.path.display())))?;
         if let Some(file) = sink.disk_copy_file(index, size, &disk.path)? {
-            disk_files.push((index, file, size));
+            let cloned = match &earlier {
+                Some(chain) => clone_earlier_copy(chain, index, size, &file)?,
+                None => false,
+            };
+            disk_files.push((index, file, size, cloned));
         }
     }
-    let copied: Vec<(usize, u64)> = disk_files.iter().map(|(i, _, size)| (*i, *size)).collect();
+    let copied: Vec<(usize, u64)> = disk_files.iter().map(|(i, _, size, _)| (*i, *size)).collect();
     // The progress counts the disks' copies after the memory.
     job.progress.set_total(memory::total_bytes(&control.mem) + copied.iter().map(|(_, size)| size).sum::<u64>());
     job.progress.check()?;
@@ -688,9 +733,17 @@ pub fn snapshot(
         let vm = paused.vm_state()?;
         let vcpus = paused.vcpu_states()?;
         let devices = control.devices.save();
-        // The disks as they are now, with no request in flight (the vCPUs are stopped).
+        // The disks as they are now, with no request in flight (the vCPUs are stopped): a diff,
+        // and a copy over the last snapshot's, take only the chunks written since.
         let diff_disks = dirty.filter(|_| parent.is_some()).map(|l| l.disks.as_slice());
-        let copies = DiskCopies::start(control, disk_files.into_iter().map(|(i, f, _)| (i, f)).collect(), diff_disks);
+        let written = |index: usize| {
+            dirty.map_or(&[][..], |l| l.disks.iter().find(|(i, _)| *i == index).map_or(&[][..], |(_, c)| c.as_slice()))
+        };
+        let files = disk_files
+            .into_iter()
+            .map(|(i, f, _, cloned)| (i, f, (parent.is_some() || cloned).then(|| written(i))))
+            .collect();
+        let copies = DiskCopies::start(control, files);
         let state = MachineState { vm, vcpus, devices };
         let sections = state.to_sections();
         let state_bytes = sections.encode();

@@ -17,6 +17,7 @@ use super::{MachineState, PersistError};
 use crate::arch::x86_64::cpuid;
 use crate::config::{DiskConfig, NetArg, NetConfig, VmConfig, VsockConfig};
 use crate::control::DiffBase;
+use crate::devices::bus::lock;
 use crate::devices::virtio::block::BlockError;
 use crate::machine::{self, Backends, Machine, MachineError};
 use crate::vstate::load::{self, LoadFailure, MemoryLoad};
@@ -696,6 +697,18 @@ pub fn restore<T>(
     // The interrupt controllers and PIT come back before the devices, which may raise interrupts.
     let (machine, _) = Machine::assemble(config, vm, mem, backends, Some(&state.vm))?;
     machine.devices.restore(&state.devices)?;
+    if diff_base.is_some() {
+        // A disk run on a file of the user's (`--disk`) is not the snapshot's copy: the next
+        // snapshot, diff or full, takes all of it.
+        for index in 0..opts.disks.len() {
+            if let Some(entry) = machine.devices.list.iter().find(|e| e.id == format!("blk{index}")) {
+                let mut device = lock(&entry.device);
+                if let Some(chunks) = device.take_written_chunks() {
+                    device.return_written_chunks(&vec![u64::MAX; chunks.len()]);
+                }
+            }
+        }
+    }
     // kvmclock before any vCPU runs, so the guest's clock goes on from the saved instant.
     machine.vm.restore_clock(&state.vm)?;
     let xsave_size = machine.vm.xsave_size();

@@ -19,6 +19,9 @@ pub struct DiskCopier {
     /// One bit per chunk: copied (or found to be a hole).
     copied: Vec<u64>,
     buf: Vec<u8>,
+    /// Copying only some chunks (`only`): `dest` may hold older data there (a diff's file is
+    /// empty, a later full snapshot's holds an older copy), so a chunk of zeros is punched.
+    selective: bool,
     /// The first error met; the snapshot fails with it (the guest's writes never do).
     error: Option<String>,
     /// Bytes of data written to the copy.
@@ -26,8 +29,9 @@ pub struct DiskCopier {
 }
 
 impl DiskCopier {
-    /// Starts a copy of `source` (`size` bytes) into `dest`, which is `size` bytes of holes: of
-    /// the chunks set in the bitmap `only`, or of every chunk.
+    /// Starts a copy of `source` (`size` bytes) into `dest`, `size` bytes long: of the chunks set
+    /// in the bitmap `only` (`dest` holds holes or an older copy elsewhere), or of every chunk
+    /// (`dest` is all holes).
     pub fn new(source: Arc<File>, dest: File, size: u64, only: Option<&[u64]>) -> Self {
         let chunks = size.div_ceil(CHUNK_BYTES);
         let words = chunks.div_ceil(64) as usize;
@@ -36,7 +40,7 @@ impl DiskCopier {
             Some(only) => (0..words).map(|i| !only.get(i).copied().unwrap_or(0)).collect(),
             None => vec![0; words],
         };
-        Self { source, dest, size, copied, buf: Vec::new(), error: None, data_bytes: 0 }
+        Self { source, dest, size, copied, buf: Vec::new(), selective: only.is_some(), error: None, data_bytes: 0 }
     }
 
     /// The byte ranges [start, end) of the chunks set in the bitmap `chunks`, merged, within a
@@ -78,21 +82,33 @@ impl DiskCopier {
         }
         let start = chunk * CHUNK_BYTES;
         let len = CHUNK_BYTES.min(self.size - start) as usize;
-        // A chunk inside a hole of the image is a hole of the copy already.
+        // A chunk inside a hole of the image: nothing to read.
         let hole = match rustix::fs::seek(&*self.source, rustix::fs::SeekFrom::Data(start)) {
             Ok(data) => data >= start + len as u64,
             Err(rustix::io::Errno::NXIO) => true,
             Err(_) => false,
         };
+        let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+        let mut zeros = hole;
         if !hole {
             self.buf.resize(len, 0);
-            let context = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
             self.source.read_exact_at(&mut self.buf[..len], start).map_err(|e| context("reading the disk", e))?;
-            if self.buf[..len].iter().any(|&b| b != 0) {
+            zeros = self.buf[..len].iter().all(|&b| b == 0);
+            if !zeros {
                 self.dest
                     .write_all_at(&self.buf[..len], start)
                     .map_err(|e| context("writing the snapshot's copy", e))?;
                 self.data_bytes += len as u64;
+            }
+        }
+        if zeros && self.selective {
+            let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            if rustix::fs::fallocate(&self.dest, punch, start, len as u64).is_err() {
+                self.buf.clear();
+                self.buf.resize(len, 0);
+                self.dest
+                    .write_all_at(&self.buf[..len], start)
+                    .map_err(|e| context("writing the snapshot's copy", e))?;
             }
         }
         self.mark(chunk);
@@ -188,6 +204,29 @@ mod tests {
         assert!(chunk(1).iter().all(|&b| b == 5) && chunk(3).iter().all(|&b| b == 5));
         assert_eq!(DiskCopier::ranges(&[0b1110], size - 100), vec![(CHUNK_BYTES, size - 100)]);
         assert_eq!(DiskCopier::ranges(&[0b1001], size), vec![(0, CHUNK_BYTES), (3 * CHUNK_BYTES, size)]);
+    }
+
+    /// Over an older copy (a later full snapshot's file starts as its predecessor's), the chunks
+    /// copied replace what was there, zeros and holes included; the others keep it.
+    #[test]
+    fn a_copy_over_an_older_one_replaces_the_chunks_asked_for() {
+        let size = 4 * CHUNK_BYTES;
+        let (_src, source) = file_with("src4", &vec![5u8; CHUNK_BYTES as usize], size);
+        source.write_all_at(&vec![0u8; CHUNK_BYTES as usize], 2 * CHUNK_BYTES).unwrap(); // zeros, not a hole
+        let (_dst, dest) = file_with("dst4", &vec![7u8; size as usize], size);
+        let only = [0b0111u64]; // chunks 0, 1 (a hole in the disk) and 2
+        let mut copy = DiskCopier::new(source, dest.try_clone().unwrap(), size, Some(&only));
+        for c in 0..copy.chunks() {
+            copy.copy_chunk(c).unwrap();
+        }
+        let mut got = vec![0u8; size as usize];
+        dest.read_exact_at(&mut got, 0).unwrap();
+        let chunk = |i: u64| &got[(i * CHUNK_BYTES) as usize..((i + 1) * CHUNK_BYTES) as usize];
+        assert!(chunk(0).iter().all(|&b| b == 5), "chunk 0 is not the disk's");
+        assert!(chunk(1).iter().all(|&b| b == 0), "chunk 1 kept the older copy's data over the disk's hole");
+        assert!(chunk(2).iter().all(|&b| b == 0), "chunk 2 kept the older copy's data over the disk's zeros");
+        assert!(chunk(3).iter().all(|&b| b == 7), "chunk 3 was not asked for");
+        assert_eq!(copy.data_bytes, CHUNK_BYTES);
     }
 
     #[test]
