@@ -59,7 +59,9 @@ impl InputWorker {
         for (q, evt) in notifies.iter().enumerate() {
             // SAFETY: the eventfd's descriptor stays open as long as `notifies`, which the thread owns.
             let fd = unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) };
-            epoll::add(&poll, fd, epoll::EventData::new_u64(NOTIFY + q as u64), epoll::EventFlags::IN)?;
+            // Edge-triggered, and never read: each signal is an event of its own (epoll(7) queues
+            // one on every wake-up of a readable file), so its count need not be cleared.
+            epoll::add(&poll, fd, epoll::EventData::new_u64(NOTIFY + q as u64), flags)?;
         }
         let thread_stop = stop.clone();
         let thread =
@@ -72,7 +74,8 @@ fn run(
     poll: OwnedFd,
     _stop: Arc<OwnedFd>,
     queue: usize,
-    notifies: Vec<EventFd>,
+    // Owned for as long as their epoll registrations are used; never read (see `spawn`).
+    _notifies: Vec<EventFd>,
     transport: Weak<Mutex<MmioTransport>>,
 ) {
     let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
@@ -104,15 +107,10 @@ fn run(
             }
             let target = match data {
                 INPUT => queue,
-                n => {
-                    let q = (n - NOTIFY) as usize;
-                    // Clears the count; the queue is processed whatever it was.
-                    let _ = notifies[q].read();
-                    q
-                }
+                n => (n - NOTIFY) as usize,
             };
             let Some(transport) = transport.upgrade() else { return };
-            if lock(&transport).process_input(target) && target == queue {
+            if lock(&transport).process_input(target, data == INPUT) && target == queue {
                 poll_until = Some(Instant::now() + ANSWER_POLL);
             }
         }

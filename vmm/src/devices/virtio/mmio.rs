@@ -121,18 +121,24 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// The device's backend has input for queue `index`, or the guest notified it (called by the
-    /// input worker); returns whether the device used buffers of that queue.
-    pub fn process_input(&mut self, index: usize) -> bool {
-        !self.input_paused && self.notify(index as u32)
+    /// The device's backend has input for queue `index` (`readable`), or the guest notified it
+    /// (called by the input worker); returns whether the device used buffers of that queue.
+    pub fn process_input(&mut self, index: usize, readable: bool) -> bool {
+        if self.input_paused {
+            return false;
+        }
+        if readable {
+            self.device.input_readable();
+        }
+        self.notify(index as u32)
     }
 
     /// Takes whatever input waits in the backend, and whatever the guest queued, as the worker
     /// would (its wake-ups while the VM was paused or being built were ignored).
     fn poll_input(&mut self) {
-        if self.input_queue.is_some() {
+        if let Some(input) = self.input_queue {
             for q in 0..self.queues.len() {
-                self.process_input(q);
+                self.process_input(q, q == input);
             }
         }
     }

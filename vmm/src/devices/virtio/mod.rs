@@ -83,6 +83,10 @@ pub trait VirtioDevice: Send {
     fn input_fd(&self) -> Option<(BorrowedFd<'_>, usize)> {
         None
     }
+    /// The `input_fd` became readable (the input worker's edge-triggered event), or may have
+    /// while its events were ignored (the VM paused or being built): input may wait there. A
+    /// guest notification alone does not say so.
+    fn input_readable(&mut self) {}
     /// Starts a point-in-time copy of the device's disk into `dest` (a disk device; called with
     /// the VM paused): of the chunks in `only` (a bitmap, as `take_written_chunks` gives), or of
     /// the whole disk. Its guest writes then copy old data first (`disk_copy`).

@@ -88,6 +88,9 @@ pub struct Net {
     /// Scratch frame buffer; `rx_len` bytes of it are a frame waiting for guest buffers.
     rx_frame: Vec<u8>,
     rx_len: usize,
+    /// The TAP may hold frames: it became readable, and was not read empty since. A refill of
+    /// the receive queue reads it only then.
+    tap_readable: bool,
     tx_frame: Vec<u8>,
     counters: NetCounters,
     /// A TAP error is logged once, not once per frame.
@@ -110,6 +113,7 @@ impl Net {
             queue_sizes: [QUEUE_SIZE; 2],
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
+            tap_readable: true,
             tx_frame: vec![0; MAX_FRAME],
             counters: NetCounters::default(),
             warned: false,
@@ -174,10 +178,16 @@ impl Net {
         let mut used_any = false;
         loop {
             if self.rx_len == 0 {
+                if !self.tap_readable {
+                    break;
+                }
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_len = n,
                     Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.tap_readable = false;
+                        break;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         self.warn_once("cannot read from the TAP", &e);
@@ -321,6 +331,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.acked_features = 0;
         self.rx_len = 0;
+        self.tap_readable = true;
         if let Err(e) = self.tap.set_offload(0) {
             tracing::warn!("virtio-net: {e}");
         }
@@ -347,6 +358,10 @@ impl VirtioDevice for Net {
 
     fn input_fd(&self) -> Option<(BorrowedFd<'_>, usize)> {
         Some((self.tap.as_fd(), RX_QUEUE))
+    }
+
+    fn input_readable(&mut self) {
+        self.tap_readable = true;
     }
 
     fn save_state(&self) -> Option<DeviceState> {
@@ -552,7 +567,8 @@ mod tests {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             loop {
                 inject(tap, frame);
-                self.dev.write(0x50, &0u32.to_le_bytes());
+                // As the input worker does when the TAP becomes readable.
+                self.dev.process_input(RX_QUEUE, true);
                 let pending = !self.state().pending_rx.is_empty();
                 if pending || (self.counters(), self.rx_used().len()) != before {
                     return;
@@ -694,7 +710,7 @@ mod tests {
                     &"10.9.0.2:9".parse().unwrap(),
                     std::time::Duration::from_millis(100),
                 );
-                d.dev.write(0x50, &0u32.to_le_bytes());
+                d.dev.process_input(RX_QUEUE, true);
             }
             assert_eq!(d.rx_used().len(), used_before + 1, "no frame reached the device");
             d.mem.read_obj::<u8>(GuestAddress(BUFS)).unwrap()
