@@ -212,6 +212,14 @@ fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     let merged = dir.path().join("merged-c");
     vmm_ok(&["merge", diff.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
     assert!(std::fs::read(merged.join("disk0.img")).unwrap() == at_pause, "the diff's chain is not --disk's file");
+    // Nor its own copy (the guest would change the snapshot), nor something that is no file.
+    let own = snap.join("disk0.img");
+    let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--disk", own.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the snapshot's own copy"), "{stderr}");
+    let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--disk", "/tmp"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
     // --disk replaces the copy: the snapshot need not have it; a disk of another size is refused.
     let moved = dir.path().join("moved-disk0.img");
     std::fs::rename(snap.join("disk0.img"), &moved).unwrap();

@@ -228,7 +228,7 @@ fn bad_network_arguments_are_refused() {
         refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), expect);
     };
     check("tap=vmm-missing0", "does not exist");
-    check("tap=br0", "not a TAP");
+    check("tap=br0", "not a single-queue TAP");
     check("tap0", "expected tap=NAME");
     check("tap=tap0,mac=01:00:00:00:00:01", "invalid MAC");
     check("tap=tap0,mac=02:00:00:00:00", "invalid MAC");

@@ -490,6 +490,9 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
         let expected = d.copy.as_ref().map(|c| c.size).or(d.identity.map(|id| id.size));
         // A missing file is reported when it is opened.
         let Ok(meta) = std::fs::metadata(&given.path) else { continue };
+        if !meta.is_file() {
+            return Err(PersistError::Override(format!("--disk {} is not a regular file", given.path.display())));
+        }
         if let Some(expected) = expected.filter(|&e| e / 512 != meta.len() / 512) {
             return Err(PersistError::Override(format!(
                 "--disk {} is {} bytes, the snapshot's disk {i} was {expected}: the guest would see another disk",
@@ -510,6 +513,28 @@ fn disks_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<DiskConfig>
             (None, None) => DiskConfig { path: d.path.clone().into(), read_only: d.read_only },
         })
         .collect())
+}
+
+/// Refuses a `--disk` that is one of the chain's own disk copies: the guest would change the
+/// snapshot in place (and every later snapshot that starts from that copy).
+fn check_not_a_copy(chain: &Chain, opts: &ResumeOptions) -> Result<(), PersistError> {
+    use std::os::unix::fs::MetadataExt;
+    for given in &opts.disks {
+        let Ok(meta) = std::fs::metadata(&given.path) else { continue };
+        for layer in &chain.layers {
+            for copy in layer.manifest.vm.disks.iter().filter_map(|d| d.copy.as_ref()) {
+                let path = layer.dir.join(&copy.file);
+                if std::fs::metadata(&path).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
+                    return Err(PersistError::Override(format!(
+                        "--disk {} is the snapshot's own copy {}: the guest would change the snapshot; give a copy of it",
+                        given.path.display(),
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes each working copy of the snapshot's disk copies the resumed VM runs on, fresh: the
@@ -624,6 +649,7 @@ pub fn restore<T>(
     let (state, mem, memory, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
             let (chain, state) = load_dir(&dir, false)?;
+            check_not_a_copy(&chain, opts)?;
             let top = chain.top();
             let admitted = admit(&top.manifest, &dir.display().to_string(), opts, claim)?;
             make_working_copies(&chain, &admitted.0, opts)?;

@@ -16,7 +16,7 @@ pub const VNET_HDR_LEN: usize = 12;
 pub enum TapError {
     #[error("TAP device '{0}' does not exist (create it with: ip tuntap add dev {0} mode tap)")]
     Missing(String),
-    #[error("'{0}' is not a TAP device")]
+    #[error("'{0}' is not a single-queue TAP device (vmm attaches one queue: create it with: ip tuntap add dev {0} mode tap)")]
     NotTap(String),
     #[error("TAP device '{0}' is in use by another process")]
     InUse(String),
