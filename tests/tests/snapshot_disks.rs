@@ -319,3 +319,29 @@ fn a_later_full_snapshot_on_a_reflink_file_system_copies_only_what_was_written_s
     assert!(vm.lines_with("FAIL").is_empty());
     assert!(resumed.lines_with("FAIL").is_empty());
 }
+
+/// A resume that fails once its working copies are made (here: its vsock socket cannot be
+/// bound) takes them, and the state directory made for them, away again.
+#[test]
+fn a_resume_that_fails_leaves_no_working_copy_behind() {
+    let dir = TempDir::new("snapdisk-fail");
+    let disk = disk(&dir);
+    let sock = dir.path().join("src.sock").display().to_string();
+    let uds = dir.path().join("v.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut vm = Vmm::testguest(
+        &cmdline,
+        &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--vsock", &format!("cid=3,uds={uds}")],
+    );
+    vm.wait_for("testguest: tick", T);
+    let snap = dir.path().join("snap");
+    vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop", "--no-quiesce"]);
+    let _ = vm.wait_exit(T);
+    let name = "snapdisk-fail-r";
+    let bad_uds = format!("cid=3,uds={}", dir.path().join("no-such-dir/v.sock").display());
+    let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--name", name, "--vsock", &bad_uds]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let copy = working_copy(name);
+    assert!(!copy.exists(), "{} left behind", copy.display());
+    assert!(!copy.parent().unwrap().exists(), "{} left behind", copy.parent().unwrap().display());
+}

@@ -349,9 +349,14 @@ impl Created {
 }
 
 impl Drop for Created {
+    /// Newest first: the files, then the directory made for them (if it is empty by then).
     fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
+        for path in self.0.iter().rev() {
+            if path.is_dir() {
+                let _ = std::fs::remove_dir(path);
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
@@ -541,18 +546,25 @@ fn check_not_a_copy(chain: &Chain, opts: &ResumeOptions) -> Result<(), PersistEr
 /// newest whole copy in the chain (a reflink where the file system can, else a sparse copy) with
 /// the ranges of every later diff over it. One another VM still runs on is refused (its lock
 /// is held).
-fn make_working_copies(chain: &Chain, config: &VmConfig, opts: &ResumeOptions) -> Result<(), PersistError> {
+/// What it creates is noted in `created`, so that a resume that fails takes it away again.
+fn make_working_copies(
+    chain: &Chain,
+    config: &VmConfig,
+    opts: &ResumeOptions,
+    created: &mut Created,
+) -> Result<(), PersistError> {
     for (i, d) in chain.top().manifest.vm.disks.iter().enumerate() {
         let (Some(_), None) = (&d.copy, opts.disks.get(i)) else { continue };
         let target = &config.disks[i].path;
         let io =
             |what: &str, e: std::io::Error| PersistError::WorkingCopy(format!("{}: {what}: {e}", target.display()));
-        if let Some(dir) = target.parent() {
+        if let Some(dir) = target.parent().filter(|d| !d.exists()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
                 .map_err(|e| io("cannot create its directory", e))?;
+            created.0.push(dir.to_path_buf());
         }
         if let Ok(existing) = File::open(target) {
             if let Err(std::fs::TryLockError::WouldBlock) = existing.try_lock() {
@@ -577,6 +589,7 @@ fn make_working_copies(chain: &Chain, config: &VmConfig, opts: &ResumeOptions) -
             return Err(e);
         }
         std::fs::rename(&tmp, target).map_err(|e| io("renaming it into place", e))?;
+        created.0.push(target.clone());
     }
     Ok(())
 }
@@ -644,7 +657,7 @@ pub fn restore<T>(
 ) -> Result<(Restored, T), PersistError> {
     // A stream's or migration's source on this host, and what it ran on.
     let mut source_here = None;
-    // Disk files a failed migration created go with it.
+    // Disk files (and their directory) a failed resume or migration created go with it.
     let mut created = Created::default();
     let (state, mem, memory, diff_base, (config, claimed)) = match source {
         ResumeSource::Dir(dir) => {
@@ -652,7 +665,7 @@ pub fn restore<T>(
             check_not_a_copy(&chain, opts)?;
             let top = chain.top();
             let admitted = admit(&top.manifest, &dir.display().to_string(), opts, claim)?;
-            make_working_copies(&chain, &admitted.0, opts)?;
+            make_working_copies(&chain, &admitted.0, opts, &mut created)?;
             let files = lock_memory_files(&chain)?;
             let base = DiffBase { id: top.id.clone(), dir: dir.canonicalize().unwrap_or(dir) };
             let urgent = state.vcpus.iter().flat_map(crate::vstate::vcpu_state::restore_touches).collect();
