@@ -338,6 +338,8 @@ fn a_resume_that_fails_leaves_no_working_copy_behind() {
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop", "--no-quiesce"]);
     let _ = vm.wait_exit(T);
     let name = "snapdisk-fail-r";
+    // Left by an earlier run of this test, say.
+    let _ = std::fs::remove_dir_all(working_copy(name).parent().unwrap());
     let bad_uds = format!("cid=3,uds={}", dir.path().join("no-such-dir/v.sock").display());
     let (status, _, stderr) = tests::vmm_cmd(&["resume", snap.to_str().unwrap(), "--name", name, "--vsock", &bad_uds]);
     assert_eq!(status.code(), Some(2), "{stderr}");
