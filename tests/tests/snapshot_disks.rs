@@ -42,6 +42,18 @@ fn assert_pattern_kept(path: &Path) {
     assert!(f.metadata().unwrap().blocks() * 512 < DISK_BYTES / 2, "{} is not sparse", path.display());
 }
 
+/// Boots the test guest rewriting and verifying `disk` without pause, with a control socket in
+/// `dir` and `extra` arguments, and waits for its first tick; returns it and its socket.
+fn disk_vm(dir: &TempDir, disk: &Path, extra: &[&str]) -> (Vmm, String) {
+    let sock = dir.path().join("src.sock").display().to_string();
+    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
+    let mut args = vec!["--disk", disk.to_str().unwrap(), "--api-sock", &sock];
+    args.extend_from_slice(extra);
+    let mut vm = Vmm::testguest(&cmdline, &args);
+    vm.wait_for("testguest: tick", T);
+    (vm, sock)
+}
+
 /// Resumes `snap` as `name` and checks the disk workload goes on verifying its rounds.
 fn resume_and_check(dir: &TempDir, snap: &Path, name: &str) -> Vmm {
     let sock = dir.path().join(format!("{name}.sock")).display().to_string();
@@ -65,11 +77,7 @@ fn resume_and_check(dir: &TempDir, snap: &Path, name: &str) -> Vmm {
 fn snapshots_hold_the_disk_as_at_the_pause() {
     let dir = TempDir::new("snapdisk");
     let disk = disk(&dir);
-    let sock = dir.path().join("src.sock").display().to_string();
-    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
-    let mut vm =
-        Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--name", "snapdisk-src"]);
-    vm.wait_for("testguest: tick", T);
+    let (mut vm, sock) = disk_vm(&dir, &disk, &["--name", "snapdisk-src"]);
 
     // Paused: the copy equals the disk file as it is.
     vmm_ok(&["pause", "--api-sock", &sock]);
@@ -106,10 +114,7 @@ fn snapshots_hold_the_disk_as_at_the_pause() {
 fn a_snapshot_stream_carries_the_disks() {
     let dir = TempDir::new("snapdisk-stream");
     let disk = disk(&dir);
-    let sock = dir.path().join("src.sock").display().to_string();
-    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
-    let mut vm = Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock]);
-    vm.wait_for("testguest: tick", T);
+    let (mut vm, sock) = disk_vm(&dir, &disk, &[]);
     // The disk's file is renamed under the running VM: the snapshot uses the file it has open.
     let moved = dir.path().join("moved.img");
     std::fs::rename(&disk, &moved).unwrap();
@@ -165,10 +170,7 @@ fn a_snapshot_stream_carries_the_disks() {
 fn each_resume_gets_its_own_working_copy_and_disk_overrides_win() {
     let dir = TempDir::new("snapdisk2");
     let disk = disk(&dir);
-    let sock = dir.path().join("src.sock").display().to_string();
-    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
-    let mut vm = Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock]);
-    vm.wait_for("testguest: tick", T);
+    let (vm, sock) = disk_vm(&dir, &disk, &[]);
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
     let _ = vm.wait_exit(T);
@@ -289,11 +291,7 @@ fn a_later_full_snapshot_on_a_reflink_file_system_copies_only_what_was_written_s
     }
     f.write_all_at(&pattern(), PATTERN_AT).unwrap();
     drop(f);
-    let sock = dir.path().join("src.sock").display().to_string();
-    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
-    let mut vm =
-        Vmm::testguest(&cmdline, &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--name", "snapdisk-xfs"]);
-    vm.wait_for("testguest: tick", T);
+    let (mut vm, sock) = disk_vm(&dir, &disk, &["--name", "snapdisk-xfs"]);
     let (first, diff, later) = (xfs.path.join("first"), xfs.path.join("diff"), xfs.path.join("later"));
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", first.to_str().unwrap()]);
     // The first copy is the disk's data copied: nothing to share yet.
@@ -326,14 +324,8 @@ fn a_later_full_snapshot_on_a_reflink_file_system_copies_only_what_was_written_s
 fn a_resume_that_fails_leaves_no_working_copy_behind() {
     let dir = TempDir::new("snapdisk-fail");
     let disk = disk(&dir);
-    let sock = dir.path().join("src.sock").display().to_string();
-    let uds = dir.path().join("v.sock").display().to_string();
-    let cmdline = format!("workload=disk disk.rounds=0 disk.sectors={WORKLOAD_SECTORS} tick.ms=100");
-    let mut vm = Vmm::testguest(
-        &cmdline,
-        &["--disk", disk.to_str().unwrap(), "--api-sock", &sock, "--vsock", &format!("cid=3,uds={uds}")],
-    );
-    vm.wait_for("testguest: tick", T);
+    let vsock = format!("cid=3,uds={}", dir.path().join("v.sock").display());
+    let (vm, sock) = disk_vm(&dir, &disk, &["--vsock", &vsock]);
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop", "--no-quiesce"]);
     let _ = vm.wait_exit(T);

@@ -189,10 +189,21 @@ impl Devices {
         }
     }
 
+    /// The device of disk `index` (`--disk`, in order).
+    pub fn disk(&self, index: usize) -> Option<&DeviceEntry> {
+        let id = disk_id(index);
+        self.list.iter().find(|e| e.id == id)
+    }
+
     /// The files devices write guest data to (taken under each device's lock, synced outside).
     pub fn durable_files(&self) -> Vec<DurableFile> {
         self.list.iter().filter_map(|e| lock(&e.device).durable_file()).collect()
     }
+}
+
+/// The device id of disk `index`.
+fn disk_id(index: usize) -> String {
+    format!("blk{index}")
 }
 
 /// A built VM, ready to start.
@@ -392,7 +403,7 @@ impl Machine {
         let virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = disks
             .into_iter()
             .enumerate()
-            .map(|(i, d)| (format!("blk{i}"), "virtio-blk", Box::new(d) as Box<dyn VirtioDevice>))
+            .map(|(i, d)| (disk_id(i), "virtio-blk", Box::new(d) as Box<dyn VirtioDevice>))
             .chain(nets.into_iter().enumerate().map(|(i, n)| (format!("net{i}"), "virtio-net", Box::new(n) as _)))
             .chain(vsock.map(|v| ("vsock0".to_string(), "virtio-vsock", Box::new(v) as _)))
             .collect();

@@ -316,8 +316,7 @@ struct DiskCopies<'a> {
 
 /// The device of disk `index`.
 pub(crate) fn disk_device(control: &VmControl, index: usize) -> Option<&crate::machine::DeviceEntry> {
-    let id = format!("blk{index}");
-    control.devices.list.iter().find(|e| e.id == id)
+    control.devices.disk(index)
 }
 
 impl<'a> DiskCopies<'a> {
@@ -418,7 +417,9 @@ fn check_not_an_ancestor(control: &VmControl, dest: &Path) -> Result<(), Persist
 
 /// The VM's last snapshot directory as a chain, if it is still the one the VM's records of
 /// written disk chunks start from (the same id); None otherwise (the VM has none, it moved, it
-/// was replaced): a full snapshot then copies its disks whole.
+/// was replaced): a full snapshot then copies its disks whole. Opened just before its copies
+/// are cloned (not with `check_not_an_ancestor`'s, before a resumed VM's memory is loaded), so
+/// that it cannot have been replaced long since.
 fn earlier_snapshot(control: &VmControl) -> Option<snapshot::Chain> {
     let base = control.diff_base()?;
     let chain = snapshot::Chain::open(&base.dir).ok()?;

@@ -740,7 +740,7 @@ pub fn restore<T>(
         // A disk run on a file of the user's (`--disk`) is not the snapshot's copy: the next
         // snapshot, diff or full, takes all of it.
         for index in 0..opts.disks.len() {
-            if let Some(entry) = machine.devices.list.iter().find(|e| e.id == format!("blk{index}")) {
+            if let Some(entry) = machine.devices.disk(index) {
                 let mut device = lock(&entry.device);
                 if let Some(chunks) = device.take_written_chunks() {
                     device.return_written_chunks(&vec![u64::MAX; chunks.len()]);

@@ -394,8 +394,6 @@ mod tests {
         assert_eq!(d.request(VIRTIO_BLK_T_GET_ID, 0, 20), (21, VIRTIO_BLK_S_OK));
     }
 
-    /// KVM's dirty log never sees what the device writes into guest memory: the region bitmap
-    /// must (the data of a disk read, the status byte, the used ring), and nothing else.
     /// The interrupt is signalled when a status bit becomes set, not again while the driver has
     /// not acknowledged it (a Linux handler acknowledges, then reads every used ring; a polling
     /// driver never acknowledges, and costs no signals).
@@ -417,6 +415,8 @@ mod tests {
         assert_eq!(signals(&mut d), 1, "not signalled after the acknowledgement");
     }
 
+    /// KVM's dirty log never sees what the device writes into guest memory: the region bitmap
+    /// must (the data of a disk read, the status byte, the used ring), and nothing else.
     #[test]
     fn device_writes_to_guest_memory_are_in_the_dirty_bitmap() {
         use crate::vstate::dirty;
