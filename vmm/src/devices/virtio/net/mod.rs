@@ -266,12 +266,15 @@ impl Net {
         Delivery::Delivered
     }
 
-    /// Sends every frame the guest queued.
+    /// Sends every frame the guest queued. Each buffer goes back to the guest as soon as its
+    /// frame is copied out, before the TAP write: a driver that waits for its buffer (the test
+    /// guest does) then prepares its next frame while this thread writes, and its notification
+    /// is there when the write is done instead of waking this thread from a sleep.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let sent = chain.reader(mem).ok().and_then(|mut reader| {
+            let copied = chain.reader(mem).ok().and_then(|mut reader| {
                 let len = reader.available_bytes();
                 if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
                     return None;
@@ -279,7 +282,8 @@ impl Net {
                 reader.read_exact(&mut self.tx_frame[..len]).ok()?;
                 Some(len)
             });
-            match sent.map(|len| (len, self.tap.write_frame(&[IoSlice::new(&self.tx_frame[..len])]))) {
+            let returned = queue.add_used(mem, head, 0);
+            match copied.map(|len| (len, self.tap.write_frame(&[IoSlice::new(&self.tx_frame[..len])]))) {
                 Some((len, Ok(_))) => {
                     self.counters.tx_frames += 1;
                     self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
@@ -290,7 +294,7 @@ impl Net {
                 }
                 None => self.counters.tx_dropped += 1,
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
+            if let Err(e) = returned {
                 tracing::warn!("virtio-net: cannot return transmit buffer {head}: {e}");
                 break;
             }
