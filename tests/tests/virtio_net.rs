@@ -88,7 +88,9 @@ fn udp_stream_survives_snapshot_kill_resume() {
 }
 
 /// Resumed on another port of the bridge, the guest is announced: the bridge learns its new
-/// port before the guest sent anything of its own, and traffic reaches it there.
+/// port before the guest sent anything of its own, and traffic reaches it there. A resume that
+/// would give the guest another MAC (its driver read the MAC at boot) is refused first, and
+/// announces nothing.
 #[test]
 fn resume_on_another_tap_is_announced() {
     netns::private_network(&["tap0", "tap1"]);
@@ -99,6 +101,12 @@ fn resume_on_another_tap_is_announced() {
     let snap = dir.path().join("snap");
     vmm_ok(&["snapshot", "--api-sock", &sock, "--out", snap.to_str().unwrap(), "--stop"]);
     let _ = vm.wait_exit(T);
+
+    let (status, _, err) =
+        vmm_cmd(&["resume", snap.to_str().unwrap(), "--net", "tap=tap1,mac=02:00:00:00:00:77", "--name", "net-move-x"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("keeps its MAC") && err.lines().count() == 1, "{err}");
+    assert_eq!(netns::fdb_ports(&mac), ["tap0"], "a refused resume announced the guest");
 
     let sock_b = dir.path().join("net-move-b.sock").display().to_string();
     let mut resumed = Vmm::spawn(&[

@@ -191,7 +191,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
     let mut parts = text.split(':');
     for byte in &mut mac {
         let part = parts.next().ok_or_else(bad)?;
-        if part.len() != 2 {
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
@@ -265,6 +265,8 @@ mod tests {
             "02:00:00:00:00:01:02",
             "2:0:0:0:0:1",
             "zz:00:00:00:00:01",
+            "+2:00:00:00:00:01",
+            "02:+0:00:00:00:01",
         ] {
             assert!(matches!(parse_mac(bad), Err(ConfigError::BadMac(_))), "{bad}");
         }

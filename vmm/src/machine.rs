@@ -117,11 +117,13 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Raises again every interrupt a restored device has pending (edge-triggered lines: one the
-    /// guest had already seen is a spurious interrupt, which drivers tolerate).
-    pub fn replay_interrupts(&self) {
+    /// Tells every device the whole machine is restored and about to run: each raises again the
+    /// interrupt it has pending (edge-triggered lines: one the guest had already seen is a
+    /// spurious interrupt, which drivers tolerate), and a network device announces the guest.
+    /// Nothing leaves the VMM before this: a restore that fails earlier has no effect outside.
+    pub fn restored(&self) {
         for entry in &self.list {
-            lock(&entry.device).replay_interrupt();
+            lock(&entry.device).restored();
         }
     }
 

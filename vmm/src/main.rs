@@ -204,7 +204,7 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub paused: bool,
     /// Attach the VM's network interfaces, in order, to these TAP devices of this host instead
-    /// of the names they had: tap=NAME[,mac=MAC].
+    /// of the names they had: tap=NAME (each keeps its MAC; a mac= must be that MAC).
     #[arg(long = "net", value_parser = parse_net_arg)]
     pub nets: Vec<NetArg>,
     /// The vsock device's cid=N,uds=PATH here instead of the source's.
@@ -308,7 +308,7 @@ pub struct ResumeArgs {
     #[arg(long)]
     pub lazy: bool,
     /// Attach the snapshot's network interfaces, in order, to these TAP devices instead of the
-    /// ones they had: tap=NAME[,mac=MAC] (default MAC: the snapshot's). One per interface.
+    /// ones they had: tap=NAME, one per interface (each keeps its MAC; a mac= must be that MAC).
     #[arg(long = "net", value_parser = parse_net_arg)]
     pub nets: Vec<NetArg>,
     /// The vsock device's cid=N,uds=PATH instead of the snapshot's.

@@ -95,8 +95,9 @@ pub trait Persist: Send {
     fn save(&self) -> DeviceState;
     /// Restores saved state into this freshly built device.
     fn restore(&mut self, state: &DeviceState) -> Result<(), String>;
-    /// Raises again an interrupt the restored state says is pending.
-    fn replay_interrupt(&mut self) {}
+    /// Called once the whole machine is restored, just before it runs: raises again an interrupt
+    /// the restored state says is pending, and does what a resumed device owes the outside world.
+    fn restored(&mut self) {}
     /// Stops the worker threads the device owns (none today; network devices will have them),
     /// so that nothing changes guest memory or device state while it is saved.
     fn pause_workers(&mut self) {}

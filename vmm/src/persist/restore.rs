@@ -609,7 +609,14 @@ fn nets_of(manifest: &Manifest, opts: &ResumeOptions) -> Result<Vec<NetConfig>, 
         let mac = crate::config::parse_mac(&n.mac)
             .map_err(|_| PersistError::Inconsistent(format!("network interface {i} has MAC '{}'", n.mac)))?;
         let net = match opts.nets.get(i) {
-            Some(arg) => NetConfig { tap: arg.tap.clone(), mac: arg.mac.unwrap_or(mac) },
+            // The guest's driver read its MAC when it started: the device must keep it.
+            Some(arg) if arg.mac.is_some_and(|m| m != mac) => {
+                return Err(PersistError::Override(format!(
+                    "--net {}: the guest's interface {i} has MAC {}; a resumed guest keeps its MAC, leave mac= out",
+                    arg.tap, n.mac
+                )))
+            }
+            Some(arg) => NetConfig { tap: arg.tap.clone(), mac },
             None => NetConfig { tap: n.tap.clone(), mac },
         };
         nets.push(net);
@@ -756,7 +763,7 @@ pub fn restore<T>(
     }
     // Only now, with the LAPICs restored (KVM_SET_LAPIC replaces their pending interrupts), can
     // the devices raise the interrupts they had pending.
-    machine.devices.replay_interrupts();
+    machine.devices.restored();
     tracing::debug!("restore: machine restored at {:?}", t.elapsed());
     if let Some(tell) = took_over.take() {
         tell();

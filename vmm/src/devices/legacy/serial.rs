@@ -105,7 +105,7 @@ impl Persist for SerialDevice {
         Ok(())
     }
 
-    fn replay_interrupt(&mut self) {
+    fn restored(&mut self) {
         SerialPort::replay_interrupt(self);
     }
 

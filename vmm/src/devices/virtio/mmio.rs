@@ -190,9 +190,13 @@ impl MmioTransport {
         Ok(())
     }
 
-    /// Signals the interrupt again if the guest has not acknowledged it (after a restore).
-    /// Also takes the input that reached the backend while the VM was being restored.
-    pub fn replay_interrupt(&mut self) {
+    /// Once the machine is restored: signals the interrupt again if the guest has not
+    /// acknowledged it, lets the device tell the outside world, and takes the input that
+    /// reached the backend while the VM was being restored.
+    pub fn restored(&mut self) {
+        if self.driver_ok() {
+            self.device.restored();
+        }
         if self.interrupt_status != 0 {
             self.signal_interrupt();
         }
@@ -388,8 +392,8 @@ impl Persist for MmioTransport {
         self.restore_state(&state.decode(STATE_VERSION)?)
     }
 
-    fn replay_interrupt(&mut self) {
-        MmioTransport::replay_interrupt(self);
+    fn restored(&mut self) {
+        MmioTransport::restored(self);
     }
 
     fn pause_workers(&mut self) {

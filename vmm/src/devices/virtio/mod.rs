@@ -117,6 +117,10 @@ pub trait VirtioDevice: Send {
             Some(_) => Err("saved device state for a device that keeps none".into()),
         }
     }
+    /// Called once the whole machine is restored, before it runs, if the driver had started the
+    /// device: a network device announces the guest (nothing may leave earlier, in case the
+    /// restore fails).
+    fn restored(&mut self) {}
     /// Processes the available buffers of queue `index` (of `queues`, all of the device's, ready
     /// ones: a device may answer on another queue, as vsock answers requests on its receive
     /// queue). Returns true if it used any buffer, so the transport raises an interrupt.

@@ -155,7 +155,7 @@ impl Net {
 
     /// Sends a RARP announcing the guest's MAC, as QEMU does after a migration, so switches and
     /// bridges learn at once where the guest now is.
-    pub fn announce(&mut self) {
+    fn announce(&mut self) {
         let mut frame = [0u8; VNET_HDR_LEN + 60];
         let eth = &mut frame[VNET_HDR_LEN..];
         eth[0..6].fill(0xff);
@@ -387,8 +387,11 @@ impl VirtioDevice for Net {
         self.rx_frame[..state.pending_rx.len()].copy_from_slice(&state.pending_rx);
         self.rx_len = state.pending_rx.len();
         self.counters = state.counters;
-        self.announce();
         Ok(())
+    }
+
+    fn restored(&mut self) {
+        self.announce();
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
