@@ -183,6 +183,30 @@ fn resume_refuses_a_taken_name_before_the_source_is_gone() {
     other.kill();
 }
 
+/// An idle guest's stream (about 125 KiB) fits in the pipe whole: its writer is done before the
+/// reader has looked at it. A `--stop` snapshot is still not done until the reader took it, so
+/// a resume that refuses the VM without reading leaves the source running.
+#[test]
+fn a_stop_stream_that_fits_in_the_pipe_waits_for_its_reader() {
+    let dir = TempDir::new("smallpipe");
+    let mut src = Vmm::testguest("workload=idle", &["--name", "small", "--api-sock", &sock(&dir, "small")]);
+    src.wait_for("testguest: ready", T);
+    let mut snap = snapshot_to_pipe(&dir, "small", &["--stop"]);
+    let pipe = Stdio::from(snap.stdout.take().unwrap());
+    // The source's own name: refused before anything is read.
+    let dst = Vmm::spawn_with_stdin(&["resume", "-", "--api-sock", &sock(&dir, "small")], pipe);
+    let (status, _, stderr) = dst.wait_exit(T);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let status = snap.wait().unwrap();
+    let mut err = String::new();
+    snap.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("unread"), "{err}");
+    let (status, out, _) = vmm_cmd(&["status", "--api-sock", &sock(&dir, "small")]);
+    assert!(status.success() && out.contains("running"), "{out}");
+    src.kill();
+}
+
 #[test]
 fn status_and_cancel_answer_while_a_stop_snapshot_holds_the_guest_paused() {
     let dir = TempDir::new("stopcancel");

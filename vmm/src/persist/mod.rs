@@ -862,7 +862,7 @@ pub fn snapshot(
         }
         job.progress.check()?;
         job.set_phase("committing");
-        let written = sink.commit();
+        let written = sink.commit(&job.progress);
         job.set_phase("done");
         written
     })();

@@ -39,8 +39,9 @@ pub trait Sink: Send {
     fn directory(&self) -> Option<&Path> {
         None
     }
-    /// Makes the snapshot durable (directory) or complete (stream).
-    fn commit(self: Box<Self>) -> Result<Written, PersistError>;
+    /// Makes the snapshot durable (directory) or complete (stream: on a pipe, once its reader has
+    /// taken all of it); `progress` tells a cancellation.
+    fn commit(self: Box<Self>, progress: &Progress) -> Result<Written, PersistError>;
     /// A file for the copy of disk `index` (`size` bytes, the file `disk`), which the snapshot
     /// fills with the disk as it was at the pause, if this sink keeps disks.
     fn disk_copy_file(
@@ -102,7 +103,7 @@ impl Sink for DirSink {
         Ok(Some(self.writer.create_disk_copy(&snapshot::DiskCopy::file_name(index), size)?))
     }
 
-    fn commit(self: Box<Self>) -> Result<Written, PersistError> {
+    fn commit(self: Box<Self>, _progress: &Progress) -> Result<Written, PersistError> {
         let mut manifest = self.manifest.expect("begin before commit");
         manifest.state = self.state.expect("begin before commit");
         let (bytes, id) = self.writer.commit(&manifest)?;
@@ -205,13 +206,49 @@ impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
         Ok(Some(file))
     }
 
-    fn commit(mut self: Box<Self>) -> Result<Written, PersistError> {
+    fn commit(mut self: Box<Self>, progress: &Progress) -> Result<Written, PersistError> {
         for (index, file, size) in std::mem::take(&mut self.disks) {
             send_disk(&mut self.writer, index, &file, size).map_err(|e| PersistError::stream_out(&self.what, e))?;
         }
         let (mut out, stats) = self.writer.finish().map_err(|e| PersistError::stream_out(&self.what, e))?;
         out.flush().map_err(|e| PersistError::stream_out(&self.what, e))?;
+        wait_until_read(out.get_ref().as_fd(), progress)?.map_err(|e| PersistError::stream_out(&self.what, e))?;
         Ok(Written { bytes: stats.bytes, id: None, zero_pages: stats.zero_bytes / snapshot::pages::PAGE_SIZE })
+    }
+}
+
+/// On a pipe, the stream's last bytes are only in the pipe when the last write returns: a reader
+/// that fails before it takes them (a `vmm resume -` that refuses the VM) would lose the
+/// snapshot, and with `--stop` the VM. So a stream on a pipe is complete once its reader has
+/// taken every byte, and fails if the reader closes the pipe first; the outer error is a
+/// cancellation. (A reader that takes it all and fails afterwards is beyond what a one-way pipe
+/// can tell: `vmm migrate` has the destination acknowledge.)
+fn wait_until_read(fd: std::os::fd::BorrowedFd<'_>, progress: &Progress) -> Result<std::io::Result<()>, PersistError> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let is_pipe = rustix::fs::fstat(fd)
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo);
+    if !is_pipe {
+        return Ok(Ok(()));
+    }
+    loop {
+        let unread = match rustix::io::ioctl_fionread(fd) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if unread == 0 {
+            return Ok(Ok(()));
+        }
+        // No events asked: poll reports only POLLERR, which a pipe's write end gets when its
+        // last reader is gone.
+        let mut fds = [PollFd::new(&fd, PollFlags::empty())];
+        let _ = poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 10_000_000 }));
+        if fds[0].revents().contains(PollFlags::ERR) {
+            return Ok(Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                format!("its reader closed the pipe with the last {unread} bytes of the stream unread"),
+            )));
+        }
+        progress.check()?;
     }
 }
 
