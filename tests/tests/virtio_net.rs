@@ -245,6 +245,9 @@ fn bad_network_arguments_are_refused() {
     let mut twice = run("tap=tap0");
     twice.extend(["--net".into(), "tap=tap0,mac=02:00:00:00:00:07".into()]);
     refused(&twice.iter().map(String::as_str).collect::<Vec<_>>(), "given twice");
+    // vmm receive knows it before any VM comes.
+    let listen = format!("unix:{}", dir.path().join("in.sock").display());
+    refused(&["receive", "--listen", &listen, "--net", "tap=tap0", "--net", "tap=tap0"], "given twice");
     // A TAP another VM holds.
     let (mut vm, _sock, _mac) = boot(&dir, "net-holder", "tap0");
     check("tap=tap0", "in use");
