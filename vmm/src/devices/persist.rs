@@ -98,7 +98,7 @@ pub trait Persist: Send {
     /// Called once the whole machine is restored, just before it runs: raises again an interrupt
     /// the restored state says is pending, and does what a resumed device owes the outside world.
     fn restored(&mut self) {}
-    /// Stops the worker threads the device owns (none today; network devices will have them),
+    /// Stops the worker threads the device owns (virtio-net and vsock have one),
     /// so that nothing changes guest memory or device state while it is saved.
     fn pause_workers(&mut self) {}
     /// Lets them run again.
