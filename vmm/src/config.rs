@@ -176,9 +176,15 @@ pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
 
 /// Checks a list of networks: one TAP per interface.
 pub fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
-    for (i, n) in nets.iter().enumerate() {
-        if nets[..i].iter().any(|m| m.tap == n.tap) {
-            return Err(ConfigError::SameTap(n.tap.clone()));
+    check_distinct_taps(nets.iter().map(|n| n.tap.as_str()))
+}
+
+/// Checks that no TAP is named twice.
+pub fn check_distinct_taps<'a>(taps: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for tap in taps {
+        if !seen.insert(tap) {
+            return Err(ConfigError::SameTap(tap.to_string()));
         }
     }
     Ok(())

@@ -228,13 +228,12 @@ pub fn receive(args: ReceiveArgs) -> CmdResult {
     let endpoint: Endpoint = args.listen.parse().map_err(|e: String| Failure::bad_input(format!("--listen: {e}")))?;
     // A TAP that is not there is the user's to fix now, not after the whole VM came (whether it
     // is free is known only then: on one host, the source holds it until the hand-over).
-    for (i, net) in args.nets.iter().enumerate() {
+    for net in &args.nets {
         vmm::devices::virtio::net::tap::check_exists(&net.tap)
             .map_err(|e| Failure::bad_input(format!("--net: {e}")))?;
-        if args.nets[..i].iter().any(|n| n.tap == net.tap) {
-            return Err(Failure::bad_input(vmm::config::ConfigError::SameTap(net.tap.clone()).to_string()));
-        }
     }
+    vmm::config::check_distinct_taps(args.nets.iter().map(|n| n.tap.as_str()))
+        .map_err(|e| Failure::bad_input(e.to_string()))?;
     // A disk file may be created (with --copy-disks at the source), never its directory.
     for disk in &args.disks {
         let parent = disk.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

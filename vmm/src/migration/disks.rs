@@ -60,7 +60,9 @@ impl DiskSender {
     pub fn take_written(&mut self, control: &VmControl) -> Vec<Vec<u64>> {
         let mut out = Vec::new();
         for (disk, taken) in self.disks.iter().zip(&mut self.taken) {
-            let chunks = crate::persist::disk_device(control, disk.index)
+            let chunks = control
+                .devices
+                .disk(disk.index)
                 .and_then(|e| lock(&e.device).take_written_chunks())
                 .unwrap_or_default();
             if taken.len() < chunks.len() {
@@ -143,7 +145,7 @@ impl DiskSender {
     /// Gives every chunk taken back to the disks' records (the migration failed).
     pub fn give_back(&self, control: &VmControl) {
         for (disk, taken) in self.disks.iter().zip(&self.taken) {
-            if let Some(entry) = crate::persist::disk_device(control, disk.index) {
+            if let Some(entry) = control.devices.disk(disk.index) {
                 lock(&entry.device).return_written_chunks(taken);
             }
         }

@@ -314,18 +314,13 @@ struct DiskCopies<'a> {
     copies: Vec<(usize, Arc<Mutex<DiskCopier>>)>,
 }
 
-/// The device of disk `index`.
-pub(crate) fn disk_device(control: &VmControl, index: usize) -> Option<&crate::machine::DeviceEntry> {
-    control.devices.disk(index)
-}
-
 impl<'a> DiskCopies<'a> {
     /// Starts a copy of each disk into its file (the VM paused): of the chunks given for it (a
     /// diff, or a file holding the last snapshot's copy), or of all of it.
     fn start(control: &'a VmControl, files: Vec<(usize, std::fs::File, Option<&[u64]>)>) -> Self {
         let mut copies = Vec::new();
         for (index, file, chunks) in files {
-            if let Some(entry) = disk_device(control, index) {
+            if let Some(entry) = control.devices.disk(index) {
                 if let Some(copier) = lock(&entry.device).start_disk_copy(file, chunks) {
                     copies.push((index, copier));
                 }
@@ -362,7 +357,7 @@ impl<'a> DiskCopies<'a> {
 impl Drop for DiskCopies<'_> {
     fn drop(&mut self) {
         for (index, _) in &self.copies {
-            if let Some(entry) = disk_device(self.control, *index) {
+            if let Some(entry) = self.control.devices.disk(*index) {
                 lock(&entry.device).end_disk_copy();
             }
         }
@@ -510,7 +505,7 @@ impl<'a> Layer<'a> {
     /// Takes the disks' written chunks (the VM paused).
     fn take_disks(control: &'a VmControl) -> Vec<(usize, Vec<u64>)> {
         (0..control.config.disks.len())
-            .filter_map(|i| disk_device(control, i).and_then(|e| lock(&e.device).take_written_chunks()).map(|c| (i, c)))
+            .filter_map(|i| control.devices.disk(i).and_then(|e| lock(&e.device).take_written_chunks()).map(|c| (i, c)))
             .collect()
     }
 }
@@ -520,7 +515,7 @@ impl Drop for Layer<'_> {
         if !self.committed {
             self.control.layer_failed(&self.taken);
             for (index, chunks) in &self.disks {
-                if let Some(entry) = disk_device(self.control, *index) {
+                if let Some(entry) = self.control.devices.disk(*index) {
                     lock(&entry.device).return_written_chunks(chunks);
                 }
             }
@@ -665,7 +660,7 @@ pub fn snapshot(
     let mut disk_files = Vec::new();
     for (index, disk) in control.config.disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
         // The file the device has open: the path may have been renamed or removed since.
-        let open = disk_device(control, index).and_then(|e| lock(&e.device).durable_file());
+        let open = control.devices.disk(index).and_then(|e| lock(&e.device).durable_file());
         let size = match &open {
             Some(d) => d.file.metadata(),
             None => std::fs::metadata(&disk.path),

@@ -212,7 +212,7 @@ impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
         }
         let (mut out, stats) = self.writer.finish().map_err(|e| PersistError::stream_out(&self.what, e))?;
         out.flush().map_err(|e| PersistError::stream_out(&self.what, e))?;
-        wait_until_read(out.get_ref().as_fd(), progress)?.map_err(|e| PersistError::stream_out(&self.what, e))?;
+        wait_until_read(out.get_ref().as_fd(), progress, &self.what)?;
         Ok(Written { bytes: stats.bytes, id: None, zero_pages: stats.zero_bytes / snapshot::pages::PAGE_SIZE })
     }
 }
@@ -220,33 +220,30 @@ impl<W: Write + Send + std::os::fd::AsFd> Sink for StreamSink<W> {
 /// On a pipe, the stream's last bytes are only in the pipe when the last write returns: a reader
 /// that fails before it takes them (a `vmm resume -` that refuses the VM) would lose the
 /// snapshot, and with `--stop` the VM. So a stream on a pipe is complete once its reader has
-/// taken every byte, and fails if the reader closes the pipe first; the outer error is a
-/// cancellation. (A reader that takes it all and fails afterwards is beyond what a one-way pipe
-/// can tell: `vmm migrate` has the destination acknowledge.)
-fn wait_until_read(fd: std::os::fd::BorrowedFd<'_>, progress: &Progress) -> Result<std::io::Result<()>, PersistError> {
+/// taken every byte, and fails if the reader closes the pipe first. (A reader that takes it all
+/// and fails afterwards is beyond what a one-way pipe can tell: `vmm migrate` has the
+/// destination acknowledge.)
+fn wait_until_read(fd: std::os::fd::BorrowedFd<'_>, progress: &Progress, what: &Path) -> Result<(), PersistError> {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let is_pipe = rustix::fs::fstat(fd)
         .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo);
     if !is_pipe {
-        return Ok(Ok(()));
+        return Ok(());
     }
     loop {
-        let unread = match rustix::io::ioctl_fionread(fd) {
-            Ok(n) => n,
-            Err(e) => return Ok(Err(e.into())),
-        };
+        let unread = rustix::io::ioctl_fionread(fd).map_err(|e| PersistError::stream_out(what, e))?;
         if unread == 0 {
-            return Ok(Ok(()));
+            return Ok(());
         }
         // No events asked: poll reports only POLLERR, which a pipe's write end gets when its
         // last reader is gone.
         let mut fds = [PollFd::new(&fd, PollFlags::empty())];
         let _ = poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 10_000_000 }));
         if fds[0].revents().contains(PollFlags::ERR) {
-            return Ok(Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
+            return Err(PersistError::stream_out(
+                what,
                 format!("its reader closed the pipe with the last {unread} bytes of the stream unread"),
-            )));
+            ));
         }
         progress.check()?;
     }
